@@ -1,0 +1,69 @@
+/**
+ * codex-broker: run codex turns over a loopback WebSocket to a codex `app-server`, using
+ * its JSON-RPC v2 protocol. The core is web-standard (`WebSocket`, `AbortSignal`,
+ * `EventTarget`, timers) and runs unchanged on Deno, Bun and Node 22+.
+ *
+ * - {@linkcode Conn}: one connection; `dial`, `startThread`, `turn`, `interrupt`, `request`.
+ *
+ * @example Run one turn
+ * ```ts ignore
+ * import { Conn } from "jsr:@codex-broker/broker";
+ *
+ * const conn = await Conn.dial("ws://127.0.0.1:4500", {
+ *   headers: { Authorization: `Bearer ${token}` },
+ * });
+ * try {
+ *   const threadId = await conn.startThread({ cwd: "/srv/ws-1" });
+ *   const turn = await conn.turn(threadId, {
+ *     input: [{ type: "text", text: "List the files here", text_elements: [] }],
+ *   });
+ *   console.log(turn.status, turn.items);
+ * } finally {
+ *   conn.close();
+ * }
+ * ```
+ *
+ * @module
+ */
+
+export { Conn } from "./src/conn.ts";
+export type {
+  CallOptions,
+  ConnStats,
+  DialOptions,
+  DroppedFrames,
+  TurnOptions,
+} from "./src/conn.ts";
+export {
+  ConnectionClosedError,
+  DialError,
+  RpcError,
+  TimeoutError,
+  TurnRpcError,
+} from "./src/errors.ts";
+export { ConnCloseEvent, NotificationEvent, ServerRequestEvent } from "./src/events.ts";
+export type { ServerRequestOutcome } from "./src/events.ts";
+export { answerServerRequest } from "./src/approvals.ts";
+export type {
+  ApprovalDecision,
+  ApprovalHandler,
+  Approvals,
+  ServerRequestAnswer,
+} from "./src/approvals.ts";
+export type { BackoffOptions } from "./src/_backoff.ts";
+export type { Endpoint, Resolver, WsUrlResolver } from "./src/resolver.ts";
+export type {
+  ClientInfo,
+  JsonRpcErrorObject,
+  JsonRpcNotification,
+  JsonRpcRequest,
+  JsonRpcResponse,
+  RequestId,
+  ServerRequest,
+  ThreadItem,
+  ThreadStartParams,
+  Turn,
+  TurnError,
+  TurnParams,
+  UserInput,
+} from "./src/protocol.ts";

@@ -1,0 +1,66 @@
+interface Waiter {
+  readonly grant: () => void;
+}
+
+interface Lane {
+  readonly waiters: Waiter[];
+}
+
+/**
+ * A FIFO mutex per thread id. codex merges a second turn/start into the thread's active
+ * turn and returns an id that never completes, so turns on one thread wait in line here.
+ * A lane exists only while held, so idle threads cost nothing.
+ */
+export class ThreadLanes {
+  #lanes = new Map<string, Lane>();
+
+  /** Threads with a holder or waiters. */
+  get size(): number {
+    return this.#lanes.size;
+  }
+
+  /**
+   * Waits for the thread's turn in line.
+   *
+   * @param threadId The thread.
+   * @param signal Leaves the line; the promise then rejects with `signal.reason`.
+   * @returns A function that releases the lane to the next waiter. Call it exactly once.
+   */
+  acquire(threadId: string, signal: AbortSignal): Promise<() => void> {
+    if (signal.aborted) return Promise.reject(signal.reason);
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      this.#release(threadId);
+    };
+    const lane = this.#lanes.get(threadId);
+    if (!lane) {
+      this.#lanes.set(threadId, { waiters: [] });
+      return Promise.resolve(release);
+    }
+    return new Promise<() => void>((resolve, reject) => {
+      const waiter: Waiter = {
+        grant: () => {
+          signal.removeEventListener("abort", onAbort);
+          resolve(release);
+        },
+      };
+      const onAbort = () => {
+        const index = lane.waiters.indexOf(waiter);
+        if (index !== -1) lane.waiters.splice(index, 1);
+        reject(signal.reason);
+      };
+      signal.addEventListener("abort", onAbort, { once: true });
+      lane.waiters.push(waiter);
+    });
+  }
+
+  #release(threadId: string): void {
+    const lane = this.#lanes.get(threadId);
+    if (!lane) return;
+    const next = lane.waiters.shift();
+    if (next) next.grant();
+    else this.#lanes.delete(threadId);
+  }
+}

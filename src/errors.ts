@@ -1,0 +1,190 @@
+/**
+ * The errors callers of {@linkcode Conn} and {@linkcode Pool} are expected to catch.
+ *
+ * @module
+ */
+
+/**
+ * Thrown when a turn does not complete within its deadline. The turn was interrupted
+ * best-effort.
+ *
+ * @example Tell a deadline from other failures
+ * ```ts ignore
+ * try {
+ *   await conn.turn(threadId, params, { timeoutMs: 60_000 });
+ * } catch (error) {
+ *   if (error instanceof TimeoutError) console.log(error.threadId, error.turnId);
+ * }
+ * ```
+ */
+export class TimeoutError extends Error {
+  /** Thread the turn ran on. */
+  readonly threadId: string;
+  /** Turn that timed out, or `null` when the deadline passed before codex assigned one. */
+  readonly turnId: string | null;
+
+  /**
+   * Creates the error.
+   *
+   * @param threadId Thread the turn ran on.
+   * @param turnId Turn that timed out, or `null` if it never started.
+   * @param options Standard error options (`cause`).
+   */
+  constructor(threadId: string, turnId: string | null, options?: ErrorOptions) {
+    super(
+      turnId === null
+        ? `Turn on thread ${threadId} did not start in time`
+        : `Turn ${turnId} on thread ${threadId} did not complete in time`,
+      options,
+    );
+    this.name = "TimeoutError";
+    this.threadId = threadId;
+    this.turnId = turnId;
+  }
+}
+
+/**
+ * A JSON-RPC error answered by the app-server to one of our requests. The message is the
+ * server's message.
+ *
+ * @example Inspect the code
+ * ```ts ignore
+ * try {
+ *   await conn.request("thread/read", { threadId });
+ * } catch (error) {
+ *   if (error instanceof RpcError) console.log(error.method, error.code, error.data);
+ * }
+ * ```
+ */
+export class RpcError extends Error {
+  /** The JSON-RPC error code, e.g. -32001 when the server is overloaded. */
+  readonly code: number;
+  /** The error's `data` member, `undefined` when absent. */
+  readonly data: unknown;
+  /** The method of the request that failed. */
+  readonly method: string;
+
+  /**
+   * Creates the error.
+   *
+   * @param method The request's method.
+   * @param code The JSON-RPC error code.
+   * @param message The server's message.
+   * @param data The error's `data` member.
+   * @param options Standard error options (`cause`).
+   */
+  constructor(
+    method: string,
+    code: number,
+    message: string,
+    data?: unknown,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+    this.name = "RpcError";
+    this.method = method;
+    this.code = code;
+    this.data = data;
+  }
+}
+
+/**
+ * A JSON-RPC error answered to `turn/start`, or to a request a turn depends on
+ * (`thread/resume`), including -32001 (overloaded) once the retries ran out.
+ *
+ * @example Retry later when the server is overloaded
+ * ```ts ignore
+ * try {
+ *   await conn.turn(threadId, params);
+ * } catch (error) {
+ *   if (error instanceof TurnRpcError && error.code === -32001) scheduleRetry();
+ * }
+ * ```
+ */
+export class TurnRpcError extends RpcError {
+  /**
+   * Creates the error.
+   *
+   * @param method The request's method.
+   * @param code The JSON-RPC error code.
+   * @param message The server's message.
+   * @param data The error's `data` member.
+   * @param options Standard error options (`cause`).
+   */
+  constructor(
+    method: string,
+    code: number,
+    message: string,
+    data?: unknown,
+    options?: ErrorOptions,
+  ) {
+    super(method, code, message, data, options);
+    this.name = "TurnRpcError";
+  }
+}
+
+/**
+ * Thrown by every call pending on, or started on, a connection that has closed: the peer
+ * crashed or is draining, the network failed, or `close()` was called.
+ *
+ * @example Redial after a crash
+ * ```ts ignore
+ * try {
+ *   await conn.turn(threadId, params);
+ * } catch (error) {
+ *   if (error instanceof ConnectionClosedError) conn = await Conn.dial(url);
+ * }
+ * ```
+ */
+export class ConnectionClosedError extends Error {
+  /** The URL of the app-server the connection was to. */
+  readonly url: string;
+
+  /**
+   * Creates the error.
+   *
+   * @param url The app-server URL.
+   * @param message What closed and why.
+   * @param options Standard error options (`cause`).
+   */
+  constructor(url: string, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "ConnectionClosedError";
+    this.url = url;
+  }
+}
+
+/**
+ * Thrown by {@linkcode Conn.dial} when the connection cannot be opened or the initialize
+ * handshake fails.
+ *
+ * @example Report an authentication failure
+ * ```ts ignore
+ * try {
+ *   await Conn.dial(url, { headers: { Authorization: `Bearer ${token}` } });
+ * } catch (error) {
+ *   if (error instanceof DialError && error.status === 401) console.error("Bad token");
+ * }
+ * ```
+ */
+export class DialError extends Error {
+  /** The URL that was dialed. */
+  readonly url: string;
+  /** The HTTP status the upgrade was refused with, when one was seen. */
+  readonly status: number | undefined;
+
+  /**
+   * Creates the error.
+   *
+   * @param url The URL that was dialed.
+   * @param message What failed.
+   * @param status The HTTP status of a refused upgrade, if known.
+   * @param options Standard error options (`cause`).
+   */
+  constructor(url: string, message: string, status?: number, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "DialError";
+    this.url = url;
+    this.status = status;
+  }
+}

@@ -1,0 +1,34 @@
+/**
+ * The contract between a {@linkcode Pool} and whatever knows where each workspace's codex
+ * app-server listens.
+ *
+ * @module
+ */
+
+/** Where a workspace's codex app-server accepts WebSocket connections. */
+export interface Endpoint {
+  /** The app-server's `ws://` or `wss://` URL. */
+  url: string;
+  /** Headers sent on the WebSocket upgrade, e.g. `Authorization: Bearer …`. */
+  headers?: Record<string, string>;
+}
+
+/**
+ * Finds (or starts) the app-server for a workspace. The signal aborts when the caller that
+ * asked for the connection gives up.
+ */
+export type WsUrlResolver = (
+  workspaceId: string,
+  signal: AbortSignal,
+) => Promise<string | Endpoint>;
+
+/**
+ * A resolver with an optional hook the pool calls when it drops a workspace (reaped,
+ * evicted, closed), so the owner of the subprocess can stop it.
+ */
+export interface Resolver {
+  /** Resolves a workspace id to its app-server endpoint. */
+  resolve: WsUrlResolver;
+  /** Called once the pool no longer holds a connection for the workspace. */
+  release?(workspaceId: string): void | Promise<void>;
+}

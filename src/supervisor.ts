@@ -1,0 +1,818 @@
+/**
+ * Runs one `codex app-server` per workspace and hands out its loopback endpoint. This is the
+ * runtime-specific half of the broker: it uses `node:child_process` and `node:fs`, which
+ * Deno, Bun and Node all provide.
+ *
+ * @example Serve turns through a pool backed by the supervisor
+ * ```ts ignore
+ * import { Pool } from "@codex-broker/broker";
+ * import { createCodexResolver } from "@codex-broker/broker/supervisor";
+ *
+ * const resolver = createCodexResolver({ cwd: (id) => `/srv/workspaces/${id}` });
+ * const pool = new Pool(resolver);
+ * // …
+ * await pool.close();
+ * await resolver.close();
+ * ```
+ *
+ * @module
+ */
+
+import { type ChildProcess, spawn } from "node:child_process";
+import { existsSync, rmSync } from "node:fs";
+import { chmod, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve as resolvePath } from "node:path";
+import process from "node:process";
+import { assertWorkspaceId } from "./_workspace_id.ts";
+import type { Endpoint, Resolver } from "./resolver.ts";
+
+// Re-exported so this entry point documents every type its API mentions.
+export type { Endpoint, Resolver, WsUrlResolver } from "./resolver.ts";
+
+/**
+ * Options for {@linkcode createCodexResolver}.
+ *
+ * @example One directory and one codex home per workspace
+ * ```ts ignore
+ * const options: CodexResolverOptions = {
+ *   cwd: (id) => `/srv/workspaces/${id}`,
+ *   codexHome: (id) => `/srv/codex-homes/${id}`,
+ *   args: ["-c", 'model="gpt-5"'],
+ *   readyTimeoutMs: 30_000,
+ * };
+ * ```
+ */
+export interface CodexResolverOptions {
+  /**
+   * The codex executable. Defaults to the native binary of `@openai/codex` in the nearest
+   * `node_modules` above the current directory, then `node_modules/.bin/codex`, then `codex`
+   * on `PATH`.
+   */
+  command?: string;
+  /** Extra arguments, appended after `app-server --listen … --ws-token-file …`. */
+  args?: readonly string[];
+  /**
+   * Environment variables laid over the inherited environment. `undefined` removes a
+   * variable.
+   */
+  env?: Record<string, string | undefined>;
+  /** `CODEX_HOME` for a workspace, created on demand. Defaults to the inherited one. */
+  codexHome?: (workspaceId: string) => string;
+  /**
+   * The workspace directory codex runs in, created on demand. Defaults to
+   * `./workspaces/<workspaceId>` under the current directory.
+   */
+  cwd?: (workspaceId: string) => string;
+  /** How long a spawn may take to answer `GET /readyz` with 200. Defaults to 15 seconds. */
+  readyTimeoutMs?: number;
+  /** How long a stopping process gets between SIGTERM and SIGKILL. Defaults to 3 seconds. */
+  stopTimeoutMs?: number;
+}
+
+/**
+ * A {@linkcode Resolver} that owns one `codex app-server` subprocess per workspace. Its
+ * functions do not depend on `this`, so they can be passed around detached.
+ *
+ * @example Find the process behind a workspace
+ * ```ts ignore
+ * const resolver: CodexResolver = createCodexResolver();
+ * await resolver.resolve("ws-1");
+ * console.log(resolver.pid("ws-1"));
+ * await resolver.release("ws-1");
+ * await resolver.close();
+ * ```
+ */
+export interface CodexResolver extends Resolver {
+  /**
+   * Returns the workspace's endpoint, spawning codex and waiting for readiness if needed.
+   * Concurrent calls for one workspace share one spawn.
+   *
+   * @param workspaceId The workspace; used as a path segment, so it is validated first.
+   * @param signal Gives up waiting; a spawn nobody waits for any more is stopped.
+   * @returns A fresh `{ url, headers: { Authorization: "Bearer …" } }`.
+   * @throws {TypeError} If the workspace id is invalid.
+   * @throws {SpawnError} If codex cannot be started.
+   * @throws {Error} If the resolver is closed, or `signal.reason` if `signal` aborts.
+   */
+  resolve(workspaceId: string, signal?: AbortSignal): Promise<Endpoint>;
+  /**
+   * Stops the workspace's codex (SIGTERM, then SIGKILL after `stopTimeoutMs`) and waits for
+   * it to exit. A later resolve starts a new one.
+   *
+   * @param workspaceId The workspace.
+   * @returns Once the process has exited and its token file is gone.
+   * @throws {TypeError} If the workspace id is invalid.
+   */
+  release(workspaceId: string): Promise<void>;
+  /**
+   * Stops every codex this resolver started and refuses new resolves. Idempotent.
+   *
+   * @returns Once every process has exited.
+   */
+  close(): Promise<void>;
+  /**
+   * The pid of the workspace's codex while it is starting or running, for tests and logs.
+   *
+   * @param workspaceId The workspace.
+   * @returns The pid, or `undefined` if no process runs for the workspace.
+   */
+  pid(workspaceId: string): number | undefined;
+}
+
+/**
+ * Exit status and stderr of a codex that could not be started.
+ *
+ * @example Describe an early exit
+ * ```ts ignore
+ * throw new SpawnError("ws-1", "exited with code 3 before listening", {
+ *   exitCode: 3,
+ *   stderrTail: "boom\n",
+ * });
+ * ```
+ */
+export interface SpawnErrorDetails {
+  /** The exit code, if the process exited on its own. */
+  exitCode?: number | null;
+  /** The signal that ended the process, if one did. */
+  signal?: string | null;
+  /** The last bytes (at most 8 KiB) the process wrote to stderr. */
+  stderrTail?: string;
+}
+
+/**
+ * Thrown when codex cannot be started for a workspace: the binary is missing, it exited
+ * before it was ready, or it did not become ready in time. The message ends with the last
+ * lines of its stderr.
+ *
+ * @example Report why codex did not start
+ * ```ts ignore
+ * try {
+ *   await resolver.resolve("ws-1");
+ * } catch (error) {
+ *   if (error instanceof SpawnError) console.error(error.exitCode, error.stderrTail);
+ *   throw error;
+ * }
+ * ```
+ */
+export class SpawnError extends Error {
+  /** The workspace whose codex failed to start. */
+  readonly workspaceId: string;
+  /** The exit code, or null if the process did not exit on its own (or never ran). */
+  readonly exitCode: number | null;
+  /** The signal that ended the process, or null. */
+  readonly signal: string | null;
+  /** The end of the process's stderr (at most 8 KiB), without terminal colour codes. */
+  readonly stderrTail: string;
+
+  /**
+   * Creates the error.
+   *
+   * @param workspaceId The workspace whose codex failed to start.
+   * @param reason What went wrong, e.g. "exited with code 3 before listening".
+   * @param details Exit status and stderr tail.
+   * @param options The underlying cause, if any.
+   */
+  constructor(
+    workspaceId: string,
+    reason: string,
+    details: SpawnErrorDetails = {},
+    options?: ErrorOptions,
+  ) {
+    const stderrTail = details.stderrTail ?? "";
+    const lines = lastLines(stderrTail, 20);
+    super(
+      `Cannot start codex for workspace ${workspaceId}: ${reason}` +
+        (lines ? `; last lines of stderr:\n${lines}` : ""),
+      options,
+    );
+    this.name = "SpawnError";
+    this.workspaceId = workspaceId;
+    this.exitCode = details.exitCode ?? null;
+    this.signal = details.signal ?? null;
+    this.stderrTail = stderrTail;
+  }
+}
+
+/**
+ * Creates a resolver that runs one `codex app-server` per workspace on a random loopback
+ * port, protected by a capability token, and returns `{ url, headers: { Authorization } }`.
+ *
+ * A process that exits (crash, kill -9) is forgotten, and the next resolve spawns a fresh
+ * one. Before an already running process is handed out again, its `/readyz` is probed, so
+ * a process that died a moment ago is never returned.
+ *
+ * @example Resolve, use and stop a workspace's codex
+ * ```ts ignore
+ * const resolver = createCodexResolver({ cwd: (id) => `/srv/workspaces/${id}` });
+ * const { url, headers } = await resolver.resolve("ws-1", AbortSignal.timeout(20_000));
+ * const socket = new WebSocket(url, { headers }); // Deno, Bun and Node 22 accept headers
+ * // …
+ * await resolver.close();
+ * ```
+ *
+ * @param options Command, arguments, environment, directories and timeouts.
+ * @returns A resolver to hand to a `Pool`; call its `close()` when done.
+ * @throws {RangeError} If `readyTimeoutMs` or `stopTimeoutMs` is not a positive number.
+ */
+export function createCodexResolver(options: CodexResolverOptions = {}): CodexResolver {
+  const supervisor = new Supervisor(options);
+  return {
+    resolve: (workspaceId, signal) => supervisor.resolve(workspaceId, signal),
+    release: (workspaceId) => supervisor.release(workspaceId),
+    close: () => supervisor.close(),
+    pid: (workspaceId) => supervisor.pid(workspaceId),
+  };
+}
+
+const STDERR_TAIL_BYTES = 8 * 1024;
+const DEFAULT_READY_TIMEOUT_MS = 15_000;
+const DEFAULT_STOP_TIMEOUT_MS = 3_000;
+// A healthy app-server answers /readyz in well under a millisecond on loopback; the cap
+// only guards against a wedged process, and a high one avoids killing a merely busy one.
+const VERIFY_TIMEOUT_MS = 5_000;
+// Grandchildren that inherited our pipes can keep them open after codex itself exited;
+// stop waiting for end-of-stream after this long and destroy the pipes.
+const PIPE_CLOSE_GRACE_MS = 1_000;
+
+interface ProcessSettings {
+  readonly command: string;
+  readonly args: readonly string[];
+  readonly env: Record<string, string>;
+  readonly cwd: string;
+  readonly codexHome: string | undefined;
+  readonly readyTimeoutMs: number;
+  readonly stopTimeoutMs: number;
+}
+
+class Supervisor {
+  #options: CodexResolverOptions;
+  #readyTimeoutMs: number;
+  #stopTimeoutMs: number;
+  #defaultCommand: DefaultCommand | undefined;
+  // The current process per workspace (starting or running).
+  #current = new Map<string, CodexProcess>();
+  // Processes being stopped, so a resolve for that workspace waits instead of running two
+  // app-servers on the same directories.
+  #stopping = new Map<string, Promise<void>>();
+  #all = new Set<CodexProcess>();
+  #closing: Promise<void> | undefined;
+  #exitHook: (() => void) | undefined;
+
+  constructor(options: CodexResolverOptions) {
+    this.#options = options;
+    this.#readyTimeoutMs = positive("readyTimeoutMs", options.readyTimeoutMs) ??
+      DEFAULT_READY_TIMEOUT_MS;
+    this.#stopTimeoutMs = positive("stopTimeoutMs", options.stopTimeoutMs) ??
+      DEFAULT_STOP_TIMEOUT_MS;
+  }
+
+  async resolve(workspaceId: string, signal?: AbortSignal): Promise<Endpoint> {
+    assertWorkspaceId(workspaceId);
+    for (;;) {
+      if (this.#closing) throw closedError(workspaceId);
+      signal?.throwIfAborted();
+      const stopping = this.#stopping.get(workspaceId);
+      if (stopping) {
+        await abortable(stopping, signal);
+        continue;
+      }
+      const existing = this.#current.get(workspaceId);
+      if (existing?.isReady) {
+        // The 'exit' event can lag behind the death of the process (after SIGKILL the
+        // socket closes first), so a running entry is only trusted once /readyz answers.
+        if (existing.isRunning && await existing.probe(signal)) return existing.endpoint();
+        await this.#discard(existing, "stopped");
+        continue;
+      }
+      const child = existing ?? this.#spawn(workspaceId);
+      try {
+        return await child.join(signal);
+      } catch (error) {
+        if (signal?.aborted && error === signal.reason && child.isAbandoned) {
+          // Nobody else waits for this spawn: do not leave a half-started codex behind.
+          await this.#discard(child, "abandoned by every caller before it was ready");
+        }
+        throw error;
+      }
+    }
+  }
+
+  async release(workspaceId: string): Promise<void> {
+    assertWorkspaceId(workspaceId);
+    const child = this.#current.get(workspaceId);
+    if (child) await this.#discard(child, "released before it was ready");
+    else await this.#stopping.get(workspaceId);
+  }
+
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  pid(workspaceId: string): number | undefined {
+    return this.#current.get(workspaceId)?.pid;
+  }
+
+  async #close(): Promise<void> {
+    const children = [...this.#all];
+    this.#current.clear();
+    await Promise.all(
+      children.map((child) => child.stop("the resolver closed before it was ready")),
+    );
+    await Promise.all(this.#stopping.values());
+    if (this.#exitHook) process.off("exit", this.#exitHook);
+    this.#exitHook = undefined;
+  }
+
+  #spawn(workspaceId: string): CodexProcess {
+    const child = new CodexProcess(workspaceId, this.#settings(workspaceId), () => {
+      this.#all.delete(child);
+      if (this.#current.get(workspaceId) === child) this.#current.delete(workspaceId);
+    });
+    this.#current.set(workspaceId, child);
+    this.#all.add(child);
+    this.#installExitHook();
+    return child;
+  }
+
+  async #discard(child: CodexProcess, reason: string): Promise<void> {
+    const id = child.workspaceId;
+    if (this.#current.get(id) === child) this.#current.delete(id);
+    const stopped = child.stop(reason);
+    this.#stopping.set(id, stopped);
+    try {
+      await stopped;
+    } finally {
+      if (this.#stopping.get(id) === stopped) this.#stopping.delete(id);
+    }
+  }
+
+  #settings(workspaceId: string): ProcessSettings {
+    const options = this.#options;
+    let command = options.command;
+    const env: Record<string, string> = {};
+    for (const [key, value] of Object.entries(process.env)) {
+      if (value !== undefined) env[key] = value;
+    }
+    if (command === undefined) {
+      this.#defaultCommand ??= findDefaultCommand(process.cwd());
+      command = this.#defaultCommand.command;
+      for (const [key, value] of Object.entries(this.#defaultCommand.env)) env[key] ??= value;
+    }
+    for (const [key, value] of Object.entries(options.env ?? {})) {
+      if (value === undefined) delete env[key];
+      else env[key] = value;
+    }
+    const codexHome = options.codexHome ? resolvePath(options.codexHome(workspaceId)) : undefined;
+    if (codexHome !== undefined) env.CODEX_HOME = codexHome;
+    const cwd = resolvePath(options.cwd?.(workspaceId) ?? join("workspaces", workspaceId));
+    return {
+      command,
+      args: options.args ?? [],
+      env,
+      cwd,
+      codexHome,
+      readyTimeoutMs: this.#readyTimeoutMs,
+      stopTimeoutMs: this.#stopTimeoutMs,
+    };
+  }
+
+  #installExitHook(): void {
+    if (this.#exitHook) return;
+    // Best effort for a host that exits without close(): an app-server on a ws:// listener
+    // does not notice that its parent died and would run on forever.
+    this.#exitHook = () => {
+      for (const child of this.#all) child.killNow();
+    };
+    process.on("exit", this.#exitHook);
+  }
+}
+
+/** One codex app-server, from spawn to exit. */
+class CodexProcess {
+  readonly workspaceId: string;
+  #settings: ProcessSettings;
+  #onGone: () => void;
+  #ready: Promise<Endpoint>;
+  #gone = Promise.withResolvers<void>();
+  #child: ChildProcess | undefined;
+  #tokenDir: string | undefined;
+  #url: string | undefined;
+  #authorization: string | undefined;
+  #exit: { code: number | null; signal: string | null } | undefined;
+  #isReady = false;
+  #waiters = 0;
+  // Aborted to make a start in progress give up, with the error waiters should see.
+  #startAbort = new AbortController();
+  #stopping: Promise<void> | undefined;
+  #stderr = new StderrTail();
+
+  constructor(workspaceId: string, settings: ProcessSettings, onGone: () => void) {
+    this.workspaceId = workspaceId;
+    this.#settings = settings;
+    this.#onGone = onGone;
+    this.#ready = this.#start();
+    // Every waiter may have given up; the outcome is still observed through join().
+    this.#ready.catch(() => {});
+  }
+
+  get pid(): number | undefined {
+    return this.#exit ? undefined : this.#child?.pid;
+  }
+
+  get isReady(): boolean {
+    return this.#isReady;
+  }
+
+  get isAbandoned(): boolean {
+    return this.#waiters === 0 && !this.#isReady;
+  }
+
+  get isRunning(): boolean {
+    const child = this.#child;
+    return this.#exit === undefined && this.#stopping === undefined && child !== undefined &&
+      child.exitCode === null && child.signalCode === null;
+  }
+
+  endpoint(): Endpoint {
+    // A fresh object each time: callers may mutate what they get.
+    return { url: this.#url!, headers: { Authorization: this.#authorization! } };
+  }
+
+  async join(signal?: AbortSignal): Promise<Endpoint> {
+    this.#waiters++;
+    try {
+      await abortable(this.#ready, signal);
+      return this.endpoint();
+    } finally {
+      this.#waiters--;
+    }
+  }
+
+  async probe(signal?: AbortSignal): Promise<boolean> {
+    return await probeReadyz(
+      readyzUrl(this.#url!),
+      Math.min(this.#settings.readyTimeoutMs, VERIFY_TIMEOUT_MS),
+      signal,
+    );
+  }
+
+  stop(reason: string): Promise<void> {
+    this.#stopping ??= this.#stop(reason);
+    return this.#stopping;
+  }
+
+  /** Synchronous last resort for a host that is exiting. */
+  killNow(): void {
+    if (this.#child && this.#exit === undefined) sendSignal(this.#child, "SIGTERM");
+    if (this.#tokenDir) rmSync(this.#tokenDir, { recursive: true, force: true });
+  }
+
+  async #stop(reason: string): Promise<void> {
+    if (!this.#isReady) {
+      this.#startAbort.abort(this.#error(reason));
+    }
+    const child = this.#child;
+    if (child?.pid !== undefined && this.#exit === undefined) {
+      const escalate = setTimeout(() => {
+        if (this.#exit === undefined) sendSignal(child, "SIGKILL");
+      }, this.#settings.stopTimeoutMs);
+      unrefTimer(escalate);
+      sendSignal(child, "SIGTERM");
+      await this.#gone.promise;
+      clearTimeout(escalate);
+    }
+    await this.#gone.promise;
+  }
+
+  async #start(): Promise<Endpoint> {
+    const settings = this.#settings;
+    const cancel = this.#startAbort.signal;
+    let tokenFile: string;
+    let token: string;
+    try {
+      await mkdir(settings.cwd, { recursive: true });
+      if (settings.codexHome !== undefined) await mkdir(settings.codexHome, { recursive: true });
+      cancel.throwIfAborted();
+      // mkdtemp already creates the directory as 0700; the chmod guards against runtimes
+      // whose emulation of it differs, since the token's secrecy rests on these modes.
+      this.#tokenDir = await mkdtemp(join(tmpdir(), "codex-broker-"));
+      await chmod(this.#tokenDir, 0o700);
+      token = randomToken();
+      tokenFile = join(this.#tokenDir, "token");
+      await writeFile(tokenFile, token, { mode: 0o600, flag: "wx" });
+      await chmod(tokenFile, 0o600);
+      cancel.throwIfAborted();
+    } catch (error) {
+      await this.#cleanUp();
+      if (cancel.aborted) throw cancel.reason;
+      throw this.#error(`could not prepare its directories: ${messageOf(error)}`, { cause: error });
+    }
+    this.#authorization = `Bearer ${token}`;
+
+    let child: ChildProcess;
+    try {
+      child = spawn(settings.command, [
+        "app-server",
+        "--listen",
+        "ws://127.0.0.1:0",
+        "--ws-auth",
+        "capability-token",
+        "--ws-token-file",
+        tokenFile,
+        ...settings.args,
+      ], { cwd: settings.cwd, env: settings.env, stdio: ["ignore", "pipe", "pipe"] });
+    } catch (error) {
+      await this.#cleanUp();
+      throw this.#spawnFailure(error);
+    }
+    this.#child = child;
+
+    const listening = Promise.withResolvers<string>();
+    this.#watch(child, listening.resolve);
+    const deadline = setTimeout(() => {
+      const what = this.#url
+        ? `${readyzUrl(this.#url)} did not answer 200`
+        : "no listening line on stderr";
+      this.#startAbort.abort(
+        this.#error(`did not become ready within ${settings.readyTimeoutMs} ms (${what})`),
+      );
+    }, settings.readyTimeoutMs);
+    unrefTimer(deadline);
+    try {
+      this.#url = await abortable(listening.promise, cancel);
+      const readyz = readyzUrl(this.#url);
+      let pause = 10;
+      while (!await probeReadyz(readyz, settings.readyTimeoutMs, cancel)) {
+        await delay(pause, cancel);
+        pause = Math.min(pause * 2, 200);
+      }
+      this.#isReady = true;
+      return this.endpoint();
+    } catch (error) {
+      await this.stop("stopped before it was ready");
+      throw error;
+    } finally {
+      clearTimeout(deadline);
+    }
+  }
+
+  #watch(child: ChildProcess, onListening: (url: string) => void): void {
+    let pending = "";
+    let listening = false;
+    child.stdout?.resume();
+    child.stderr?.setEncoding("utf8");
+    child.stderr?.on("data", (chunk: string) => {
+      this.#stderr.push(chunk);
+      if (listening) return;
+      pending += chunk;
+      const lines = pending.split("\n");
+      pending = (lines.pop() ?? "").slice(-STDERR_TAIL_BYTES);
+      for (const line of lines) {
+        const match = /listening on:\s*(wss?:\/\/\S+)/.exec(stripAnsi(line));
+        if (match?.[1]) {
+          listening = true;
+          pending = "";
+          onListening(match[1]);
+          return;
+        }
+      }
+    });
+
+    child.on("error", (error) => {
+      // After a successful spawn this only reports a failed kill(), which is not fatal.
+      if (child.pid === undefined) this.#startAbort.abort(this.#spawnFailure(error));
+    });
+    let grace: ReturnType<typeof setTimeout> | undefined;
+    let closed = false;
+    child.once("exit", (code, signal) => {
+      this.#exit = { code, signal };
+      if (closed) return;
+      grace = setTimeout(() => {
+        child.stdout?.destroy();
+        child.stderr?.destroy();
+      }, PIPE_CLOSE_GRACE_MS);
+      unrefTimer(grace);
+    });
+    child.once("close", () => {
+      closed = true;
+      clearTimeout(grace);
+      const exit = this.#exit;
+      if (exit && !this.#isReady) {
+        // Reported on 'close' rather than 'exit': stderr may still be draining at 'exit',
+        // and its last lines are what explains the failure.
+        const when = this.#url ? "before it was ready" : "before listening";
+        const how = exit.signal
+          ? `was killed by signal ${exit.signal}`
+          : `exited with code ${exit.code}`;
+        this.#startAbort.abort(this.#error(`${how} ${when}`));
+      }
+      void this.#cleanUp();
+    });
+  }
+
+  async #cleanUp(): Promise<void> {
+    try {
+      if (this.#tokenDir) await rm(this.#tokenDir, { recursive: true, force: true });
+    } finally {
+      this.#tokenDir = undefined;
+      this.#onGone();
+      this.#gone.resolve();
+    }
+  }
+
+  #spawnFailure(error: unknown): SpawnError {
+    const code = (error as { code?: unknown } | null)?.code;
+    const reason = code === "ENOENT"
+      ? `command not found: ${this.#settings.command}`
+      : `could not run ${this.#settings.command}: ${messageOf(error)}`;
+    return this.#error(reason, { cause: error });
+  }
+
+  #error(reason: string, options?: ErrorOptions): SpawnError {
+    return new SpawnError(this.workspaceId, reason, {
+      exitCode: this.#exit?.code ?? null,
+      signal: this.#exit?.signal ?? null,
+      stderrTail: this.#stderr.text,
+    }, options);
+  }
+}
+
+/** The last few KiB of a process's stderr. */
+class StderrTail {
+  #text = "";
+
+  push(chunk: string): void {
+    this.#text += chunk;
+    if (this.#text.length > STDERR_TAIL_BYTES) this.#text = this.#text.slice(-STDERR_TAIL_BYTES);
+  }
+
+  get text(): string {
+    return stripAnsi(this.#text);
+  }
+}
+
+interface DefaultCommand {
+  command: string;
+  env: Record<string, string>;
+}
+
+// Which package of @openai/codex carries the native binary for this platform.
+const NATIVE_TARGETS: Record<string, { pkg: string; triple: string }> = {
+  "linux-x64": { pkg: "codex-linux-x64", triple: "x86_64-unknown-linux-musl" },
+  "linux-arm64": { pkg: "codex-linux-arm64", triple: "aarch64-unknown-linux-musl" },
+  "darwin-x64": { pkg: "codex-darwin-x64", triple: "x86_64-apple-darwin" },
+  "darwin-arm64": { pkg: "codex-darwin-arm64", triple: "aarch64-apple-darwin" },
+  "win32-x64": { pkg: "codex-win32-x64", triple: "x86_64-pc-windows-msvc" },
+  "win32-arm64": { pkg: "codex-win32-arm64", triple: "aarch64-pc-windows-msvc" },
+};
+
+/**
+ * Finds codex the way `npx codex` would, but prefers the native binary over the
+ * `node_modules/.bin/codex` Node wrapper. The wrapper only replaces itself with the binary
+ * (execve) on Node ≥ 22.15 run through `#!/usr/bin/env node`; elsewhere it stays as a
+ * parent process that merely forwards SIGTERM. Our SIGKILL would then hit the wrapper and
+ * orphan the real app-server, and `pid()` would name the wrong process.
+ */
+function findDefaultCommand(from: string): DefaultCommand {
+  const target = NATIVE_TARGETS[`${process.platform}-${process.arch}`];
+  const exe = process.platform === "win32" ? "codex.exe" : "codex";
+  for (let dir = resolvePath(from);; dir = dirname(dir)) {
+    const modules = join(dir, "node_modules");
+    const packageRoot = join(modules, "@openai", "codex");
+    if (target) {
+      for (
+        const base of [
+          join(modules, "@openai", target.pkg),
+          join(packageRoot, "node_modules", "@openai", target.pkg),
+        ]
+      ) {
+        const binary = join(base, "vendor", target.triple, "bin", exe);
+        if (existsSync(binary)) {
+          // The wrapper sets these for the binary (update hints, install detection).
+          return {
+            command: binary,
+            env: { CODEX_MANAGED_PACKAGE_ROOT: packageRoot, CODEX_MANAGED_BY_NPM: "1" },
+          };
+        }
+      }
+    }
+    const wrapper = join(modules, ".bin", process.platform === "win32" ? "codex.cmd" : "codex");
+    if (existsSync(wrapper)) return { command: wrapper, env: {} };
+    if (dirname(dir) === dir) return { command: "codex", env: {} };
+  }
+}
+
+function sendSignal(child: ChildProcess, name: "SIGTERM" | "SIGKILL"): void {
+  if (child.pid === undefined) return;
+  try {
+    // Not child.kill(): Deno's ignores every call after the first, so the SIGKILL that
+    // follows an ignored SIGTERM would never be sent. The pid cannot have been reused yet:
+    // callers only signal a child whose exit has not been reported.
+    process.kill(child.pid, name);
+  } catch {
+    // Already gone: the 'exit' event is on its way.
+  }
+}
+
+function randomToken(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(32));
+  return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
+
+function readyzUrl(wsUrl: string): string {
+  const url = new URL(wsUrl);
+  return `${url.protocol === "wss:" ? "https:" : "http:"}//${url.host}/readyz`;
+}
+
+/**
+ * One `GET /readyz`. Network errors and non-200 answers count as "not ready"; only an
+ * abort of `signal` throws.
+ */
+async function probeReadyz(
+  url: string,
+  timeoutMs: number,
+  signal?: AbortSignal,
+): Promise<boolean> {
+  signal?.throwIfAborted();
+  const attempt = new AbortController();
+  const onAbort = () => attempt.abort(signal?.reason);
+  signal?.addEventListener("abort", onAbort, { once: true });
+  const timer = setTimeout(() => attempt.abort(), timeoutMs);
+  unrefTimer(timer);
+  try {
+    const response = await fetch(url, { signal: attempt.signal });
+    await response.body?.cancel();
+    return response.status === 200;
+  } catch (error) {
+    if (signal?.aborted) throw signal.reason;
+    void error;
+    return false;
+  } finally {
+    clearTimeout(timer);
+    signal?.removeEventListener("abort", onAbort);
+  }
+}
+
+function abortable<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return promise;
+  if (signal.aborted) return Promise.reject(signal.reason);
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
+}
+
+function delay(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    };
+    const timer = setTimeout(() => {
+      signal.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    unrefTimer(timer);
+    signal.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/** Lets a timer not keep the process alive, on every runtime. */
+function unrefTimer(timer: ReturnType<typeof setTimeout>): void {
+  if (typeof timer === "object" && timer !== null && "unref" in timer) {
+    timer.unref();
+    return;
+  }
+  // Deno's setTimeout returns a number and has its own API for this.
+  const deno = (globalThis as { Deno?: { unrefTimer?(id: number): void } }).Deno;
+  if (typeof timer === "number") deno?.unrefTimer?.(timer);
+}
+
+function positive(name: string, value: number | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  if (!(value > 0) || !Number.isFinite(value)) {
+    throw new RangeError(`Invalid ${name}: expected a positive number of milliseconds`);
+  }
+  return value;
+}
+
+function closedError(workspaceId: string): Error {
+  return new Error(`Cannot resolve workspace ${workspaceId}: the codex resolver is closed`);
+}
+
+function lastLines(text: string, count: number): string {
+  return text.split("\n").map((line) => line.trimEnd()).filter((line) => line !== "")
+    .slice(-count).join("\n");
+}
+
+function stripAnsi(text: string): string {
+  // deno-lint-ignore no-control-regex
+  return text.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "");
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}

@@ -1,0 +1,318 @@
+// A scripted fake codex app-server on 127.0.0.1, port 0. Tests drive each connection
+// ("peer") by hand: wait for a request, answer it, reorder, delay, drop or inject frames.
+import { createServer, type IncomingMessage, type Server } from "node:http";
+import type { Duplex } from "node:stream";
+import { type WebSocket, WebSocketServer } from "ws";
+
+/** Any JSON-RPC message the client sent. */
+export interface Message {
+  id?: number | string;
+  method?: string;
+  params?: any;
+  result?: any;
+  error?: { code: number; message: string; data?: unknown };
+}
+
+/** A client request as received. */
+export interface Req extends Message {
+  id: number | string;
+  method: string;
+}
+
+export interface FakeServerOptions {
+  /** When set, upgrades (and plain GETs) without `Authorization: Bearer TOKEN` get 401. */
+  token?: string;
+  /** Answer initialize/initialized automatically before the script runs. Default true. */
+  handshake?: boolean;
+  /** Answer thread/resume automatically. Default true. */
+  autoResume?: boolean;
+}
+
+type Handler = (message: Message) => boolean;
+
+export class FakePeer {
+  readonly received: Message[] = [];
+  readonly ws: WebSocket;
+  readonly closed: Promise<void>;
+  /** Upgrade request headers. */
+  readonly headers: IncomingMessage["headers"];
+  #queue: Message[] = [];
+  #waiters: { match: (m: Message) => boolean; resolve: (m: Message) => void }[] = [];
+  #handlers: Handler[] = [];
+  #serverRequests = new Map<number | string, (m: Message) => void>();
+
+  constructor(ws: WebSocket, headers: IncomingMessage["headers"]) {
+    this.ws = ws;
+    this.headers = headers;
+    this.closed = new Promise((resolve) => ws.once("close", () => resolve()));
+    ws.on("message", (data, isBinary) => {
+      if (isBinary) return;
+      let message: Message;
+      try {
+        message = JSON.parse(String(data));
+      } catch {
+        return;
+      }
+      this.received.push(message);
+      if (message.method === undefined && message.id !== undefined) {
+        const waiter = this.#serverRequests.get(message.id);
+        if (waiter) {
+          this.#serverRequests.delete(message.id);
+          waiter(message);
+          return;
+        }
+      }
+      for (const handler of this.#handlers) if (handler(message)) return;
+      const index = this.#waiters.findIndex((w) => w.match(message));
+      if (index !== -1) {
+        const [waiter] = this.#waiters.splice(index, 1);
+        waiter!.resolve(message);
+      } else {
+        this.#queue.push(message);
+      }
+    });
+  }
+
+  /** Handle messages before they are queued; return true to consume. */
+  handle(handler: Handler): void {
+    this.#handlers.push(handler);
+    // Messages that arrived before the handler was installed (same TCP chunk as the
+    // handshake) are offered to it too.
+    this.#queue = this.#queue.filter((message) => !handler(message));
+  }
+
+  /** The next (queued or future) message with this method. */
+  expect(method: string): Promise<Req> {
+    return this.#take((m) => m.method === method) as Promise<Req>;
+  }
+
+  /** The next message of any kind. */
+  next(): Promise<Message> {
+    return this.#take(() => true);
+  }
+
+  #take(match: (m: Message) => boolean): Promise<Message> {
+    const index = this.#queue.findIndex(match);
+    if (index !== -1) return Promise.resolve(this.#queue.splice(index, 1)[0]!);
+    return new Promise((resolve) => this.#waiters.push({ match, resolve }));
+  }
+
+  send(message: unknown): void {
+    if (this.ws.readyState === this.ws.OPEN) this.ws.send(JSON.stringify(message));
+  }
+
+  sendRaw(data: string | Uint8Array): void {
+    if (this.ws.readyState === this.ws.OPEN) this.ws.send(data);
+  }
+
+  reply(request: Req, result: unknown): void {
+    this.send({ id: request.id, result });
+  }
+
+  replyError(request: Req, code: number, message: string, data?: unknown): void {
+    this.send({
+      id: request.id,
+      error: data === undefined ? { code, message } : { code, message, data },
+    });
+  }
+
+  notify(method: string, params: unknown): void {
+    this.send({ method, params });
+  }
+
+  /** Sends a server→client request and resolves with the client's answer. */
+  request(method: string, params: unknown, id: number | string): Promise<Message> {
+    const answer = new Promise<Message>((resolve) => this.#serverRequests.set(id, resolve));
+    this.send({ id, method, params });
+    return answer;
+  }
+
+  close(code = 1000, reason = ""): void {
+    this.ws.close(code, reason);
+  }
+
+  terminate(): void {
+    this.ws.terminate();
+  }
+}
+
+export interface FakeAppServer {
+  readonly url: string;
+  readonly port: number;
+  readonly peers: FakePeer[];
+  /** Resolves with the next peer that connects (after its handshake, if automatic). */
+  nextPeer(): Promise<FakePeer>;
+  /** Waits until every script started so far has returned; rethrows the first error. */
+  scriptsDone(): Promise<void>;
+  /** Closes everything; rethrows the first error a script threw. */
+  close(): Promise<void>;
+}
+
+export async function startFakeAppServer(
+  script: (peer: FakePeer) => void | Promise<void> = () => {},
+  options: FakeServerOptions = {},
+): Promise<FakeAppServer> {
+  const peers: FakePeer[] = [];
+  const errors: unknown[] = [];
+  const scripts: Promise<void>[] = [];
+  const peerWaiters: ((peer: FakePeer) => void)[] = [];
+  const readyPeers: FakePeer[] = [];
+  const authorized = (req: IncomingMessage) =>
+    options.token === undefined || req.headers.authorization === `Bearer ${options.token}`;
+  const http: Server = createServer((req, res) => {
+    res.statusCode = authorized(req) ? 426 : 401;
+    res.end();
+  });
+  const wss = new WebSocketServer({ noServer: true });
+  http.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    if (!authorized(req)) {
+      socket.end("HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+      return;
+    }
+    wss.handleUpgrade(req, socket, head, (ws) => {
+      const peer = new FakePeer(ws, req.headers);
+      if (options.autoResume !== false) {
+        peer.handle((m) => {
+          if (m.method !== "thread/resume") return false;
+          peer.send({ id: m.id, result: { thread: { id: m.params?.threadId } } });
+          return true;
+        });
+      }
+      peers.push(peer);
+      scripts.push((async () => {
+        try {
+          if (options.handshake !== false) {
+            const init = await peer.expect("initialize");
+            peer.reply(init, {
+              userAgent: "fake/0.0.0",
+              codexHome: "/tmp/fake",
+              platformFamily: "unix",
+              platformOs: "linux",
+            });
+            await peer.expect("initialized");
+          }
+          const waiter = peerWaiters.shift();
+          if (waiter) waiter(peer);
+          else readyPeers.push(peer);
+          await script(peer);
+        } catch (error) {
+          errors.push(error);
+        }
+      })());
+    });
+  });
+  await new Promise<void>((resolve) => http.listen(0, "127.0.0.1", resolve));
+  const address = http.address();
+  const port = typeof address === "object" && address ? address.port : 0;
+  return {
+    url: `ws://127.0.0.1:${port}`,
+    port,
+    peers,
+    nextPeer() {
+      const ready = readyPeers.shift();
+      if (ready) return Promise.resolve(ready);
+      return new Promise((resolve) => peerWaiters.push(resolve));
+    },
+    async scriptsDone() {
+      await Promise.all(scripts);
+      if (errors.length > 0) throw errors[0];
+    },
+    async close() {
+      for (const peer of peers) peer.terminate();
+      await Promise.all(peers.map((p) => p.closed));
+      wss.close();
+      http.closeAllConnections();
+      await new Promise<void>((resolve) => http.close(() => resolve()));
+      if (errors.length > 0) throw errors[0];
+    },
+  };
+}
+
+/** A turn as codex sends it. */
+export function turnObject(id: string, status = "completed", items: unknown[] = []): any {
+  return {
+    id,
+    rootTurnId: id,
+    items,
+    itemsView: "summary",
+    status,
+    error: null,
+    startedAt: 1,
+    completedAt: status === "inProgress" ? null : 2,
+    durationMs: status === "inProgress" ? null : 1,
+  };
+}
+
+export function agentMessage(id: string, text: string): any {
+  return { type: "agentMessage", id, text, phase: null };
+}
+
+export interface CodexLikeOptions {
+  /** Text of the agent message per turn. */
+  text?: (input: unknown) => string;
+  /** Send turn/completed before the turn/start response. */
+  completeFirst?: boolean;
+  /** Never complete turns (until interrupted). */
+  hang?: boolean;
+}
+
+/**
+ * Makes a peer answer thread/start, thread/resume, turn/start and turn/interrupt the way
+ * codex does, with a full notification sequence per turn, without delay.
+ */
+export function codexLike(peer: FakePeer, options: CodexLikeOptions = {}): void {
+  let threads = 0;
+  let turns = 0;
+  const running = new Map<string, string>();
+  peer.handle((m) => {
+    if (m.method === "thread/start") {
+      peer.send({ id: m.id, result: { thread: { id: `thr-${++threads}` }, model: "mock" } });
+      return true;
+    }
+    if (m.method === "thread/resume") {
+      peer.send({ id: m.id, result: { thread: { id: m.params.threadId } } });
+      return true;
+    }
+    if (m.method === "turn/interrupt") {
+      peer.send({ id: m.id, result: {} });
+      const turnId = running.get(m.params.threadId);
+      if (turnId !== undefined && turnId === m.params.turnId) {
+        running.delete(m.params.threadId);
+        peer.notify("turn/completed", {
+          threadId: m.params.threadId,
+          turn: turnObject(turnId, "interrupted"),
+        });
+      }
+      return true;
+    }
+    if (m.method !== "turn/start") return false;
+    const threadId = m.params.threadId as string;
+    const turnId = `turn-${++turns}`;
+    const text = options.text ? options.text(m.params.input) : `echo ${turnId}`;
+    const item = agentMessage(`msg-${turnId}`, text);
+    const complete = () => {
+      peer.notify("item/completed", {
+        threadId,
+        turnId,
+        item: { type: "userMessage", id: `user-${turnId}`, content: m.params.input },
+      });
+      peer.notify("item/completed", { threadId, turnId, item });
+      peer.notify("turn/completed", { threadId, turn: turnObject(turnId, "completed", [item]) });
+    };
+    const respond = () =>
+      peer.send({ id: m.id, result: { turn: turnObject(turnId, "inProgress") } });
+    if (options.hang) {
+      running.set(threadId, turnId);
+      respond();
+      peer.notify("turn/started", { threadId, turn: turnObject(turnId, "inProgress") });
+    } else if (options.completeFirst) {
+      complete();
+      respond();
+    } else {
+      respond();
+      peer.notify("turn/started", { threadId, turn: turnObject(turnId, "inProgress") });
+      complete();
+    }
+    return true;
+  });
+}

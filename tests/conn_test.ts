@@ -1,0 +1,856 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createServer } from "node:net";
+import {
+  Conn,
+  ConnCloseEvent,
+  ConnectionClosedError,
+  DialError,
+  NotificationEvent,
+  RpcError,
+  ServerRequestEvent,
+  TimeoutError,
+  TurnRpcError,
+} from "../mod.ts";
+import {
+  agentMessage,
+  codexLike,
+  type FakePeer,
+  type Req,
+  startFakeAppServer,
+  turnObject,
+} from "./_fake_app_server.ts";
+
+const input = [{ type: "text", text: "hi", text_elements: [] }];
+const fastRetry = { initialDelayMs: 2, maxDelayMs: 10 };
+
+async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const address = server.address();
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  return typeof address === "object" && address ? address.port : 0;
+}
+
+async function waitFor(condition: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + 2_000;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 2));
+  }
+}
+
+function completeTurn(peer: FakePeer, threadId: string, turnId: string, items: unknown[] = []) {
+  peer.notify("turn/completed", { threadId, turn: turnObject(turnId, "completed", items) });
+}
+
+test("Conn.dial() sends initialize with clientInfo, then initialized, with the upgrade headers", async () => {
+  const server = await startFakeAppServer(() => {}, { handshake: false });
+  try {
+    const dialing = Conn.dial(server.url, {
+      headers: { Authorization: "Bearer secret-token" },
+      clientInfo: { name: "test_client", title: "Test", version: "1.2.3" },
+    });
+    const peer = await server.nextPeer();
+    assert.equal(peer.headers.authorization, "Bearer secret-token");
+    const init = await peer.expect("initialize");
+    assert.deepEqual(init.params, {
+      clientInfo: { name: "test_client", title: "Test", version: "1.2.3" },
+      capabilities: null,
+    });
+    peer.reply(init, { userAgent: "fake" });
+    const conn = await dialing;
+    const initialized = await peer.next();
+    assert.equal(initialized.method, "initialized");
+    assert.equal(initialized.id, undefined);
+    assert.equal(conn.closed, false);
+    conn.close();
+  } finally {
+    await server.close();
+  }
+});
+
+test("Conn.dial() rejects with DialError when the connection is refused", async () => {
+  const port = await freePort();
+  await assert.rejects(Conn.dial(`ws://127.0.0.1:${port}`), (error: unknown) => {
+    assert.ok(error instanceof DialError);
+    assert.match(error.message, /^Cannot connect to ws:\/\/127\.0\.0\.1:\d+\/: connection refused/);
+    assert.equal(error.status, undefined);
+    return true;
+  });
+});
+
+test("Conn.dial() rejects with DialError status 401 when the token is missing or wrong", async () => {
+  const server = await startFakeAppServer(() => {}, { token: "right" });
+  try {
+    for (const headers of [{}, { Authorization: "Bearer wrong" }]) {
+      await assert.rejects(Conn.dial(server.url, { headers }), (error: unknown) => {
+        assert.ok(error instanceof DialError);
+        assert.equal(error.status, 401);
+        assert.match(error.message, /HTTP 401/);
+        return true;
+      });
+    }
+    const conn = await Conn.dial(server.url, { headers: { Authorization: "Bearer right" } });
+    conn.close();
+  } finally {
+    await server.close();
+  }
+});
+
+test("Conn.dial() rejects with DialError carrying the RpcError when initialize fails", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    peer.replyError(await peer.expect("initialize"), -32600, "Already initialized");
+  }, { handshake: false });
+  try {
+    await assert.rejects(Conn.dial(server.url), (error: unknown) => {
+      assert.ok(error instanceof DialError);
+      assert.match(error.message, /Already initialized/);
+      assert.ok(error.cause instanceof RpcError);
+      assert.equal(error.cause.code, -32600);
+      return true;
+    });
+  } finally {
+    await server.close();
+  }
+});
+
+test("Conn.dial() rejects with DialError when the socket closes during the handshake", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    await peer.expect("initialize");
+    peer.close(1011, "going away");
+  }, { handshake: false });
+  try {
+    await assert.rejects(Conn.dial(server.url), (error: unknown) => {
+      assert.ok(error instanceof DialError);
+      assert.ok(error.cause instanceof ConnectionClosedError);
+      return true;
+    });
+  } finally {
+    await server.close();
+  }
+});
+
+test("Conn.dial() rejects with DialError at the handshake deadline", async () => {
+  const server = await startFakeAppServer(() => {}, { handshake: false });
+  try {
+    const started = Date.now();
+    await assert.rejects(Conn.dial(server.url, { handshakeTimeoutMs: 50 }), (error: unknown) => {
+      assert.ok(error instanceof DialError);
+      assert.match(error.message, /no answer within 50 ms/);
+      return true;
+    });
+    assert.ok(Date.now() - started < 2_000);
+  } finally {
+    await server.close();
+  }
+});
+
+test("Conn.dial() rejects with the signal's reason when aborted", async () => {
+  const server = await startFakeAppServer(() => {}, { handshake: false });
+  try {
+    const controller = new AbortController();
+    const reason = new Error("caller gave up");
+    const dialing = Conn.dial(server.url, { signal: controller.signal });
+    await server.nextPeer();
+    controller.abort(reason);
+    await assert.rejects(dialing, (error) => error === reason);
+  } finally {
+    await server.close();
+  }
+});
+
+test("Conn.dial() rejects a URL that is not ws:// with a TypeError", async () => {
+  await assert.rejects(Conn.dial("http://127.0.0.1:1"), TypeError);
+});
+
+test("Conn.startThread() returns the thread id and the first turn on it sends no thread/resume", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const conn = await Conn.dial(server.url);
+  try {
+    const threadId = await conn.startThread({ cwd: "/tmp/ws" });
+    assert.equal(threadId, "thr-1");
+    const turn = await conn.turn(threadId, { input });
+    assert.equal(turn.status, "completed");
+    const methods = server.peers[0]!.received.map((m) => m.method);
+    assert.deepEqual(methods, ["initialize", "initialized", "thread/start", "turn/start"]);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() sends thread/resume once before the first turn on a thread it did not start", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const conn = await Conn.dial(server.url);
+  try {
+    await conn.turn("thr-elsewhere", { input });
+    await conn.turn("thr-elsewhere", { input });
+    const sent = server.peers[0]!.received.filter((m) => m.id !== undefined && m.method);
+    assert.deepEqual(sent.map((m) => m.method), [
+      "initialize",
+      "thread/resume",
+      "turn/start",
+      "turn/start",
+    ]);
+    assert.deepEqual(sent[1]!.params, { threadId: "thr-elsewhere" });
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() rejects with TurnRpcError when thread/resume fails", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    peer.replyError(await peer.expect("thread/resume"), -32600, "no rollout found", { x: 1 });
+  }, { autoResume: false });
+  const conn = await Conn.dial(server.url);
+  try {
+    await assert.rejects(conn.turn("thr-gone", { input }), (error: unknown) => {
+      assert.ok(error instanceof TurnRpcError);
+      assert.equal(error.message, "no rollout found");
+      assert.deepEqual(error.data, { x: 1 });
+      return true;
+    });
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() resolves a turn/completed that arrives before the turn/start response", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer, { completeFirst: true }));
+  const conn = await Conn.dial(server.url);
+  try {
+    const threadId = await conn.startThread();
+    const turn = await conn.turn(threadId, { input }, { timeoutMs: 2_000 });
+    assert.equal(turn.id, "turn-1");
+    assert.equal(turn.status, "completed");
+    assert.equal(turn.items.length, 2);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() collects item/completed in arrival order, sets itemsView full and keeps other fields", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    const start = await peer.expect("turn/start");
+    const { threadId } = start.params;
+    peer.reply(start, { turn: turnObject("u1", "inProgress") });
+    peer.notify("item/completed", {
+      threadId,
+      turnId: "u1",
+      item: { type: "userMessage", id: "a" },
+    });
+    peer.notify("item/completed", { threadId, turnId: "other", item: { type: "x", id: "stray" } });
+    peer.notify("item/completed", { threadId, turnId: "u1", item: agentMessage("b", "done") });
+    peer.notify("turn/completed", {
+      threadId,
+      turn: {
+        ...turnObject("u1", "completed", [agentMessage("b", "done")]),
+        extra: { kept: true },
+      },
+    });
+  });
+  const conn = await Conn.dial(server.url);
+  try {
+    const turn = await conn.turn("t1", { input });
+    assert.deepEqual(turn.items.map((item) => item.id), ["a", "b"]);
+    assert.equal(turn.itemsView, "full");
+    assert.deepEqual(turn.extra, { kept: true });
+    assert.equal(turn.durationMs, 1);
+    assert.equal(conn.stats.dropped.unknownTurn, 1);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() returns the turn untouched when no item/completed was seen", async () => {
+  const original = {
+    ...turnObject("u1", "completed", [agentMessage("m", "hi")]),
+    itemsView: "summary",
+  };
+  const server = await startFakeAppServer(async (peer) => {
+    const start = await peer.expect("turn/start");
+    peer.reply(start, { turn: turnObject("u1", "inProgress") });
+    peer.notify("turn/completed", { threadId: start.params.threadId, turn: original });
+  });
+  const conn = await Conn.dial(server.url);
+  try {
+    assert.deepEqual(await conn.turn("t1", { input }), original);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() merges threadId into the caller's params and rejects a threadId inside them", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const conn = await Conn.dial(server.url);
+  try {
+    await assert.rejects(
+      conn.turn("t1", { input, threadId: "t2" } as never),
+      (error: unknown) =>
+        error instanceof TypeError && /must not contain threadId/.test(error.message),
+    );
+    await assert.rejects(conn.turn("t1", { text: "no input" } as never), TypeError);
+    await conn.turn("t1", { input, model: "m1" });
+    const start = server.peers[0]!.received.find((m) => m.method === "turn/start")!;
+    assert.deepEqual(start.params, { input, model: "m1", threadId: "t1" });
+    assert.equal(server.peers[0]!.received.filter((m) => m.method === "turn/start").length, 1);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn tells a server request with id 0 from the response to client request id 0 or 1", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    const start = await peer.expect("thread/start");
+    // Server request ids start at 0 like the client's: the same id, different meaning.
+    const answer0 = await peer.request(
+      "item/commandExecution/requestApproval",
+      { threadId: "t", turnId: "u", itemId: "i", command: "ls" },
+      start.id,
+    );
+    assert.equal(answer0.result.decision, "decline");
+    const answer1 = await peer.request("item/tool/requestUserInput", {}, 0);
+    assert.deepEqual(answer1.result, { answers: {} });
+    peer.reply(start, { thread: { id: "thr-x" } });
+  }, { handshake: true });
+  const conn = await Conn.dial(server.url);
+  try {
+    assert.equal(await conn.startThread(), "thr-x");
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() runs two turns on the same thread one after the other", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    const first = await peer.expect("turn/start");
+    peer.reply(first, { turn: turnObject("u1", "inProgress") });
+    const next = peer.expect("turn/start");
+    const early = await Promise.race([next, new Promise((resolve) => setTimeout(resolve, 30))]);
+    assert.equal(early, undefined, "second turn/start must wait for the first turn to complete");
+    completeTurn(peer, "t1", "u1");
+    const second = await next;
+    peer.reply(second, { turn: turnObject("u2", "inProgress") });
+    completeTurn(peer, "t1", "u2");
+  });
+  const conn = await Conn.dial(server.url);
+  try {
+    const [a, b] = await Promise.all([
+      conn.turn("t1", { input }),
+      conn.turn("t1", { input }),
+    ]);
+    assert.equal(a.id, "u1");
+    assert.equal(b.id, "u2");
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() completes 200 concurrent turns on different threads of one connection", async () => {
+  const server = await startFakeAppServer((peer) =>
+    codexLike(peer, { text: (i) => JSON.stringify(i) })
+  );
+  const conn = await Conn.dial(server.url);
+  try {
+    const threads = await Promise.all(Array.from({ length: 200 }, () => conn.startThread()));
+    assert.equal(new Set(threads).size, 200);
+    const turns = await Promise.all(
+      threads.map((threadId, i) =>
+        conn.turn(threadId, { input: [{ type: "text", text: `n${i}`, text_elements: [] }] })
+      ),
+    );
+    turns.forEach((turn, i) => {
+      assert.equal(turn.status, "completed");
+      assert.match(String(turn.items[1]?.text), new RegExp(`"n${i}"`));
+    });
+    assert.equal(new Set(turns.map((t) => t.id)).size, 200);
+    assert.equal(conn.inFlight, 0);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() rejects with ConnectionClosedError at once when the peer dies mid-turn", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    peer.reply(await peer.expect("turn/start"), { turn: turnObject("u1", "inProgress") });
+    peer.terminate();
+  });
+  const conn = await Conn.dial(server.url);
+  try {
+    let closeEvents = 0;
+    conn.addEventListener("close", (event) => {
+      closeEvents++;
+      assert.ok(event instanceof ConnCloseEvent);
+    });
+    await assert.rejects(conn.turn("t1", { input }), ConnectionClosedError);
+    assert.equal(conn.closed, true);
+    await assert.rejects(conn.turn("t1", { input }), ConnectionClosedError);
+    await assert.rejects(conn.startThread(), ConnectionClosedError);
+    await assert.rejects(conn.request("x"), ConnectionClosedError);
+    conn.close();
+    assert.equal(closeEvents, 1);
+  } finally {
+    await server.close();
+  }
+});
+
+test("Conn.close() rejects pending calls and waiting turns with ConnectionClosedError and is idempotent", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    peer.reply(await peer.expect("turn/start"), { turn: turnObject("u1", "inProgress") });
+  });
+  const conn = await Conn.dial(server.url);
+  try {
+    const first = conn.turn("t1", { input });
+    const queued = conn.turn("t1", { input });
+    const call = conn.request("thread/list");
+    await server.peers[0]!.expect("thread/list");
+    conn.close();
+    conn.close();
+    await assert.rejects(first, ConnectionClosedError);
+    await assert.rejects(queued, ConnectionClosedError);
+    await assert.rejects(call, ConnectionClosedError);
+    assert.equal(conn.closed, true);
+    assert.equal(conn.inFlight, 0);
+  } finally {
+    await server.close();
+  }
+});
+
+test("Conn.turn() on timeout sends turn/interrupt and rejects with TimeoutError carrying both ids", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer, { hang: true }));
+  const conn = await Conn.dial(server.url);
+  try {
+    const threadId = await conn.startThread();
+    const other = await conn.startThread();
+    const started = Date.now();
+    await assert.rejects(conn.turn(threadId, { input }, { timeoutMs: 40 }), (error: unknown) => {
+      assert.ok(error instanceof TimeoutError);
+      assert.equal(error.name, "TimeoutError");
+      assert.equal(error.threadId, threadId);
+      assert.equal(error.turnId, "turn-1");
+      return true;
+    });
+    assert.ok(Date.now() - started < 1_000);
+    const peer = server.peers[0]!;
+    await waitFor(() => peer.received.some((m) => m.method === "turn/interrupt"), "turn/interrupt");
+    const interrupt = peer.received.find((m) => m.method === "turn/interrupt");
+    assert.deepEqual(interrupt?.params, { threadId, turnId: "turn-1" });
+    // Other turns on the connection are unaffected.
+    await assert.rejects(conn.turn(other, { input }, { timeoutMs: 30 }), TimeoutError);
+    assert.equal(conn.closed, false);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() keeps the thread busy until an interrupted turn has stopped", async () => {
+  const controller = new AbortController();
+  const server = await startFakeAppServer(async (peer) => {
+    const first = await peer.expect("turn/start");
+    peer.reply(first, { turn: turnObject("u1", "inProgress") });
+    controller.abort(new Error("caller left"));
+    const interrupt = await peer.expect("turn/interrupt");
+    assert.deepEqual(interrupt.params, { threadId: "t1", turnId: "u1" });
+    peer.reply(interrupt, {});
+    // While u1 still runs, the next turn/start must not be sent.
+    const next = peer.expect("turn/start");
+    const early = await Promise.race([next, new Promise((resolve) => setTimeout(resolve, 30))]);
+    assert.equal(early, undefined);
+    peer.notify("turn/completed", { threadId: "t1", turn: turnObject("u1", "interrupted") });
+    const second = await next;
+    peer.reply(second, { turn: turnObject("u2", "inProgress") });
+    completeTurn(peer, "t1", "u2");
+  });
+  const conn = await Conn.dial(server.url);
+  try {
+    await assert.rejects(conn.turn("t1", { input }, { signal: controller.signal }), /caller left/);
+    const next = await conn.turn("t1", { input }, { timeoutMs: 2_000 });
+    assert.equal(next.id, "u2");
+    await server.scriptsDone();
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() frees the thread after interruptTimeoutMs when codex never stops the turn", async () => {
+  const controller = new AbortController();
+  const server = await startFakeAppServer(async (peer) => {
+    peer.reply(await peer.expect("turn/start"), { turn: turnObject("u1", "inProgress") });
+    controller.abort(new Error("caller left"));
+    await peer.expect("turn/interrupt"); // never answered, like a repeated interrupt upstream
+    const second = await peer.expect("turn/start");
+    peer.reply(second, { turn: turnObject("u2", "inProgress") });
+    completeTurn(peer, "t1", "u2");
+  });
+  const conn = await Conn.dial(server.url, { interruptTimeoutMs: 40 });
+  try {
+    await assert.rejects(conn.turn("t1", { input }, { signal: controller.signal }), /caller left/);
+    assert.equal((await conn.turn("t1", { input }, { timeoutMs: 2_000 })).id, "u2");
+    assert.equal(conn.inFlight, 0);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() times out with turnId null while waiting in line", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer, { hang: true }));
+  const conn = await Conn.dial(server.url, { interruptTimeoutMs: 50 });
+  try {
+    const first = conn.turn("t1", { input }, { timeoutMs: 200 });
+    await assert.rejects(conn.turn("t1", { input }, { timeoutMs: 20 }), (error: unknown) => {
+      assert.ok(error instanceof TimeoutError);
+      assert.equal(error.turnId, null);
+      return true;
+    });
+    await assert.rejects(first, TimeoutError);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() on abort sends turn/interrupt and rejects with signal.reason", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer, { hang: true }));
+  const conn = await Conn.dial(server.url);
+  try {
+    const controller = new AbortController();
+    const reason = new Error("client went away");
+    const turning = conn.turn("t1", { input }, { signal: controller.signal });
+    const peer = server.peers[0]!;
+    await waitFor(
+      () => peer.received.some((m) => m.method === "turn/started" || m.method === "turn/start"),
+      "turn/start",
+    );
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    controller.abort(reason);
+    await assert.rejects(turning, (error) => error === reason);
+    await waitFor(() => peer.received.some((m) => m.method === "turn/interrupt"), "turn/interrupt");
+    const interrupt = peer.received.find((m) => m.method === "turn/interrupt")!;
+    assert.deepEqual(interrupt.params, { threadId: "t1", turnId: "turn-1" });
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() interrupts a turn whose turn/start response arrives after the abort", async () => {
+  let release!: () => void;
+  const gate = new Promise<void>((resolve) => (release = resolve));
+  const server = await startFakeAppServer(async (peer) => {
+    const start = await peer.expect("turn/start");
+    await gate;
+    peer.reply(start, { turn: turnObject("late", "inProgress") });
+    const interrupt = await peer.expect("turn/interrupt");
+    peer.reply(interrupt, {});
+    assert.deepEqual(interrupt.params, { threadId: "t1", turnId: "late" });
+    peer.notify("turn/completed", { threadId: "t1", turn: turnObject("late", "interrupted") });
+  });
+  const conn = await Conn.dial(server.url);
+  try {
+    const controller = new AbortController();
+    const turning = conn.turn("t1", { input }, { signal: controller.signal });
+    const peer = server.peers[0]!;
+    await waitFor(() => peer.received.some((m) => m.method === "turn/start"), "turn/start");
+    controller.abort(new Error("stop"));
+    await assert.rejects(turning, /stop/);
+    release();
+    await waitFor(() => conn.inFlight === 0, "the interrupted turn to stop");
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() retries -32001 overloaded answers with backoff and then succeeds", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    for (let i = 0; i < 3; i++) {
+      peer.replyError(await peer.expect("turn/start"), -32001, "Server overloaded; retry later.");
+    }
+    const start = await peer.expect("turn/start");
+    peer.reply(start, { turn: turnObject("u1", "inProgress") });
+    completeTurn(peer, "t1", "u1");
+  });
+  const conn = await Conn.dial(server.url, { retry: fastRetry });
+  try {
+    assert.equal((await conn.turn("t1", { input })).id, "u1");
+    const starts = server.peers[0]!.received.filter((m) => m.method === "turn/start");
+    assert.equal(starts.length, 4);
+    assert.equal(new Set(starts.map((m) => m.id)).size, 4, "ids never repeat");
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() surfaces -32001 as TurnRpcError once the deadline leaves no room to retry", async () => {
+  const server = await startFakeAppServer((peer) => {
+    peer.handle((m) => {
+      if (m.method !== "turn/start") return false;
+      peer.send({ id: m.id, error: { code: -32001, message: "Server overloaded; retry later." } });
+      return true;
+    });
+  });
+  const conn = await Conn.dial(server.url, { retry: { initialDelayMs: 10, maxDelayMs: 20 } });
+  try {
+    const started = Date.now();
+    await assert.rejects(conn.turn("t1", { input }, { timeoutMs: 80 }), (error: unknown) => {
+      assert.ok(error instanceof TurnRpcError);
+      assert.equal(error.code, -32001);
+      return true;
+    });
+    assert.ok(Date.now() - started < 1_000);
+    assert.ok(server.peers[0]!.received.filter((m) => m.method === "turn/start").length > 1);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() rejects with TurnRpcError carrying code and data when turn/start fails", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    peer.replyError(await peer.expect("turn/start"), -32602, "Invalid params: input", {
+      field: "input",
+    });
+    codexLike(peer);
+  });
+  const conn = await Conn.dial(server.url);
+  try {
+    const threadId = "t1";
+    await assert.rejects(conn.turn(threadId, { input }), (error: unknown) => {
+      assert.ok(error instanceof TurnRpcError);
+      assert.equal(error.code, -32602);
+      assert.equal(error.message, "Invalid params: input");
+      assert.deepEqual(error.data, { field: "input" });
+      return true;
+    });
+    assert.equal((await conn.turn(threadId, { input })).status, "completed");
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn closes itself on a draining (serverShuttingDown) error so a pool can redial", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    peer.replyError(
+      await peer.expect("thread/start"),
+      -32600,
+      "Server is draining; retry after reconnecting",
+      { reason: "serverShuttingDown" },
+    );
+  });
+  const conn = await Conn.dial(server.url);
+  try {
+    await assert.rejects(conn.startThread(), (error: unknown) => {
+      assert.ok(error instanceof ConnectionClosedError);
+      assert.ok(error.cause instanceof RpcError);
+      return true;
+    });
+    assert.equal(conn.closed, true);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn answers each server request per the default decline policy", async () => {
+  const answers: Record<string, unknown> = {};
+  const server = await startFakeAppServer(async (peer) => {
+    const methods = [
+      "item/commandExecution/requestApproval",
+      "item/fileChange/requestApproval",
+      "item/permissions/requestApproval",
+      "item/tool/requestUserInput",
+      "mcpServer/elicitation/request",
+      "item/tool/call",
+      "applyPatchApproval",
+      "something/unknown",
+    ];
+    for (const [i, method] of methods.entries()) {
+      const answer = await peer.request(method, { permissions: { network: true } }, i);
+      answers[method] = answer.error ? { code: answer.error.code } : answer.result;
+    }
+  });
+  const conn = await Conn.dial(server.url);
+  try {
+    const events: string[] = [];
+    conn.addEventListener("serverrequest", (event) => {
+      const { request, outcome } = event as ServerRequestEvent;
+      events.push(`${request.method}:${outcome}`);
+    });
+    await server.scriptsDone();
+    assert.deepEqual(answers, {
+      "item/commandExecution/requestApproval": { decision: "decline" },
+      "item/fileChange/requestApproval": { decision: "decline" },
+      "item/permissions/requestApproval": { permissions: {} },
+      "item/tool/requestUserInput": { answers: {} },
+      "mcpServer/elicitation/request": { action: "decline", content: null, _meta: null },
+      "item/tool/call": { code: -32601 },
+      "applyPatchApproval": { code: -32601 },
+      "something/unknown": { code: -32601 },
+    });
+    assert.equal(events[0], "item/commandExecution/requestApproval:decline");
+    assert.equal(events[7], "something/unknown:error");
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn answers approvals with accept when approvals is accept", async () => {
+  const answers: unknown[] = [];
+  const server = await startFakeAppServer(async (peer) => {
+    answers.push((await peer.request("item/commandExecution/requestApproval", {}, 0)).result);
+    answers.push(
+      (await peer.request(
+        "item/permissions/requestApproval",
+        { permissions: { network: true } },
+        1,
+      ))
+        .result,
+    );
+  });
+  const conn = await Conn.dial(server.url, { approvals: "accept" });
+  try {
+    await server.scriptsDone();
+    assert.deepEqual(answers, [{ decision: "accept" }, { permissions: { network: true } }]);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn answers with an approval function, and with an error when it throws or rejects", async () => {
+  const answers: unknown[] = [];
+  const server = await startFakeAppServer(async (peer) => {
+    for (const [i, method] of ["ok", "sync-throw", "async-reject", "undefined"].entries()) {
+      answers.push(await peer.request(method, { n: i }, i));
+    }
+  });
+  const conn = await Conn.dial(server.url, {
+    approvals: async (request) => {
+      if (request.method === "sync-throw") throw new Error("bad policy");
+      await new Promise((resolve) => setTimeout(resolve, 1));
+      if (request.method === "async-reject") throw new Error("async bad policy");
+      if (request.method === "undefined") return undefined;
+      return { decision: "acceptForSession", echo: request.params };
+    },
+  });
+  try {
+    await server.scriptsDone();
+    const [ok, syncThrow, asyncReject, none] = answers as {
+      result?: unknown;
+      error?: { code: number; message: string };
+    }[];
+    assert.deepEqual(ok!.result, { decision: "acceptForSession", echo: { n: 0 } });
+    assert.equal(syncThrow!.error?.code, -32603);
+    assert.match(syncThrow!.error!.message, /bad policy/);
+    assert.match(asyncReject!.error!.message, /async bad policy/);
+    assert.match(none!.error!.message, /no result/);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn drops and counts bad frames and stays usable", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    const start = await peer.expect("thread/start");
+    peer.sendRaw("this is not json");
+    peer.sendRaw(new Uint8Array([1, 2, 3]));
+    peer.sendRaw(JSON.stringify({ id: 999, result: {} }));
+    peer.sendRaw(
+      JSON.stringify({ method: "item/completed", params: { threadId: "nope", turnId: "x" } }),
+    );
+    peer.sendRaw(
+      JSON.stringify({ method: "turn/completed", params: { threadId: "nope", turn: { id: "x" } } }),
+    );
+    peer.sendRaw(JSON.stringify([1, 2]));
+    peer.sendRaw(JSON.stringify({ nothing: true }));
+    peer.sendRaw(JSON.stringify({ method: "x", params: "y".repeat(2_000) }));
+    peer.sendRaw(
+      JSON.stringify({ method: "item/agentMessage/delta", params: { ok: "é".repeat(300) } }),
+    );
+    peer.reply(start, { thread: { id: "thr-ok" } });
+    codexLike(peer);
+  });
+  const conn = await Conn.dial(server.url, { maxMessageBytes: 1_000 });
+  try {
+    assert.equal(await conn.startThread(), "thr-ok");
+    assert.equal((await conn.turn("thr-ok", { input })).status, "completed");
+    assert.deepEqual(conn.stats.dropped, {
+      binary: 1,
+      oversized: 1,
+      invalidJson: 1,
+      invalidMessage: 2,
+      unknownId: 1,
+      unknownTurn: 2,
+    });
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn dispatches every notification as an event with method and params", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const conn = await Conn.dial(server.url);
+  try {
+    const seen: string[] = [];
+    conn.addEventListener("notification", (event) => {
+      assert.ok(event instanceof NotificationEvent);
+      seen.push(event.method);
+    });
+    const threadId = await conn.startThread();
+    await conn.turn(threadId, { input });
+    assert.deepEqual(seen, ["turn/started", "item/completed", "item/completed", "turn/completed"]);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.lastActivity moves with frames in either direction", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const conn = await Conn.dial(server.url);
+  try {
+    const before = conn.lastActivity;
+    await new Promise((resolve) => setTimeout(resolve, 15));
+    await conn.startThread();
+    assert.ok(conn.lastActivity > before);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.request() rejects with a TimeoutError DOMException when no answer comes", async () => {
+  const server = await startFakeAppServer(() => {});
+  const conn = await Conn.dial(server.url);
+  try {
+    await assert.rejects(
+      conn.request("never/answered", {}, { timeoutMs: 20 }),
+      (error: unknown) => {
+        assert.equal((error as Error).name, "TimeoutError");
+        return true;
+      },
+    );
+    assert.equal(conn.inFlight, 0);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
