@@ -1,0 +1,518 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { existsSync, readFileSync } from "node:fs";
+import { chmod, mkdtemp, readFile, realpath, rm, stat, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import process from "node:process";
+import type { Endpoint } from "../src/resolver.ts";
+import { type CodexResolverOptions, createCodexResolver, SpawnError } from "../src/supervisor.ts";
+import { makeCodexHome, type TempCodexHome } from "./_codex_home.ts";
+import { reply, startMockModel } from "./_mock_model.ts";
+
+// Everything a test creates lives under one temp dir, removed at the end.
+interface Sandbox {
+  dir: string;
+  home: TempCodexHome;
+  options(extra?: CodexResolverOptions): CodexResolverOptions;
+  cleanup(): Promise<void>;
+}
+
+async function sandbox(modelBaseUrl = "http://127.0.0.1:9/v1"): Promise<Sandbox> {
+  const dir = await realpath(await mkdtemp(join(tmpdir(), "supervisor-test-")));
+  const home = await makeCodexHome(modelBaseUrl);
+  return {
+    dir,
+    home,
+    options: (extra = {}) => ({
+      codexHome: () => home.path,
+      cwd: (id) => join(dir, "workspaces", id),
+      ...extra,
+    }),
+    cleanup: async () => {
+      await home.cleanup();
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+async function script(dir: string, name: string, body: string): Promise<string> {
+  const path = join(dir, name);
+  await writeFile(path, `#!/bin/sh\n${body}\n`);
+  await chmod(path, 0o755);
+  return path;
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    if ((error as { code?: string }).code === "ESRCH") return false;
+    throw error;
+  }
+}
+
+function commandLine(pid: number): string[] {
+  if (existsSync(`/proc/${pid}/cmdline`)) {
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").filter(Boolean);
+  }
+  return execFileSync("ps", ["-ww", "-o", "args=", "-p", String(pid)], { encoding: "utf8" })
+    .trim().split(/\s+/);
+}
+
+async function waitFor(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
+  const deadline = Date.now() + 5_000;
+  while (!await check()) {
+    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+async function readyz(endpoint: Endpoint): Promise<number> {
+  const response = await fetch(endpoint.url.replace(/^ws/, "http") + "/readyz");
+  await response.body?.cancel();
+  return response.status;
+}
+
+async function refusesConnections(endpoint: Endpoint): Promise<boolean> {
+  try {
+    await readyz(endpoint);
+    return false;
+  } catch {
+    return true;
+  }
+}
+
+// Deno, Bun and Node 22 accept upgrade headers as a non-standard second argument.
+type WebSocketWithHeaders = new (
+  url: string,
+  options: { headers: Record<string, string> },
+) => WebSocket;
+
+function openSocket(url: string, headers?: Record<string, string>): WebSocket {
+  return headers
+    ? new (WebSocket as unknown as WebSocketWithHeaders)(url, { headers })
+    : new WebSocket(url);
+}
+
+/** Resolves "open" once the socket opens, or "refused" if it fails before opening. */
+function settle(socket: WebSocket): Promise<"open" | "refused"> {
+  return new Promise((resolve) => {
+    socket.addEventListener("open", () => resolve("open"), { once: true });
+    // Node 22 reports a refused upgrade with 'error' only: no 'close', and readyState
+    // stays CONNECTING. Deno and Bun follow with 'close'.
+    socket.addEventListener("error", () => resolve("refused"), { once: true });
+    socket.addEventListener("close", () => resolve("refused"), { once: true });
+  });
+}
+
+async function closeSocket(socket: WebSocket): Promise<void> {
+  if (socket.readyState !== WebSocket.OPEN && socket.readyState !== WebSocket.CLOSING) return;
+  const closed = new Promise((resolve) => socket.addEventListener("close", resolve));
+  socket.close();
+  await closed;
+}
+
+async function connects(endpoint: Endpoint): Promise<boolean> {
+  const socket = openSocket(endpoint.url, endpoint.headers);
+  const outcome = await settle(socket);
+  await closeSocket(socket);
+  return outcome === "open";
+}
+
+test("createCodexResolver() spawns codex and returns a ready endpoint with a bearer token", async () => {
+  const box = await sandbox();
+  const resolver = createCodexResolver(box.options());
+  try {
+    const endpoint = await resolver.resolve("ws-1");
+    assert.match(endpoint.url, /^ws:\/\/127\.0\.0\.1:\d+$/);
+    assert.match(endpoint.headers?.Authorization ?? "", /^Bearer [0-9a-f]{64}$/);
+    assert.equal(await readyz(endpoint), 200);
+    const pid = resolver.pid("ws-1");
+    assert.ok(pid !== undefined && isAlive(pid));
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() endpoint refuses a WebSocket upgrade without the token", async () => {
+  const box = await sandbox();
+  const resolver = createCodexResolver(box.options());
+  try {
+    const endpoint = await resolver.resolve("ws-1");
+    const anonymous = openSocket(endpoint.url);
+    assert.equal(await settle(anonymous), "refused");
+    const wrongToken = openSocket(endpoint.url, { Authorization: `Bearer ${"0".repeat(64)}` });
+    assert.equal(await settle(wrongToken), "refused");
+    assert.equal(await connects(endpoint), true);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() shares one spawn between concurrent resolves of a workspace", async () => {
+  const box = await sandbox();
+  const resolver = createCodexResolver(box.options());
+  try {
+    const endpoints = await Promise.all(
+      Array.from({ length: 10 }, () => resolver.resolve("ws-1")),
+    );
+    assert.equal(new Set(endpoints.map((endpoint) => endpoint.url)).size, 1);
+    assert.equal(new Set(endpoints.map((endpoint) => endpoint.headers?.Authorization)).size, 1);
+    const pid = resolver.pid("ws-1");
+    assert.ok(pid !== undefined);
+    assert.equal((await resolver.resolve("ws-1")).url, endpoints[0]?.url);
+    assert.equal(resolver.pid("ws-1"), pid);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() gives each workspace its own process and a cwd created on demand", async () => {
+  const box = await sandbox();
+  const resolver = createCodexResolver(box.options());
+  try {
+    const dirA = join(box.dir, "workspaces", "ws-a");
+    const dirB = join(box.dir, "workspaces", "ws-b");
+    assert.equal(existsSync(dirA), false);
+    const [a, b] = await Promise.all([resolver.resolve("ws-a"), resolver.resolve("ws-b")]);
+    assert.notEqual(a.url, b.url);
+    assert.notEqual(a.headers?.Authorization, b.headers?.Authorization);
+    const pidA = resolver.pid("ws-a");
+    const pidB = resolver.pid("ws-b");
+    assert.ok(pidA !== undefined && pidB !== undefined && pidA !== pidB);
+    assert.ok((await stat(dirA)).isDirectory());
+    assert.ok((await stat(dirB)).isDirectory());
+    if (existsSync(`/proc/${pidA}/cwd`)) {
+      assert.equal(await realpath(`/proc/${pidA}/cwd`), dirA);
+      assert.equal(await realpath(`/proc/${pidB}/cwd`), dirB);
+    }
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() replaces a codex killed with SIGKILL on the next resolve", async () => {
+  const box = await sandbox();
+  const resolver = createCodexResolver(box.options());
+  try {
+    const first = await resolver.resolve("ws-1");
+    const firstPid = resolver.pid("ws-1")!;
+    process.kill(firstPid, "SIGKILL");
+    // Wait for the death itself, not for our 'exit' event: the quirk under test is the
+    // window in which the socket is gone but the runtime has not reported the exit yet.
+    await waitFor("the old app-server to stop listening", () => refusesConnections(first));
+    const second = await resolver.resolve("ws-1");
+    const secondPid = resolver.pid("ws-1");
+    assert.ok(secondPid !== undefined && secondPid !== firstPid);
+    assert.notEqual(second.url, first.url);
+    assert.equal(isAlive(firstPid), false);
+    assert.equal(await connects(second), true);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() rejects with SpawnError when the codex binary is missing", async () => {
+  const box = await sandbox();
+  const command = join(box.dir, "no-such-codex");
+  const resolver = createCodexResolver(box.options({ command }));
+  try {
+    const error = await resolver.resolve("ws-1").then(() => undefined, (error) => error);
+    assert.ok(error instanceof SpawnError, String(error));
+    assert.equal(error.name, "SpawnError");
+    assert.equal(error.workspaceId, "ws-1");
+    assert.match(error.message, /^Cannot start codex for workspace ws-1: command not found: /);
+    assert.ok(error.message.includes(command));
+    assert.equal(resolver.pid("ws-1"), undefined);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() rejects with the exit code and stderr of a codex that exits before listening", async () => {
+  const box = await sandbox();
+  const command = await script(box.dir, "exits", "echo starting; echo boom >&2; exit 3");
+  const resolver = createCodexResolver(box.options({ command }));
+  try {
+    const error = await resolver.resolve("ws-1").then(() => undefined, (error) => error);
+    assert.ok(error instanceof SpawnError, String(error));
+    assert.equal(error.exitCode, 3);
+    assert.equal(error.signal, null);
+    assert.match(error.message, /exited with code 3 before listening/);
+    assert.match(error.message, /boom/);
+    assert.equal(error.stderrTail, "boom\n");
+    // A failure is not cached: the next resolve tries again (and fails again).
+    await assert.rejects(resolver.resolve("ws-1"), SpawnError);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() drains a chatty child and keeps only the last 8 KiB of its stderr", async () => {
+  const box = await sandbox();
+  // Far more than a pipe buffer on both streams: an undrained pipe would block the child
+  // forever instead of letting it reach its exit.
+  const command = await script(
+    box.dir,
+    "chatty",
+    `line=$(printf '%0100d' 0)
+i=0
+while [ $i -lt 3000 ]; do echo "out $line"; echo "err $i $line" >&2; i=$((i+1)); done
+echo last-words >&2
+exit 4`,
+  );
+  const resolver = createCodexResolver(box.options({ command }));
+  try {
+    const error = await resolver.resolve("ws-1").then(() => undefined, (error) => error);
+    assert.ok(error instanceof SpawnError, String(error));
+    assert.equal(error.exitCode, 4);
+    assert.ok(error.stderrTail.length <= 8 * 1024);
+    assert.ok(error.stderrTail.endsWith("err 2999 " + "0".repeat(100) + "\nlast-words\n"));
+    assert.match(error.message, /last-words$/);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() rejects with SpawnError and stops the process when /readyz never answers in time", async () => {
+  const box = await sandbox();
+  const pidFile = join(box.dir, "pid");
+  // Port 1 refuses connections, so /readyz never answers.
+  const command = await script(
+    box.dir,
+    "never-ready",
+    `echo $$ > ${pidFile}\necho "  listening on: ws://127.0.0.1:1" >&2\nexec sleep 30`,
+  );
+  const resolver = createCodexResolver(box.options({ command, readyTimeoutMs: 300 }));
+  try {
+    const error = await resolver.resolve("ws-1").then(() => undefined, (error) => error);
+    assert.ok(error instanceof SpawnError, String(error));
+    assert.match(error.message, /did not become ready within 300 ms/);
+    assert.match(error.message, /listening on: ws:\/\/127\.0\.0\.1:1/);
+    const pid = Number(await readFile(pidFile, "utf8"));
+    assert.equal(isAlive(pid), false);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() sends SIGKILL after stopTimeoutMs to a process that ignores SIGTERM", async () => {
+  const box = await sandbox();
+  const pidFile = join(box.dir, "pid");
+  // An ignored signal stays ignored across exec, so sleep shrugs off SIGTERM.
+  const command = await script(
+    box.dir,
+    "stubborn",
+    `trap '' TERM\necho $$ > ${pidFile}\nexec sleep 30`,
+  );
+  const resolver = createCodexResolver(
+    box.options({ command, readyTimeoutMs: 200, stopTimeoutMs: 200 }),
+  );
+  try {
+    const started = Date.now();
+    await assert.rejects(resolver.resolve("ws-1"), /did not become ready within 200 ms/);
+    assert.ok(Date.now() - started >= 400);
+    assert.equal(isAlive(Number(await readFile(pidFile, "utf8"))), false);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() rejects an aborted resolve with the signal's reason and stops the half-started process", async () => {
+  const box = await sandbox();
+  const command = await script(box.dir, "slow", "exec sleep 30");
+  const resolver = createCodexResolver(box.options({ command }));
+  try {
+    const controller = new AbortController();
+    const pending = resolver.resolve("ws-1", controller.signal);
+    await waitFor("the spawn", () => resolver.pid("ws-1") !== undefined);
+    const pid = resolver.pid("ws-1")!;
+    const reason = new Error("caller gave up");
+    controller.abort(reason);
+    await assert.rejects(pending, (error) => error === reason);
+    assert.equal(isAlive(pid), false);
+    assert.equal(resolver.pid("ws-1"), undefined);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() release() stops the process and deletes its private token file", async () => {
+  const box = await sandbox();
+  const resolver = createCodexResolver(box.options());
+  try {
+    const endpoint = await resolver.resolve("ws-1");
+    const pid = resolver.pid("ws-1")!;
+    const args = commandLine(pid);
+    const tokenFile = args[args.indexOf("--ws-token-file") + 1]!;
+    const tokenDir = join(tokenFile, "..");
+    assert.equal((await stat(tokenFile)).mode & 0o777, 0o600);
+    assert.equal((await stat(tokenDir)).mode & 0o777, 0o700);
+    assert.equal(`Bearer ${await readFile(tokenFile, "utf8")}`, endpoint.headers?.Authorization);
+    assert.ok(!args.some((arg) => endpoint.headers?.Authorization?.includes(arg)));
+
+    await resolver.release("ws-1");
+    assert.equal(isAlive(pid), false);
+    assert.equal(resolver.pid("ws-1"), undefined);
+    assert.equal(existsSync(tokenFile), false);
+    assert.equal(existsSync(tokenDir), false);
+    // Released is not closed: the workspace can come back.
+    await resolver.resolve("ws-1");
+    assert.notEqual(resolver.pid("ws-1"), pid);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() close() leaves no child behind and refuses later resolves", async () => {
+  const box = await sandbox();
+  const resolver = createCodexResolver(box.options());
+  try {
+    await Promise.all([resolver.resolve("ws-a"), resolver.resolve("ws-b")]);
+    const pids = [resolver.pid("ws-a")!, resolver.pid("ws-b")!];
+    assert.ok(pids.every(isAlive));
+    await resolver.close();
+    assert.deepEqual(pids.map(isAlive), [false, false]);
+    await resolver.close();
+    await assert.rejects(resolver.resolve("ws-a"), /the codex resolver is closed/);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() rejects invalid workspace ids with TypeError before touching the file system", async () => {
+  const box = await sandbox();
+  const touched: string[] = [];
+  const resolver = createCodexResolver(box.options({
+    cwd: (id) => {
+      touched.push(id);
+      return join(box.dir, id);
+    },
+  }));
+  try {
+    for (const id of ["a/b", "../x", "", ".", "..", "x".repeat(129), "a b", "é", "a\0b"]) {
+      await assert.rejects(resolver.resolve(id), TypeError, `id ${JSON.stringify(id)}`);
+    }
+    await assert.rejects(resolver.release("a/b"), TypeError);
+    await assert.rejects(resolver.resolve(42 as unknown as string), /expected a string/);
+    assert.deepEqual(touched, []);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+interface RpcMessage {
+  id?: number;
+  method?: string;
+  params?: Record<string, unknown>;
+  result?: unknown;
+  error?: unknown;
+}
+
+/** A bare JSON-RPC client, so the harness is proven without the project's Conn. */
+function rpcClient(socket: WebSocket) {
+  const inbox: RpcMessage[] = [];
+  const wakers = new Set<() => void>();
+  socket.addEventListener("message", (event) => {
+    const message = JSON.parse(String(event.data)) as RpcMessage;
+    if (message.method !== undefined && message.id !== undefined) {
+      // An unexpected server request would stall the turn; refuse it instead.
+      socket.send(JSON.stringify({
+        id: message.id,
+        error: { code: -32601, message: "not supported" },
+      }));
+    }
+    inbox.push(message);
+    for (const wake of wakers) wake();
+  });
+
+  async function next(match: (message: RpcMessage) => boolean): Promise<RpcMessage> {
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      const found = inbox.find(match);
+      if (found) return found;
+      if (Date.now() > deadline) throw new Error("Timed out waiting for a message");
+      await new Promise<void>((resolve) => {
+        const wake = () => {
+          clearTimeout(timer);
+          wakers.delete(wake);
+          resolve();
+        };
+        const timer = setTimeout(wake, 100);
+        wakers.add(wake);
+      });
+    }
+  }
+
+  async function call(id: number, method: string, params: unknown): Promise<unknown> {
+    socket.send(JSON.stringify({ id, method, params }));
+    const answer = await next((message) => message.id === id && message.method === undefined);
+    if (answer.error) throw new Error(`${method} failed: ${JSON.stringify(answer.error)}`);
+    return answer.result;
+  }
+
+  function notify(method: string): void {
+    socket.send(JSON.stringify({ method }));
+  }
+
+  return { inbox, next, call, notify };
+}
+
+test("createCodexResolver() endpoint runs a real turn against the mock model", async () => {
+  const model = await startMockModel({ respond: reply("hello from the mock model") });
+  const box = await sandbox(model.baseUrl);
+  const resolver = createCodexResolver(box.options());
+  let socket: WebSocket | undefined;
+  try {
+    const endpoint = await resolver.resolve("ws-1");
+    socket = openSocket(endpoint.url, endpoint.headers);
+    const rpc = rpcClient(socket);
+    assert.equal(await settle(socket), "open");
+
+    await rpc.call(0, "initialize", {
+      clientInfo: { name: "supervisor_test", title: "Supervisor test", version: "0.0.0" },
+      capabilities: null,
+    });
+    rpc.notify("initialized");
+    const cwd = join(box.dir, "workspaces", "ws-1");
+    const started = await rpc.call(1, "thread/start", { cwd }) as { thread: { id: string } };
+    const threadId = started.thread.id;
+    await rpc.call(2, "turn/start", {
+      threadId,
+      input: [{ type: "text", text: "hi", text_elements: [] }],
+    });
+    const completed = await rpc.next((message) => message.method === "turn/completed");
+    const params = completed.params as { threadId: string; turn: { status: string } };
+    assert.equal(params.threadId, threadId);
+    assert.equal(params.turn.status, "completed");
+    const texts = rpc.inbox
+      .filter((message) => message.method === "item/completed")
+      .map((message) => (message.params as { item: { type: string; text?: string } }).item)
+      .filter((item) => item.type === "agentMessage")
+      .map((item) => item.text);
+    assert.deepEqual(texts, ["hello from the mock model"]);
+    assert.equal(model.requests[0]?.lastUserText, "hi");
+  } finally {
+    if (socket) await closeSocket(socket);
+    await resolver.close();
+    await box.cleanup();
+    await model.close();
+  }
+});
