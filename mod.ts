@@ -4,6 +4,7 @@
  * `EventTarget`, timers) and runs unchanged on Deno, Bun and Node 22+.
  *
  * - {@linkcode Conn}: one connection; `dial`, `startThread`, `turn`, `interrupt`, `request`.
+ * - {@linkcode Pool}: one connection per workspace, dialed once and reaped when idle.
  *
  * @example Run one turn
  * ```ts ignore
@@ -34,12 +35,23 @@ export type {
   DroppedFrames,
   TurnOptions,
 } from "./src/conn.ts";
+export { Pool, PoolEvent } from "./src/pool.ts";
+export type {
+  GetOptions,
+  PoolEventType,
+  PoolOptions,
+  PoolTurnOptions,
+  PoolTurnResult,
+} from "./src/pool.ts";
 export {
   ConnectionClosedError,
   DialError,
+  PoolClosedError,
+  PoolFullError,
   RpcError,
   TimeoutError,
   TurnRpcError,
+  WorkspaceUnavailableError,
 } from "./src/errors.ts";
 export { ConnCloseEvent, NotificationEvent, ServerRequestEvent } from "./src/events.ts";
 export type { ServerRequestOutcome } from "./src/events.ts";

@@ -188,3 +188,98 @@ export class DialError extends Error {
     this.status = status;
   }
 }
+
+/**
+ * Thrown by {@linkcode Pool.get} when a workspace's app-server cannot be resolved or
+ * dialed. Every caller waiting on that dial gets the same error; the next call tries again.
+ *
+ * @example Tell a failed spawn from other errors
+ * ```ts ignore
+ * try {
+ *   await pool.get("ws-1");
+ * } catch (error) {
+ *   if (error instanceof WorkspaceUnavailableError) console.error(error.workspaceId, error.cause);
+ * }
+ * ```
+ */
+export class WorkspaceUnavailableError extends Error {
+  /** The workspace whose app-server is unavailable. */
+  readonly workspaceId: string;
+
+  /**
+   * Creates the error.
+   *
+   * @param workspaceId The workspace.
+   * @param options Standard error options; `cause` is the resolver's or dial's error.
+   */
+  constructor(workspaceId: string, options?: ErrorOptions) {
+    const cause = options?.cause;
+    super(
+      `Cannot connect to the app-server of workspace ${workspaceId}: ${
+        cause instanceof Error ? cause.message : String(cause)
+      }`,
+      options,
+    );
+    this.name = "WorkspaceUnavailableError";
+    this.workspaceId = workspaceId;
+  }
+}
+
+/**
+ * Thrown by {@linkcode Pool.get} for a new workspace when `maxConnections` connections are
+ * open and none of them is idle, so none can be evicted.
+ *
+ * @example Answer 503 with Retry-After
+ * ```ts ignore
+ * try {
+ *   await pool.get("ws-9");
+ * } catch (error) {
+ *   if (error instanceof PoolFullError) return new Response(null, { status: 503 });
+ * }
+ * ```
+ */
+export class PoolFullError extends Error {
+  /** The workspace that could not get a connection. */
+  readonly workspaceId: string;
+  /** The pool's limit. */
+  readonly maxConnections: number;
+
+  /**
+   * Creates the error.
+   *
+   * @param workspaceId The workspace that asked.
+   * @param maxConnections The pool's limit.
+   * @param options Standard error options.
+   */
+  constructor(workspaceId: string, maxConnections: number, options?: ErrorOptions) {
+    super(
+      `Cannot connect workspace ${workspaceId}: all ${maxConnections} connections are busy`,
+      options,
+    );
+    this.name = "PoolFullError";
+    this.workspaceId = workspaceId;
+    this.maxConnections = maxConnections;
+  }
+}
+
+/**
+ * Thrown by {@linkcode Pool.get} and {@linkcode Pool.turn} once the pool is closed.
+ *
+ * @example Stop taking work during shutdown
+ * ```ts ignore
+ * await pool.close();
+ * await pool.get("ws-1"); // throws PoolClosedError
+ * ```
+ */
+export class PoolClosedError extends Error {
+  /**
+   * Creates the error.
+   *
+   * @param message What could not be done.
+   * @param options Standard error options.
+   */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "PoolClosedError";
+  }
+}

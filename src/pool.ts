@@ -1,0 +1,403 @@
+/**
+ * Connections per workspace: dial once, share, reap idle ones.
+ *
+ * @module
+ */
+
+import { Conn, type DialOptions, type TurnOptions } from "./conn.ts";
+import { abortable, createScope } from "./_deadline.ts";
+import { PoolClosedError, PoolFullError, WorkspaceUnavailableError } from "./errors.ts";
+import type { ThreadStartParams, Turn, TurnParams } from "./protocol.ts";
+import type { Endpoint, Resolver, WsUrlResolver } from "./resolver.ts";
+
+/** Options for {@linkcode Pool}. */
+export interface PoolOptions {
+  /** A connection with no frame and no call for this long is closed. Defaults to 5 minutes. */
+  idleTtlMs?: number;
+  /** How often idle connections are looked for. Defaults to `idleTtlMs / 4`. */
+  sweepIntervalMs?: number;
+  /** Options for every {@linkcode Conn.dial}; the resolver's headers are added to `headers`. */
+  dial?: DialOptions;
+  /** At most this many connections; the least recently used idle one makes room. */
+  maxConnections?: number;
+}
+
+/** Options for {@linkcode Pool.get}. */
+export interface GetOptions {
+  /** Stop waiting; rejects with `signal.reason`. A shared dial goes on for other callers. */
+  signal?: AbortSignal;
+}
+
+/** Options for {@linkcode Pool.turn}. */
+export interface PoolTurnOptions extends TurnOptions {
+  /** `thread/start` parameters, used when a new thread is started. */
+  threadParams?: ThreadStartParams;
+  /** Called with the thread id as soon as it is known (before the turn runs). */
+  onThread?: (threadId: string, conn: Conn) => void;
+}
+
+/** The result of {@linkcode Pool.turn}. */
+export interface PoolTurnResult {
+  /** The thread the turn ran on (new when none was given). */
+  threadId: string;
+  /** codex's turn, with the collected items. */
+  turn: Turn;
+}
+
+/** The kinds of {@linkcode PoolEvent}. */
+export type PoolEventType = "dial" | "reap" | "evict" | "close";
+
+/**
+ * Dispatched by a {@linkcode Pool}: `dial` (a connection was opened), `reap` (an idle one
+ * was closed), `evict` (an idle one made room under `maxConnections`) and `close` (a
+ * pooled connection closed on its own: the peer crashed, drained or the network failed).
+ *
+ * @example Log the pool's life
+ * ```ts ignore
+ * for (const type of ["dial", "reap", "evict", "close"]) {
+ *   pool.addEventListener(type, (event) => console.log(type, (event as PoolEvent).workspaceId));
+ * }
+ * ```
+ */
+export class PoolEvent extends Event {
+  /** The workspace concerned. */
+  readonly workspaceId: string;
+
+  /**
+   * Creates the event.
+   *
+   * @param type What happened.
+   * @param workspaceId The workspace concerned.
+   */
+  constructor(type: PoolEventType, workspaceId: string) {
+    super(type);
+    this.workspaceId = workspaceId;
+  }
+}
+
+interface Entry {
+  conn: Conn | undefined;
+  dialing: Promise<Conn> | undefined;
+  lastUsed: number;
+}
+
+const DEFAULT_IDLE_TTL_MS = 5 * 60_000;
+const DEFAULT_GET_TIMEOUT_MS = 60_000;
+
+function positive(name: string, value: number | undefined): void {
+  if (value !== undefined && (!Number.isFinite(value) || value <= 0)) {
+    throw new RangeError(`Invalid ${name}: expected a positive number, got ${value}`);
+  }
+}
+
+function unref(timer: unknown): void {
+  // Node and Bun return timer objects that can stop holding the process open; elsewhere
+  // (a numeric id) the open sockets hold it anyway, and the sweep stops with the last one.
+  if (typeof timer === "object" && timer !== null && "unref" in timer) {
+    (timer as { unref(): void }).unref();
+  }
+}
+
+/**
+ * One {@linkcode Conn} per workspace. Concurrent `get` calls share one resolve and dial,
+ * failures are not cached, a closed connection is never handed out, and connections with
+ * no traffic and no call in flight for `idleTtlMs` are closed and released.
+ *
+ * @example Run turns in a workspace
+ * ```ts ignore
+ * const pool = new Pool(async (workspaceId) => `ws://127.0.0.1:4500/${workspaceId}`);
+ * const { threadId, turn } = await pool.turn("ws-1", null, {
+ *   input: [{ type: "text", text: "hi", text_elements: [] }],
+ * });
+ * await pool.turn("ws-1", threadId, { input: [{ type: "text", text: "more", text_elements: [] }] });
+ * await pool.close();
+ * ```
+ */
+export class Pool extends EventTarget {
+  #resolve: WsUrlResolver;
+  #release: ((workspaceId: string) => void | Promise<void>) | undefined;
+  #entries = new Map<string, Entry>();
+  #idleTtlMs: number;
+  #sweepIntervalMs: number;
+  #dial: DialOptions;
+  #maxConnections: number;
+  #sweeper: ReturnType<typeof setInterval> | undefined;
+  #closing = new AbortController();
+  #closed: Promise<void> | undefined;
+
+  /**
+   * Creates a pool.
+   *
+   * @param resolver Finds each workspace's app-server: a function, or an object with
+   * `resolve` and an optional `release` the pool calls when it drops a workspace.
+   * @param options Idle TTL, sweep interval, dial options, connection limit.
+   * @throws {RangeError} If a duration or the limit is not positive.
+   */
+  constructor(resolver: WsUrlResolver | Resolver, options: PoolOptions = {}) {
+    super();
+    positive("idleTtlMs", options.idleTtlMs);
+    positive("sweepIntervalMs", options.sweepIntervalMs);
+    positive("maxConnections", options.maxConnections);
+    if (typeof resolver === "function") {
+      this.#resolve = resolver;
+      this.#release = undefined;
+    } else {
+      this.#resolve = (id, signal) => resolver.resolve(id, signal);
+      this.#release = resolver.release ? (id) => resolver.release!(id) : undefined;
+    }
+    this.#idleTtlMs = options.idleTtlMs ?? DEFAULT_IDLE_TTL_MS;
+    this.#sweepIntervalMs = options.sweepIntervalMs ?? Math.max(1, this.#idleTtlMs / 4);
+    this.#dial = options.dial ?? {};
+    this.#maxConnections = options.maxConnections ?? Infinity;
+  }
+
+  /** Workspaces with an open or opening connection. */
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  /**
+   * Returns the workspace's connection, resolving and dialing it if needed.
+   *
+   * @example Get a connection
+   * ```ts ignore
+   * const conn = await pool.get("ws-1", { signal: AbortSignal.timeout(10_000) });
+   * ```
+   *
+   * @param workspaceId The workspace.
+   * @param options A signal to stop waiting.
+   * @returns An open connection.
+   * @throws {TypeError} If the workspace id is not a non-empty string.
+   * @throws {WorkspaceUnavailableError} If the resolver or the dial failed.
+   * @throws {PoolFullError} If `maxConnections` are open and none is idle.
+   * @throws {PoolClosedError} If the pool is closed.
+   */
+  get(workspaceId: string, options: GetOptions = {}): Promise<Conn> {
+    if (typeof workspaceId !== "string" || workspaceId === "") {
+      return Promise.reject(
+        new TypeError("Cannot get connection: workspaceId must be a non-empty string"),
+      );
+    }
+    if (this.#closed) {
+      return Promise.reject(
+        new PoolClosedError(`Cannot get connection for workspace ${workspaceId}: pool is closed`),
+      );
+    }
+    const signal = options.signal;
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    let entry = this.#entries.get(workspaceId);
+    if (entry?.conn?.closed) {
+      this.#entries.delete(workspaceId);
+      entry = undefined;
+    }
+    if (entry) {
+      entry.lastUsed = Date.now();
+      if (entry.conn) return Promise.resolve(entry.conn);
+      return signal ? abortable(entry.dialing!, signal) : entry.dialing!;
+    }
+    if (this.#entries.size >= this.#maxConnections && !this.#evictOne()) {
+      return Promise.reject(new PoolFullError(workspaceId, this.#maxConnections));
+    }
+    const created: Entry = { conn: undefined, dialing: undefined, lastUsed: Date.now() };
+    created.dialing = this.#connect(workspaceId, created);
+    // Waiters get the rejection through their own promise; this one only must not be unhandled.
+    created.dialing.catch(() => {});
+    this.#entries.set(workspaceId, created);
+    this.#startSweeping();
+    return signal ? abortable(created.dialing, signal) : created.dialing;
+  }
+
+  /**
+   * Marks the workspace as used now, pushing back its idle deadline.
+   *
+   * @example Keep a workspace warm
+   * ```ts ignore
+   * pool.touch("ws-1");
+   * ```
+   *
+   * @param workspaceId The workspace.
+   */
+  touch(workspaceId: string): void {
+    const entry = this.#entries.get(workspaceId);
+    if (entry) entry.lastUsed = Date.now();
+  }
+
+  /**
+   * Runs one turn in a workspace: get the connection, start a thread when `threadId` is
+   * `null`, run the turn, then touch the workspace. One deadline (`timeoutMs`, 5 minutes by
+   * default) covers all of it.
+   *
+   * @example Start a conversation, then continue it
+   * ```ts ignore
+   * const first = await pool.turn("ws-1", null, { input }, { threadParams: { cwd: "/srv/ws-1" } });
+   * const second = await pool.turn("ws-1", first.threadId, { input: more });
+   * ```
+   *
+   * @param workspaceId The workspace.
+   * @param threadId The thread to continue, or `null` to start one.
+   * @param params `turn/start` parameters without `threadId`.
+   * @param options Signal, deadline, thread parameters, a callback for the thread id.
+   * @returns The thread id and codex's turn.
+   * @throws {TimeoutError} If the turn does not complete in time.
+   * @throws {TurnRpcError} If codex refuses the turn.
+   * @throws {RpcError} If codex refuses to start the thread.
+   * @throws {ConnectionClosedError} If the connection closes mid-call.
+   * @throws {WorkspaceUnavailableError} If the app-server cannot be reached or started.
+   * @throws {PoolFullError} If no connection can be made room for.
+   * @throws {PoolClosedError} If the pool is closed.
+   * @throws {DOMException} A `TimeoutError` if the deadline passes before the turn starts.
+   */
+  async turn(
+    workspaceId: string,
+    threadId: string | null,
+    params: TurnParams,
+    options: PoolTurnOptions = {},
+  ): Promise<PoolTurnResult> {
+    const timeoutMs = options.timeoutMs ?? 5 * 60_000;
+    positive("timeoutMs", timeoutMs);
+    const deadline = Date.now() + timeoutMs;
+    const remaining = () => Math.max(1, deadline - Date.now());
+    const scope = createScope([options.signal], timeoutMs);
+    try {
+      const conn = await this.get(workspaceId, { signal: scope.signal });
+      const signal = options.signal;
+      const call = signal ? { signal } : {};
+      const id = threadId ??
+        await conn.startThread(options.threadParams ?? {}, { ...call, timeoutMs: remaining() });
+      options.onThread?.(id, conn);
+      const turn = await conn.turn(id, params, { ...call, timeoutMs: remaining() });
+      return { threadId: id, turn };
+    } finally {
+      scope.dispose();
+      this.touch(workspaceId);
+    }
+  }
+
+  /**
+   * Closes every connection, releases every workspace and stops the sweep. Idempotent:
+   * later calls return the same promise.
+   *
+   * @example Shut down
+   * ```ts ignore
+   * await pool.close();
+   * ```
+   *
+   * @returns A promise that resolves once every release has finished.
+   */
+  close(): Promise<void> {
+    this.#closed ??= (async () => {
+      this.#stopSweeping();
+      this.#closing.abort(new PoolClosedError("Cannot connect: pool is closed"));
+      const ids = [...this.#entries.keys()];
+      const entries = [...this.#entries.values()];
+      this.#entries.clear();
+      for (const entry of entries) entry.conn?.close();
+      await Promise.allSettled(entries.map((entry) => entry.dialing));
+      await Promise.allSettled(ids.map((id) => this.#releaseWorkspace(id)));
+    })();
+    return this.#closed;
+  }
+
+  async #connect(workspaceId: string, entry: Entry): Promise<Conn> {
+    const scope = createScope([this.#closing.signal], DEFAULT_GET_TIMEOUT_MS);
+    let conn: Conn;
+    try {
+      const resolved: string | Endpoint = await this.#resolve(workspaceId, scope.signal);
+      const endpoint = typeof resolved === "string" ? { url: resolved } : resolved;
+      conn = await Conn.dial(endpoint.url, {
+        ...this.#dial,
+        headers: { ...this.#dial.headers, ...endpoint.headers },
+        signal: this.#dial.signal
+          ? AbortSignal.any([this.#dial.signal, scope.signal])
+          : scope.signal,
+      });
+    } catch (error) {
+      if (this.#entries.get(workspaceId) === entry) this.#entries.delete(workspaceId);
+      this.#stopSweepingIfEmpty();
+      if (this.#closing.signal.aborted) {
+        throw new PoolClosedError(
+          `Cannot connect workspace ${workspaceId}: pool is closed`,
+          { cause: error },
+        );
+      }
+      throw new WorkspaceUnavailableError(workspaceId, { cause: error });
+    } finally {
+      scope.dispose();
+    }
+    if (this.#entries.get(workspaceId) !== entry) {
+      // The pool closed (or dropped the workspace) while dialing.
+      conn.close();
+      throw new PoolClosedError(`Cannot connect workspace ${workspaceId}: pool is closed`);
+    }
+    entry.conn = conn;
+    entry.dialing = undefined;
+    conn.addEventListener("close", () => {
+      if (this.#entries.get(workspaceId) !== entry) return;
+      this.#entries.delete(workspaceId);
+      this.#stopSweepingIfEmpty();
+      this.dispatchEvent(new PoolEvent("close", workspaceId));
+    }, { once: true });
+    this.dispatchEvent(new PoolEvent("dial", workspaceId));
+    return conn;
+  }
+
+  #idleSince(entry: Entry): number | undefined {
+    const conn = entry.conn;
+    if (!conn || conn.inFlight > 0) return undefined;
+    return Math.max(entry.lastUsed, conn.lastActivity);
+  }
+
+  #evictOne(): boolean {
+    let victim: string | undefined;
+    let oldest = Infinity;
+    for (const [id, entry] of this.#entries) {
+      const since = this.#idleSince(entry);
+      if (since !== undefined && since < oldest) {
+        oldest = since;
+        victim = id;
+      }
+    }
+    if (victim === undefined) return false;
+    this.#drop(victim, "evict");
+    return true;
+  }
+
+  #sweep(): void {
+    const cutoff = Date.now() - this.#idleTtlMs;
+    for (const [id, entry] of this.#entries) {
+      const since = this.#idleSince(entry);
+      if (since !== undefined && since <= cutoff) this.#drop(id, "reap");
+    }
+  }
+
+  #drop(workspaceId: string, reason: "reap" | "evict"): void {
+    const entry = this.#entries.get(workspaceId);
+    if (!entry) return;
+    this.#entries.delete(workspaceId);
+    entry.conn?.close();
+    this.#stopSweepingIfEmpty();
+    this.dispatchEvent(new PoolEvent(reason, workspaceId));
+    this.#releaseWorkspace(workspaceId).catch(() => {
+      // The resolver owns its errors; a failed release must not break the sweep.
+    });
+  }
+
+  async #releaseWorkspace(workspaceId: string): Promise<void> {
+    await this.#release?.(workspaceId);
+  }
+
+  #startSweeping(): void {
+    if (this.#sweeper !== undefined) return;
+    this.#sweeper = setInterval(() => this.#sweep(), this.#sweepIntervalMs);
+    unref(this.#sweeper);
+  }
+
+  #stopSweepingIfEmpty(): void {
+    if (this.#entries.size === 0) this.#stopSweeping();
+  }
+
+  #stopSweeping(): void {
+    if (this.#sweeper !== undefined) clearInterval(this.#sweeper);
+    this.#sweeper = undefined;
+  }
+}

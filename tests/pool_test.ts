@@ -1,0 +1,368 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import {
+  type Conn,
+  ConnectionClosedError,
+  Pool,
+  PoolClosedError,
+  PoolEvent,
+  PoolFullError,
+  WorkspaceUnavailableError,
+} from "../mod.ts";
+import { codexLike, type FakeAppServer, startFakeAppServer } from "./_fake_app_server.ts";
+
+const input = [{ type: "text", text: "hi", text_elements: [] }];
+
+async function waitFor(condition: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + 2_000;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 2));
+  }
+}
+
+/** A resolver over one fake server that counts calls and releases. */
+function countingResolver(server: FakeAppServer) {
+  const calls: string[] = [];
+  const released: string[] = [];
+  return {
+    calls,
+    released,
+    resolve: async (workspaceId: string) => {
+      calls.push(workspaceId);
+      await new Promise((resolve) => setTimeout(resolve, 5));
+      return server.url;
+    },
+    release: (workspaceId: string) => {
+      released.push(workspaceId);
+    },
+  };
+}
+
+function events(pool: Pool): string[] {
+  const seen: string[] = [];
+  for (const type of ["dial", "reap", "evict", "close"]) {
+    pool.addEventListener(type, (event) => {
+      assert.ok(event instanceof PoolEvent);
+      seen.push(`${type}:${event.workspaceId}`);
+    });
+  }
+  return seen;
+}
+
+test("Pool.get() shares one resolve and one dial among 100 concurrent callers", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const resolver = countingResolver(server);
+  const pool = new Pool(resolver);
+  try {
+    const conns = await Promise.all(Array.from({ length: 100 }, () => pool.get("ws-1")));
+    assert.equal(new Set(conns).size, 1);
+    assert.deepEqual(resolver.calls, ["ws-1"]);
+    assert.equal(server.peers.length, 1);
+    assert.equal(pool.size, 1);
+    assert.equal(await pool.get("ws-1"), conns[0]);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool.get() gives every waiter the same error with the workspace id, and retries next time", async () => {
+  let attempts = 0;
+  const cause = new Error("spawn failed: exit code 3");
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const pool = new Pool(async () => {
+    attempts++;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    if (attempts === 1) throw cause;
+    return server.url;
+  });
+  try {
+    const results = await Promise.allSettled(Array.from({ length: 10 }, () => pool.get("ws-1")));
+    const errors = results.map((r) => (r as PromiseRejectedResult).reason);
+    assert.ok(errors.every((e) => e === errors[0]));
+    assert.ok(errors[0] instanceof WorkspaceUnavailableError);
+    assert.equal(errors[0].workspaceId, "ws-1");
+    assert.equal(errors[0].cause, cause);
+    assert.match(errors[0].message, /ws-1.*exit code 3/);
+    assert.equal(pool.size, 0);
+    const conn = await pool.get("ws-1");
+    assert.equal(conn.closed, false);
+    assert.equal(attempts, 2);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool.get() wraps a failed dial (refused upgrade) in WorkspaceUnavailableError", async () => {
+  const server = await startFakeAppServer(() => {}, { token: "t" });
+  const pool = new Pool(async () => ({ url: server.url, headers: { Authorization: "Bearer x" } }));
+  try {
+    await assert.rejects(pool.get("ws-1"), (error: unknown) => {
+      assert.ok(error instanceof WorkspaceUnavailableError);
+      assert.match(error.message, /HTTP 401/);
+      return true;
+    });
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool.get() dials with the endpoint's headers over the pool's dial options", async () => {
+  const server = await startFakeAppServer(() => {}, { token: "tok" });
+  const pool = new Pool(
+    async () => ({ url: server.url, headers: { Authorization: "Bearer tok" } }),
+    {
+      dial: { headers: { "X-Extra": "1" } },
+    },
+  );
+  try {
+    await pool.get("ws-1");
+    assert.equal(server.peers[0]!.headers["x-extra"], "1");
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool.get() never hands out a closed connection and redials through the resolver", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const resolver = countingResolver(server);
+  const pool = new Pool(resolver);
+  const seen = events(pool);
+  try {
+    const first = await pool.get("ws-1");
+    server.peers[0]!.terminate();
+    await waitFor(() => first.closed, "the connection to close");
+    const second = await pool.get("ws-1");
+    assert.notEqual(second, first);
+    assert.equal(second.closed, false);
+    assert.deepEqual(resolver.calls, ["ws-1", "ws-1"]);
+    assert.deepEqual(seen, ["dial:ws-1", "close:ws-1", "dial:ws-1"]);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool.get() rejects with signal.reason for its caller only, the dial goes on for others", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const pool = new Pool(countingResolver(server));
+  try {
+    const controller = new AbortController();
+    const mine = pool.get("ws-1", { signal: controller.signal });
+    const other = pool.get("ws-1");
+    controller.abort(new Error("gave up"));
+    await assert.rejects(mine, /gave up/);
+    assert.equal((await other).closed, false);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool reaps a connection idle for idleTtlMs, closes it and calls release", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const resolver = countingResolver(server);
+  const pool = new Pool(resolver, { idleTtlMs: 40, sweepIntervalMs: 5 });
+  const seen = events(pool);
+  try {
+    const conn = await pool.get("ws-1");
+    await waitFor(() => conn.closed, "the idle connection to be reaped");
+    assert.deepEqual(seen, ["dial:ws-1", "reap:ws-1"]);
+    assert.deepEqual(resolver.released, ["ws-1"]);
+    assert.equal(pool.size, 0);
+    const again = await pool.get("ws-1");
+    assert.notEqual(again, conn);
+    assert.equal(again.closed, false);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool.touch() and Pool.get() count as activity and keep a connection from being reaped", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const pool = new Pool(countingResolver(server), { idleTtlMs: 60, sweepIntervalMs: 5 });
+  try {
+    const conn = await pool.get("ws-1");
+    for (let i = 0; i < 8; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 15));
+      if (i % 2 === 0) pool.touch("ws-1");
+      else await pool.get("ws-1");
+    }
+    assert.equal(conn.closed, false, "120 ms of touches and gets with a 60 ms TTL");
+    await waitFor(() => conn.closed, "the reap once the touches stop");
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool never reaps a connection with a silent turn still waiting for its result", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer, { hang: true }));
+  const pool = new Pool(countingResolver(server), { idleTtlMs: 30, sweepIntervalMs: 5 });
+  try {
+    const conn = await pool.get("ws-1");
+    const turn = conn.turn("t1", { input }, { timeoutMs: 150 });
+    const outcome = await turn.then(() => "completed", (error: Error) => error.name);
+    assert.equal(outcome, "TimeoutError", "the turn ran to its own deadline, not a reap");
+    assert.equal(conn.closed, false);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool never reaps a connection whose long turn keeps streaming", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    codexLike(peer, { hang: true });
+  });
+  const pool = new Pool(countingResolver(server), { idleTtlMs: 30, sweepIntervalMs: 5 });
+  try {
+    const conn = await pool.get("ws-1");
+    const turning = conn.turn("t1", { input }, { timeoutMs: 2_000 });
+    const peer = server.peers[0]!;
+    await waitFor(() => peer.received.some((m) => m.method === "turn/start"), "turn/start");
+    for (let i = 0; i < 6; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 15));
+      peer.notify("item/agentMessage/delta", { threadId: "t1", turnId: "turn-1", delta: "x" });
+    }
+    peer.notify("turn/completed", {
+      threadId: "t1",
+      turn: { id: "turn-1", items: [], status: "completed", error: null },
+    });
+    assert.equal((await turning).status, "completed");
+    assert.equal(conn.closed, false);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool with maxConnections evicts the least recently used idle connection", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const resolver = countingResolver(server);
+  const pool = new Pool(resolver, { maxConnections: 2 });
+  const seen = events(pool);
+  try {
+    const a = await pool.get("ws-a");
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    const b = await pool.get("ws-b");
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    pool.touch("ws-a");
+    const c = await pool.get("ws-c");
+    assert.equal(b.closed, true);
+    assert.equal(a.closed, false);
+    assert.equal(c.closed, false);
+    assert.equal(pool.size, 2);
+    assert.ok(seen.includes("evict:ws-b"));
+    assert.deepEqual(resolver.released, ["ws-b"]);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool with maxConnections rejects with PoolFullError rather than evict a busy connection", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer, { hang: true }));
+  const pool = new Pool(countingResolver(server), { maxConnections: 1 });
+  try {
+    const a = await pool.get("ws-a");
+    const busy = a.turn("t1", { input }, { timeoutMs: 300 }).catch(() => {});
+    await waitFor(() => a.inFlight > 0, "the turn to start");
+    await assert.rejects(pool.get("ws-b"), (error: unknown) => {
+      assert.ok(error instanceof PoolFullError);
+      assert.equal(error.workspaceId, "ws-b");
+      assert.equal(error.maxConnections, 1);
+      return true;
+    });
+    assert.equal(a.closed, false);
+    a.close();
+    await busy;
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool.close() closes every connection, releases every workspace, and get rejects after", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer, { hang: true }));
+  const resolver = countingResolver(server);
+  const pool = new Pool(resolver);
+  try {
+    const a = await pool.get("ws-a");
+    const b = await pool.get("ws-b");
+    const turning = a.turn("t1", { input });
+    const closing = pool.close();
+    assert.equal(pool.close(), closing, "idempotent");
+    await closing;
+    await assert.rejects(turning, ConnectionClosedError);
+    assert.equal(a.closed, true);
+    assert.equal(b.closed, true);
+    assert.deepEqual(resolver.released.sort(), ["ws-a", "ws-b"]);
+    assert.equal(pool.size, 0);
+    await assert.rejects(pool.get("ws-a"), PoolClosedError);
+    await assert.rejects(pool.turn("ws-a", null, { input }), PoolClosedError);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool.close() during a dial rejects its waiters with PoolClosedError and leaves no connection", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  let proceed!: () => void;
+  const gate = new Promise<void>((resolve) => (proceed = resolve));
+  const pool = new Pool(async () => {
+    await gate;
+    return server.url;
+  });
+  try {
+    const waiting = pool.get("ws-1");
+    const closing = pool.close();
+    proceed();
+    await assert.rejects(waiting, PoolClosedError);
+    await closing;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    assert.ok(server.peers.every((peer) => peer.ws.readyState !== peer.ws.OPEN));
+  } finally {
+    await server.close();
+  }
+});
+
+test("Pool.turn() starts a thread when threadId is null, then continues it", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const pool = new Pool(countingResolver(server));
+  try {
+    const threads: string[] = [];
+    const first = await pool.turn("ws-1", null, { input }, {
+      threadParams: { cwd: "/srv/ws-1" },
+      onThread: (threadId: string, _conn: Conn) => threads.push(threadId),
+    });
+    assert.equal(first.threadId, "thr-1");
+    assert.equal(first.turn.status, "completed");
+    assert.deepEqual(threads, ["thr-1"]);
+    const second = await pool.turn("ws-1", first.threadId, { input });
+    assert.equal(second.threadId, "thr-1");
+    assert.notEqual(second.turn.id, first.turn.id);
+    const sent = server.peers[0]!.received.filter((m) => m.id !== undefined);
+    assert.deepEqual(sent.map((m) => m.method), [
+      "initialize",
+      "thread/start",
+      "turn/start",
+      "turn/start",
+    ]);
+    assert.deepEqual(sent[1]!.params, { cwd: "/srv/ws-1" });
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("new Pool() rejects a non-positive idleTtlMs or maxConnections with a RangeError", () => {
+  assert.throws(() => new Pool(async () => "ws://x", { idleTtlMs: 0 }), RangeError);
+  assert.throws(() => new Pool(async () => "ws://x", { maxConnections: -1 }), RangeError);
+});
