@@ -62,16 +62,20 @@ export type PoolEventType = "dial" | "reap" | "evict" | "close";
 export class PoolEvent extends Event {
   /** The workspace concerned. */
   readonly workspaceId: string;
+  /** The connection concerned, e.g. to listen to its events after `dial`. */
+  readonly conn: Conn | undefined;
 
   /**
    * Creates the event.
    *
    * @param type What happened.
    * @param workspaceId The workspace concerned.
+   * @param conn The connection concerned.
    */
-  constructor(type: PoolEventType, workspaceId: string) {
+  constructor(type: PoolEventType, workspaceId: string, conn?: Conn) {
     super(type);
     this.workspaceId = workspaceId;
+    this.conn = conn;
   }
 }
 
@@ -335,9 +339,9 @@ export class Pool extends EventTarget {
       if (this.#entries.get(workspaceId) !== entry) return;
       this.#entries.delete(workspaceId);
       this.#stopSweepingIfEmpty();
-      this.dispatchEvent(new PoolEvent("close", workspaceId));
+      this.dispatchEvent(new PoolEvent("close", workspaceId, conn));
     }, { once: true });
-    this.dispatchEvent(new PoolEvent("dial", workspaceId));
+    this.dispatchEvent(new PoolEvent("dial", workspaceId, conn));
     return conn;
   }
 
@@ -376,7 +380,7 @@ export class Pool extends EventTarget {
     this.#entries.delete(workspaceId);
     entry.conn?.close();
     this.#stopSweepingIfEmpty();
-    this.dispatchEvent(new PoolEvent(reason, workspaceId));
+    this.dispatchEvent(new PoolEvent(reason, workspaceId, entry.conn));
     this.#releaseWorkspace(workspaceId).catch(() => {
       // The resolver owns its errors; a failed release must not break the sweep.
     });
