@@ -71,6 +71,11 @@ export interface TurnOptions {
   signal?: AbortSignal;
   /** Deadline for the whole turn, waiting in line included. Defaults to 5 minutes. */
   timeoutMs?: number;
+  /**
+   * Called with the turn id once codex has accepted the turn, e.g. to tell this turn's
+   * notifications from those of a turn that ran before it on the same thread.
+   */
+  onStart?: (turnId: string) => void;
 }
 
 /** Frames the read loop dropped, by kind. */
@@ -113,7 +118,12 @@ interface WireCall {
   readonly promise: Promise<unknown>;
 }
 
-function isOverloaded(error: unknown): boolean {
+/** The last overloaded answer of a call that is being retried. */
+interface RetryState {
+  overload: RpcError | undefined;
+}
+
+function isOverloaded(error: unknown): error is RpcError {
   return error instanceof RpcError && error.code === OVERLOADED_CODE;
 }
 
@@ -380,9 +390,14 @@ export class Conn extends EventTarget {
       [options.signal, this.#closed.signal],
       options.timeoutMs ?? this.#requestTimeoutMs,
     );
+    const retry: RetryState = { overload: undefined };
     this.#calls++;
     try {
-      return await this.#callWithRetry(method, params, scope, RpcError) as T;
+      return await this.#callWithRetry(method, params, scope, RpcError, retry) as T;
+    } catch (error) {
+      // A deadline that passes while overloaded calls are retried is an overload to the
+      // caller, who can back off; a timeout would suggest a hung server.
+      throw scope.timedOut && retry.overload ? retry.overload : error;
     } finally {
       this.#calls--;
       scope.dispose();
@@ -486,13 +501,14 @@ export class Conn extends EventTarget {
     let turnId: string | null = null;
     let release: (() => void) | undefined;
     let handedOver = false;
+    const retry: RetryState = { overload: undefined };
     this.#calls++;
     try {
       release = await this.#lanes.acquire(threadId, scope.signal);
       if (!this.#attached.has(threadId)) {
         // Events of a thread started elsewhere (or on an earlier connection) go nowhere
         // until this connection resumes it.
-        await this.#callWithRetry("thread/resume", { threadId }, scope, TurnRpcError);
+        await this.#callWithRetry("thread/resume", { threadId }, scope, TurnRpcError, retry);
         this.#attached.add(threadId);
       }
       const active: ActiveTurn = {
@@ -520,10 +536,11 @@ export class Conn extends EventTarget {
           } catch (error) {
             if (scope.signal.aborted || !isOverloaded(error)) throw error;
             wire = undefined;
-            await this.#backoff(attempt, scope, error);
+            await this.#backoff(attempt, scope, error, retry);
           }
         }
         turnId = this.#bindTurnId(active, result);
+        options.onStart?.(turnId);
         return await abortable(active.completed.promise, scope.signal);
       } catch (error) {
         if (scope.signal.aborted && !this.closed) {
@@ -538,6 +555,7 @@ export class Conn extends EventTarget {
         throw error;
       }
     } catch (error) {
+      if (scope.timedOut && retry.overload && turnId === null) throw retry.overload;
       throw this.#turnError(error, scope, options.signal, threadId, turnId);
     } finally {
       this.#calls--;
@@ -644,19 +662,21 @@ export class Conn extends EventTarget {
     params: unknown,
     scope: Scope,
     ErrorClass: typeof RpcError,
+    retry: RetryState,
   ): Promise<unknown> {
     for (let attempt = 0;; attempt++) {
       try {
         return await this.#call(method, params, scope.signal, ErrorClass);
       } catch (error) {
         if (!isOverloaded(error)) throw error;
-        await this.#backoff(attempt, scope, error);
+        await this.#backoff(attempt, scope, error, retry);
       }
     }
   }
 
   /** Waits before retrying an overloaded call, or rethrows when the deadline is too close. */
-  async #backoff(attempt: number, scope: Scope, error: unknown): Promise<void> {
+  async #backoff(attempt: number, scope: Scope, error: unknown, retry: RetryState): Promise<void> {
+    retry.overload = error as RpcError;
     const wait = backoffDelay(attempt, this.#retry);
     if (Date.now() + wait >= scope.deadline) throw error;
     await delay(wait, scope.signal);

@@ -155,6 +155,11 @@ export class Pool extends EventTarget {
     this.#maxConnections = options.maxConnections ?? Infinity;
   }
 
+  /** True once {@linkcode Pool.close} was called. */
+  get closed(): boolean {
+    return this.#closed !== undefined;
+  }
+
   /** Workspaces with an open or opening connection. */
   get size(): number {
     return this.#entries.size;
@@ -266,10 +271,15 @@ export class Pool extends EventTarget {
       const conn = await this.get(workspaceId, { signal: scope.signal });
       const signal = options.signal;
       const call = signal ? { signal } : {};
+      const onStart = options.onStart;
       const id = threadId ??
         await conn.startThread(options.threadParams ?? {}, { ...call, timeoutMs: remaining() });
       options.onThread?.(id, conn);
-      const turn = await conn.turn(id, params, { ...call, timeoutMs: remaining() });
+      const turn = await conn.turn(id, params, {
+        ...call,
+        ...(onStart ? { onStart } : {}),
+        timeoutMs: remaining(),
+      });
       return { threadId: id, turn };
     } finally {
       scope.dispose();

@@ -619,6 +619,50 @@ test("Conn.turn() surfaces -32001 as TurnRpcError once the deadline leaves no ro
   }
 });
 
+test("Conn.turn() surfaces -32001 when the deadline passes mid-retry, not a timeout", async () => {
+  const server = await startFakeAppServer((peer) => {
+    peer.handle((m) => {
+      if (m.method !== "turn/start" && m.method !== "thread/list") return false;
+      setTimeout(
+        () => peer.send({ id: m.id, error: { code: -32001, message: "Server overloaded" } }),
+        15,
+      );
+      return true;
+    });
+  });
+  const conn = await Conn.dial(server.url, { retry: { initialDelayMs: 1, maxDelayMs: 1 } });
+  try {
+    await conn.request("thread/resume", { threadId: "t1" }); // warm the socket
+    await assert.rejects(conn.turn("t1", { input }, { timeoutMs: 100 }), (error: unknown) => {
+      assert.ok(error instanceof TurnRpcError, `got ${String(error)}`);
+      assert.equal(error.code, -32001);
+      return true;
+    });
+    await assert.rejects(conn.request("thread/list", {}, { timeoutMs: 100 }), (error: unknown) => {
+      assert.ok(error instanceof RpcError, `got ${String(error)}`);
+      assert.equal(error.code, -32001);
+      return true;
+    });
+    await new Promise((resolve) => setTimeout(resolve, 40)); // let the late answers land
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() calls onStart with the turn id once codex accepted the turn", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const conn = await Conn.dial(server.url);
+  try {
+    const started: string[] = [];
+    const turn = await conn.turn("t1", { input }, { onStart: (turnId) => started.push(turnId) });
+    assert.deepEqual(started, [turn.id]);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
 test("Conn.turn() rejects with TurnRpcError carrying code and data when turn/start fails", async () => {
   const server = await startFakeAppServer(async (peer) => {
     peer.replyError(await peer.expect("turn/start"), -32602, "Invalid params: input", {

@@ -1,0 +1,961 @@
+import { test } from "./_test.ts";
+import assert from "node:assert/strict";
+import { Pool, type PoolOptions } from "../mod.ts";
+import { createTurnsHandler, type TurnsHandlerOptions } from "../src/handler.ts";
+import {
+  agentMessage,
+  codexLike,
+  type FakeAppServer,
+  type FakePeer,
+  type Message,
+  type Req,
+  startFakeAppServer,
+  turnObject,
+} from "./_fake_app_server.ts";
+
+const SECRET = "test-secret-0123456789";
+const URL_TURNS = "http://broker.test/api/turns";
+const input = [{ type: "text", text: "hi", text_elements: [] }];
+
+interface Harness {
+  server: FakeAppServer;
+  pool: Pool;
+  handler: (request: Request) => Promise<Response>;
+  logs: Record<string, unknown>[];
+  /** Resolves with the first log entry (past or future) that matches. */
+  logged(match: (entry: Record<string, unknown>) => boolean): Promise<Record<string, unknown>>;
+  close(): Promise<void>;
+}
+
+/** A handler over a pool whose resolver points at a fresh fake app-server. */
+async function harness(
+  script: (peer: FakePeer) => void | Promise<void>,
+  options: {
+    pool?: PoolOptions;
+    handler?: Partial<TurnsHandlerOptions>;
+    resolver?: () => Promise<string>;
+  } = {},
+): Promise<Harness> {
+  const server = await startFakeAppServer(script);
+  const pool = new Pool(options.resolver ?? (() => Promise.resolve(server.url)), options.pool);
+  const logs: Record<string, unknown>[] = [];
+  const waiters: {
+    match: (entry: Record<string, unknown>) => boolean;
+    resolve: (entry: Record<string, unknown>) => void;
+  }[] = [];
+  const handler = createTurnsHandler(pool, {
+    secret: SECRET,
+    log: (entry) => {
+      logs.push(entry);
+      for (const waiter of waiters.splice(0)) {
+        if (waiter.match(entry)) waiter.resolve(entry);
+        else waiters.push(waiter);
+      }
+    },
+    ...options.handler,
+  });
+  return {
+    server,
+    pool,
+    handler,
+    logs,
+    logged(match) {
+      const found = logs.find(match);
+      if (found) return Promise.resolve(found);
+      return new Promise((resolve) => waiters.push({ match, resolve }));
+    },
+    async close() {
+      await pool.close();
+      await server.close();
+    },
+  };
+}
+
+function post(
+  body: unknown,
+  init: { headers?: Record<string, string>; signal?: AbortSignal } = {},
+) {
+  return new Request(URL_TURNS, {
+    method: "POST",
+    headers: {
+      "content-type": "application/json",
+      "x-internal-secret": SECRET,
+      ...init.headers,
+    },
+    body: typeof body === "string" ? body : JSON.stringify(body),
+    ...(init.signal ? { signal: init.signal } : {}),
+  });
+}
+
+async function errorOf(response: Response): Promise<{ code: string; message: string }> {
+  assert.equal(response.headers.get("content-type"), "application/json");
+  const body = await response.json();
+  assert.equal(typeof body.error?.code, "string");
+  assert.equal(typeof body.error?.message, "string");
+  return body.error;
+}
+
+function assertNothingReachedCodex(h: Harness): void {
+  assert.equal(h.server.peers.length, 0, "no connection was made to the app-server");
+  assert.equal(h.pool.size, 0);
+}
+
+/** Resolves with `promise`, or fails after `ms` naming what did not happen. */
+async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`Timed out waiting for ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * Counts the intervals started and not yet cleared from now on. Deno's sanitizers do not
+ * cover `node:test` tests and Node merely hangs on a live interval, so tests that must stop
+ * a timer check it with this. `restore()` puts the globals back and clears leftovers.
+ */
+function trackIntervals(): { readonly live: number; restore(): void } {
+  const live = new Set<ReturnType<typeof setInterval>>();
+  const set = globalThis.setInterval;
+  const clear = globalThis.clearInterval;
+  globalThis.setInterval = ((...args: Parameters<typeof setInterval>) => {
+    const id = set(...args);
+    live.add(id);
+    return id;
+  }) as typeof setInterval;
+  globalThis.clearInterval = ((id: ReturnType<typeof setInterval> | undefined) => {
+    if (id !== undefined) live.delete(id);
+    clear(id);
+  }) as typeof clearInterval;
+  return {
+    get live() {
+      return live.size;
+    },
+    restore() {
+      globalThis.setInterval = set;
+      globalThis.clearInterval = clear;
+      for (const id of live) clear(id);
+    },
+  };
+}
+
+interface SseEvent {
+  event: string;
+  data: unknown;
+}
+
+/** Reads an event stream to its end; comments are reported as `{ event: ":", data: text }`. */
+async function readEvents(
+  response: Response,
+  onEvent: (event: SseEvent) => void = () => {},
+): Promise<SseEvent[]> {
+  const events: SseEvent[] = [];
+  const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    buffer += value;
+    let end: number;
+    while ((end = buffer.indexOf("\n\n")) !== -1) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message";
+      const data: string[] = [];
+      let parsed: SseEvent | undefined;
+      for (const line of block.split("\n")) {
+        if (line.startsWith(":")) parsed = { event: ":", data: line.slice(1).trim() };
+        else if (line.startsWith("event: ")) event = line.slice(7);
+        else if (line.startsWith("data: ")) data.push(line.slice(6));
+      }
+      parsed ??= { event, data: JSON.parse(data.join("\n")) };
+      events.push(parsed);
+      onEvent(parsed);
+    }
+  }
+  assert.equal(buffer, "", "the stream ends on an event boundary");
+  return events;
+}
+
+/**
+ * A codex that answers thread/start with `thr-1` and every turn/start with `turn-1`, so two
+ * runs of the same turn answer alike. Before completing it waits for `gate`.
+ */
+function fixedTurn(peer: FakePeer, gate: () => Promise<void> = async () => {}): void {
+  peer.handle((m) => {
+    if (m.method === "thread/start") {
+      peer.reply(m as Req, { thread: { id: "thr-1" } });
+      return true;
+    }
+    if (m.method !== "turn/start") return false;
+    const threadId = m.params.threadId as string;
+    peer.reply(m as Req, { turn: turnObject("turn-1", "inProgress") });
+    peer.notify("turn/started", { threadId, turn: turnObject("turn-1", "inProgress") });
+    // Another thread's event on the same connection: must not show in this turn's stream.
+    peer.notify("item/completed", {
+      threadId: "thr-other",
+      turnId: "x",
+      item: agentMessage("o", "no"),
+    });
+    void gate().then(() => {
+      const item = agentMessage("msg-1", "hello");
+      peer.notify("item/agentMessage/delta", { threadId, turnId: "turn-1", delta: "hello" });
+      peer.notify("item/completed", { threadId, turnId: "turn-1", item });
+      peer.notify("turn/completed", { threadId, turn: turnObject("turn-1", "completed", [item]) });
+    });
+    return true;
+  });
+}
+
+/** A codex whose turns hang until interrupted, telling when a turn starts and is interrupted. */
+function hangingCodex() {
+  const started = Promise.withResolvers<void>();
+  const interrupted = Promise.withResolvers<Message>();
+  return {
+    started: within(started.promise, 5_000, "turn/start"),
+    interrupted: () => within(interrupted.promise, 5_000, "turn/interrupt"),
+    script(peer: FakePeer) {
+      // Looks at the messages and lets codexLike answer them.
+      peer.handle((m) => {
+        if (m.method === "turn/start") started.resolve();
+        if (m.method === "turn/interrupt") interrupted.resolve(m);
+        return false;
+      });
+      codexLike(peer, { hang: true });
+    },
+  };
+}
+
+// --- bad requests: nothing reaches codex --------------------------------------------------
+
+const badBodies: [string, unknown, string][] = [
+  ["the body is not JSON", "{not json", "invalidJson"],
+  ["the body is not a JSON object", [1, 2], "invalidBody"],
+  ["workspaceId is missing", { params: { input } }, "invalidWorkspaceId"],
+  [
+    "workspaceId is not a valid id",
+    { workspaceId: "../etc", params: { input } },
+    "invalidWorkspaceId",
+  ],
+  [
+    "threadId is an empty string",
+    { workspaceId: "ws-1", threadId: "", params: { input } },
+    "invalidThreadId",
+  ],
+  [
+    "threadId is not a string",
+    { workspaceId: "ws-1", threadId: 7, params: { input } },
+    "invalidThreadId",
+  ],
+  ["params is missing", { workspaceId: "ws-1" }, "invalidParams"],
+  ["params is an array", { workspaceId: "ws-1", params: [input] }, "invalidParams"],
+  ["params.input is missing", { workspaceId: "ws-1", params: {} }, "invalidInput"],
+  [
+    "params.input is not an array",
+    { workspaceId: "ws-1", params: { input: "hi" } },
+    "invalidInput",
+  ],
+  [
+    "params holds threadId",
+    { workspaceId: "ws-1", params: { input, threadId: "t" } },
+    "threadIdInParams",
+  ],
+  ["timeoutMs is 0", { workspaceId: "ws-1", params: { input }, timeoutMs: 0 }, "invalidTimeout"],
+  [
+    "timeoutMs is not an integer",
+    { workspaceId: "ws-1", params: { input }, timeoutMs: 1.5 },
+    "invalidTimeout",
+  ],
+  [
+    "timeoutMs is a string",
+    { workspaceId: "ws-1", params: { input }, timeoutMs: "100" },
+    "invalidTimeout",
+  ],
+  [
+    "timeoutMs exceeds maxTimeoutMs",
+    { workspaceId: "ws-1", params: { input }, timeoutMs: 60_001 },
+    "invalidTimeout",
+  ],
+  [
+    "threadParams is not an object",
+    { workspaceId: "ws-1", params: { input }, threadParams: "x" },
+    "invalidThreadParams",
+  ],
+];
+
+for (const [reason, body, code] of badBodies) {
+  test(`POST /api/turns answers 400 ${code} when ${reason}, and nothing reaches codex`, async () => {
+    const h = await harness((peer) => codexLike(peer), { handler: { maxTimeoutMs: 60_000 } });
+    try {
+      const response = await h.handler(post(body));
+      assert.equal(response.status, 400);
+      assert.equal((await errorOf(response)).code, code);
+      assertNothingReachedCodex(h);
+      assert.deepEqual(h.logs, [{ msg: "bad request", status: 400, code }]);
+    } finally {
+      await h.close();
+    }
+  });
+}
+
+test("POST /api/turns answers 401 without X-Internal-Secret, before looking at the body", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    const response = await h.handler(
+      new Request(URL_TURNS, {
+        method: "POST",
+        headers: { "content-type": "text/plain" },
+        body: "{",
+      }),
+    );
+    assert.equal(response.status, 401);
+    assert.equal((await errorOf(response)).code, "unauthorized");
+    assertNothingReachedCodex(h);
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers 401 for a wrong secret of the same or another length", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    const wrong = [SECRET.slice(0, -1) + "X", "short", SECRET + SECRET, ""];
+    for (const secret of wrong) {
+      const response = await h.handler(
+        post({ workspaceId: "ws-1", params: { input } }, {
+          headers: { "x-internal-secret": secret },
+        }),
+      );
+      assert.equal(response.status, 401, `secret ${JSON.stringify(secret)}`);
+      assert.equal((await errorOf(response)).code, "unauthorized");
+    }
+    assertNothingReachedCodex(h);
+    assert.ok(!JSON.stringify(h.logs).includes(SECRET), "the secret is never logged");
+  } finally {
+    await h.close();
+  }
+});
+
+test("the handler answers 404 for an unknown path", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    const response = await h.handler(
+      new Request("http://broker.test/api/turn", { headers: { "x-internal-secret": SECRET } }),
+    );
+    assert.equal(response.status, 404);
+    assert.equal((await errorOf(response)).code, "notFound");
+    assertNothingReachedCodex(h);
+  } finally {
+    await h.close();
+  }
+});
+
+test("the handler answers 405 with Allow for a wrong method, on every route", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    const cases: [string, string, string][] = [
+      ["GET", "/api/turns", "POST"],
+      ["PUT", "/api/turns", "POST"],
+      ["POST", "/healthz", "GET, HEAD"],
+      ["DELETE", "/metrics", "GET, HEAD"],
+    ];
+    for (const [method, path, allow] of cases) {
+      const response = await h.handler(
+        new Request(`http://broker.test${path}`, {
+          method,
+          headers: { "x-internal-secret": SECRET },
+        }),
+      );
+      assert.equal(response.status, 405, `${method} ${path}`);
+      assert.equal(response.headers.get("allow"), allow);
+      assert.equal((await errorOf(response)).code, "methodNotAllowed");
+    }
+    assertNothingReachedCodex(h);
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers 415 unless the Content-Type is application/json", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    for (const type of [undefined, "text/plain", "application/jsonx", "multipart/form-data"]) {
+      const headers: Record<string, string> = { "x-internal-secret": SECRET };
+      if (type) headers["content-type"] = type;
+      const response = await h.handler(
+        new Request(URL_TURNS, {
+          method: "POST",
+          headers,
+          body: JSON.stringify({ workspaceId: "ws-1", params: { input } }),
+        }),
+      );
+      assert.equal(response.status, 415, `content-type ${type}`);
+      assert.equal((await errorOf(response)).code, "unsupportedMediaType");
+    }
+    assertNothingReachedCodex(h);
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers 413 on a Content-Length over maxBodyBytes without reading the body", async () => {
+  const h = await harness((peer) => codexLike(peer), { handler: { maxBodyBytes: 1024 } });
+  try {
+    const request = post("x".repeat(2048), { headers: { "content-length": "2048" } });
+    const response = await h.handler(request);
+    assert.equal(response.status, 413);
+    assert.equal((await errorOf(response)).code, "bodyTooLarge");
+    assert.equal(request.bodyUsed, false, "the body was not read");
+    assertNothingReachedCodex(h);
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers 413 on an endless body without Content-Length, and stops reading it", async () => {
+  const h = await harness((peer) => codexLike(peer), { handler: { maxBodyBytes: 4096 } });
+  try {
+    let pulled = 0;
+    const body = new ReadableStream<Uint8Array>({
+      pull(controller) {
+        pulled++;
+        controller.enqueue(new Uint8Array(1000).fill(0x20));
+      },
+    });
+    const request = new Request(URL_TURNS, {
+      method: "POST",
+      headers: { "content-type": "application/json", "x-internal-secret": SECRET },
+      body,
+      duplex: "half",
+    } as RequestInit);
+    assert.equal(request.headers.get("content-length"), null);
+    // Endless: a handler that kept reading would never answer.
+    const response = await within(h.handler(request), 5_000, "the 413 answer");
+    assert.equal(response.status, 413);
+    assert.equal((await errorOf(response)).code, "bodyTooLarge");
+    assert.ok(pulled < 10, `read about the limit only (${pulled} chunks of 1000 bytes)`);
+    assertNothingReachedCodex(h);
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns checks in order: secret, then content type, then size, then JSON", async () => {
+  const h = await harness((peer) => codexLike(peer), { handler: { maxBodyBytes: 16 } });
+  try {
+    const big = { "content-length": "99" };
+    const cases: [Record<string, string>, number][] = [
+      [{ "x-internal-secret": "wrong", "content-type": "text/plain", ...big }, 401],
+      [{ "content-type": "text/plain", ...big }, 415],
+      [big, 413],
+      [{}, 400],
+    ];
+    for (const [headers, status] of cases) {
+      const response = await h.handler(post("{not json", { headers }));
+      assert.equal(response.status, status, JSON.stringify(headers));
+      await response.body?.cancel();
+    }
+    assertNothingReachedCodex(h);
+  } finally {
+    await h.close();
+  }
+});
+
+// --- successful turns -------------------------------------------------------------------
+
+test("POST /api/turns without threadId starts a thread with threadParams and answers the turn", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    const response = await h.handler(post(
+      {
+        workspaceId: "ws-1",
+        threadId: null,
+        params: { input },
+        threadParams: { cwd: "/srv/ws-1" },
+      },
+      { headers: { "content-type": "application/json; charset=utf-8" } },
+    ));
+    assert.equal(response.status, 200);
+    assert.equal(response.headers.get("content-type"), "application/json");
+    const body = await response.json();
+    assert.equal(body.threadId, "thr-1");
+    assert.equal(body.turn.id, "turn-1");
+    assert.equal(body.turn.status, "completed");
+    assert.equal(body.turn.itemsView, "full");
+    assert.deepEqual(body.turn.items.map((item: { type: string }) => item.type), [
+      "userMessage",
+      "agentMessage",
+    ]);
+    const sent = h.server.peers[0]!.received.filter((m) => m.id !== undefined);
+    assert.deepEqual(sent.map((m) => m.method), ["initialize", "thread/start", "turn/start"]);
+    assert.deepEqual(sent[1]!.params, { cwd: "/srv/ws-1" });
+    assert.deepEqual(sent[2]!.params, { input, threadId: "thr-1" });
+    const entry = h.logs.at(-1)!;
+    assert.equal(typeof entry.durationMs, "number");
+    assert.deepEqual({ ...entry, durationMs: 0 }, {
+      msg: "turn",
+      workspaceId: "ws-1",
+      threadId: "thr-1",
+      turnId: "turn-1",
+      status: "completed",
+      outcome: "completed",
+      durationMs: 0,
+      stream: false,
+    });
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns with a threadId resumes that thread and runs the turn on it", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    const response = await h.handler(
+      post({ workspaceId: "ws-1", threadId: "thr-9", params: { input }, timeoutMs: 10_000 }),
+    );
+    assert.equal(response.status, 200);
+    const body = await response.json();
+    assert.equal(body.threadId, "thr-9");
+    assert.equal(body.turn.status, "completed");
+    const sent = h.server.peers[0]!.received.filter((m) => m.id !== undefined);
+    assert.deepEqual(sent.map((m) => m.method), ["initialize", "thread/resume", "turn/start"]);
+    assert.deepEqual(sent[1]!.params, { threadId: "thr-9" });
+  } finally {
+    await h.close();
+  }
+});
+
+// --- transport failures -----------------------------------------------------------------
+
+test("POST /api/turns answers transport brokerTimeout when the turn misses its timeoutMs", async () => {
+  const h = await harness((peer) => codexLike(peer, { hang: true }));
+  try {
+    // Dialed beforehand, so that the deadline passes in the turn and not while dialing.
+    await h.pool.get("ws-1");
+    const response = await h.handler(
+      post({ workspaceId: "ws-1", params: { input }, timeoutMs: 300 }),
+    );
+    assert.equal(response.status, 200);
+    const body = await response.json();
+    assert.equal(body.threadId, "thr-1");
+    assert.equal(body.transport.code, "brokerTimeout");
+    assert.match(body.transport.message, /turn-1.*did not complete in time/);
+    assert.equal(h.logs.at(-1)!.outcome, "brokerTimeout");
+    assert.equal(h.logs.at(-1)!.turnId, "turn-1");
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers transport subprocessCrash with threadId null when the resolver fails", async () => {
+  const h = await harness((peer) => codexLike(peer), {
+    resolver: () => Promise.reject(new Error("spawn codex: exit code 3")),
+  });
+  try {
+    const response = await h.handler(post({ workspaceId: "ws-1", params: { input } }));
+    assert.equal(response.status, 200);
+    const body = await response.json();
+    assert.equal(body.threadId, null);
+    assert.equal(body.transport.code, "subprocessCrash");
+    assert.match(body.transport.message, /ws-1.*exit code 3/);
+    assert.equal(h.server.peers.length, 0);
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers transport wsDisconnect with the thread when the socket dies mid-turn", async () => {
+  const h = await harness(async (peer) => {
+    const start = await peer.expect("thread/start");
+    peer.reply(start, { thread: { id: "thr-1" } });
+    await peer.expect("turn/start");
+    peer.terminate();
+  });
+  try {
+    const response = await h.handler(post({ workspaceId: "ws-1", params: { input } }));
+    assert.equal(response.status, 200);
+    const body = await response.json();
+    assert.equal(body.threadId, "thr-1");
+    assert.equal(body.transport.code, "wsDisconnect");
+    assert.equal(response.headers.get("retry-after"), null);
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers transport rpcError with the JSON-RPC code and data", async () => {
+  const h = await harness(async (peer) => {
+    const start = await peer.expect("thread/start");
+    peer.reply(start, { thread: { id: "thr-1" } });
+    const turn = await peer.expect("turn/start");
+    peer.replyError(turn, -32602, "Invalid input", { field: "input" });
+  });
+  try {
+    const response = await h.handler(post({ workspaceId: "ws-1", params: { input } }));
+    assert.equal(response.status, 200);
+    assert.deepEqual(await response.json(), {
+      threadId: "thr-1",
+      transport: {
+        code: "rpcError",
+        message: "Invalid input",
+        data: { code: -32602, data: { field: "input" } },
+      },
+    });
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers transport overloaded with Retry-After when codex stays at -32001 and Conn gives up retrying", async () => {
+  let attempts = 0;
+  const h = await harness((peer) => {
+    peer.handle((m) => {
+      if (m.method !== "turn/start") return false;
+      attempts++;
+      peer.replyError(m as Req, -32001, "Server overloaded; retry later");
+      return true;
+    });
+    codexLike(peer);
+  }, {
+    // Conn retries -32001 until the next backoff would pass the deadline. With fast retries
+    // (a few ms) the deadline often fires during the last round trip instead, which is then
+    // a brokerTimeout; a first backoff far beyond the deadline makes the give-up certain.
+    pool: { dial: { retry: { initialDelayMs: 1e12, maxDelayMs: 1e12 } } },
+  });
+  try {
+    const response = await h.handler(
+      post({ workspaceId: "ws-1", params: { input }, timeoutMs: 5_000 }),
+    );
+    assert.equal(response.status, 200);
+    assert.equal(response.headers.get("retry-after"), "1");
+    const body = await response.json();
+    assert.equal(body.threadId, "thr-1");
+    assert.equal(body.transport.code, "overloaded");
+    assert.deepEqual(body.transport.data, { code: -32001, data: null });
+    assert.ok(attempts >= 1);
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers transport overloaded with Retry-After when the pool is full", async () => {
+  const codex = hangingCodex();
+  const h = await harness(codex.script, { pool: { maxConnections: 1 } });
+  const busy = new AbortController();
+  try {
+    const first = h.handler(
+      post({ workspaceId: "ws-a", params: { input } }, { signal: busy.signal }),
+    );
+    await codex.started;
+    const response = await h.handler(post({ workspaceId: "ws-b", params: { input } }));
+    assert.equal(response.status, 200);
+    assert.equal(response.headers.get("retry-after"), "1");
+    const body = await response.json();
+    assert.equal(body.threadId, null);
+    assert.equal(body.transport.code, "overloaded");
+    assert.match(body.transport.message, /ws-b/);
+    busy.abort();
+    await first;
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers 503 unavailable with Retry-After once the pool is closed", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    await h.pool.close();
+    const response = await h.handler(post({ workspaceId: "ws-1", params: { input } }));
+    assert.equal(response.status, 503);
+    assert.equal(response.headers.get("retry-after"), "1");
+    assert.equal((await errorOf(response)).code, "unavailable");
+  } finally {
+    await h.close();
+  }
+});
+
+// --- streaming --------------------------------------------------------------------------
+
+test("POST /api/turns with Accept: text/event-stream streams thread, the thread's notifications, heartbeats, then the JSON answer as result", async () => {
+  let sawPing!: () => void;
+  const pinged = new Promise<void>((resolve) => (sawPing = resolve));
+  const h = await harness((peer) => fixedTurn(peer, () => pinged), {
+    handler: { heartbeatMs: 10 },
+  });
+  const intervals = trackIntervals();
+  try {
+    const body = { workspaceId: "ws-1", params: { input } };
+    const response = await h.handler(
+      post(body, { headers: { accept: "application/json, text/event-stream" } }),
+    );
+    assert.equal(response.status, 200);
+    assert.equal(response.headers.get("content-type"), "text/event-stream");
+    assert.equal(response.headers.get("cache-control"), "no-cache");
+    const events = await within(
+      readEvents(response, (event) => {
+        if (event.event === ":") sawPing();
+      }),
+      5_000,
+      "the event stream to end",
+    );
+    assert.ok(events.some((e) => e.event === ":" && e.data === "ping"), "a heartbeat was sent");
+    const named = events.filter((e) => e.event !== ":");
+    assert.deepEqual(named[0], { event: "thread", data: { threadId: "thr-1" } });
+    assert.deepEqual(named.slice(1, -1).map((e) => e.event), [
+      "turn/started",
+      "item/agentMessage/delta",
+      "item/completed",
+      "turn/completed",
+    ]);
+    assert.ok(
+      named.slice(1, -1).every((e) => (e.data as { threadId: string }).threadId === "thr-1"),
+    );
+    const result = named.at(-1)!;
+    assert.equal(result.event, "result");
+
+    // The same turn, answered as JSON: the stream's result is exactly that body.
+    const plain = await h.handler(post(body));
+    assert.deepEqual(result.data, await plain.json());
+    assert.equal(h.logs.at(-2)!.stream, true);
+    await h.close();
+    assert.equal(intervals.live, 0, "the heartbeat stopped with the stream");
+  } finally {
+    intervals.restore();
+    await h.close();
+  }
+});
+
+test("POST /api/turns streams only its own turn's events when it waited behind another turn on the thread", async () => {
+  const h = await harness(async (peer) => {
+    const first = await peer.expect("turn/start");
+    peer.reply(first, { turn: turnObject("u1", "inProgress") });
+    const second = peer.expect("turn/start");
+    peer.notify("item/completed", {
+      threadId: "t1",
+      turnId: "u1",
+      item: { type: "agentMessage", id: "a1", text: "first" },
+    });
+    peer.notify("turn/completed", { threadId: "t1", turn: turnObject("u1") });
+    const start = await second;
+    peer.notify("turn/started", { threadId: "t1", turn: turnObject("u2", "inProgress") });
+    peer.reply(start, { turn: turnObject("u2", "inProgress") });
+    peer.notify("item/completed", {
+      threadId: "t1",
+      turnId: "u2",
+      item: { type: "agentMessage", id: "a2", text: "second" },
+    });
+    peer.notify("turn/completed", { threadId: "t1", turn: turnObject("u2") });
+  });
+  try {
+    const plain = h.handler(post({ workspaceId: "ws-1", threadId: "t1", params: { input } }));
+    // The streaming request must queue behind the first turn, so it waits for that turn/start.
+    while (!h.server.peers[0]?.received.some((m) => m.method === "turn/start")) {
+      await new Promise((resolve) => setTimeout(resolve, 2));
+    }
+    const streamed = h.handler(
+      post({ workspaceId: "ws-1", threadId: "t1", params: { input } }, {
+        headers: { accept: "text/event-stream" },
+      }),
+    );
+    const events = await within(readEvents(await streamed), 5_000, "the event stream to end");
+    const named = events.filter((e) => e.event !== ":");
+    assert.deepEqual(named.map((e) => e.event), [
+      "thread",
+      "turn/started",
+      "item/completed",
+      "turn/completed",
+      "result",
+    ]);
+    for (const event of named.slice(1, -1)) {
+      const data = event.data as { turnId?: string; turn?: { id: string } };
+      assert.equal(data.turnId ?? data.turn?.id, "u2");
+    }
+    assert.equal(((await (await plain).json()) as { turn: { id: string } }).turn.id, "u1");
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns streams a transport failure as the result event", async () => {
+  const h = await harness((peer) => codexLike(peer, { hang: true }));
+  try {
+    await h.pool.get("ws-1"); // so that the deadline passes in the turn, not while dialing
+    const response = await h.handler(post(
+      { workspaceId: "ws-1", params: { input }, timeoutMs: 300 },
+      { headers: { accept: "text/event-stream" } },
+    ));
+    const named = (await within(readEvents(response), 5_000, "the stream to end"))
+      .filter((e) => e.event !== ":");
+    assert.equal(named[0]!.event, "thread");
+    const result = named.at(-1)!;
+    assert.equal(result.event, "result");
+    assert.equal((result.data as { transport: { code: string } }).transport.code, "brokerTimeout");
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers a bad streaming request as a plain JSON error", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    const response = await h.handler(
+      post({ workspaceId: "", params: { input } }, { headers: { accept: "text/event-stream" } }),
+    );
+    assert.equal(response.status, 400);
+    assert.equal((await errorOf(response)).code, "invalidWorkspaceId");
+    assertNothingReachedCodex(h);
+  } finally {
+    await h.close();
+  }
+});
+
+// --- the client goes away ---------------------------------------------------------------
+
+test("a client that aborts a JSON request gets its turn interrupted (turn/interrupt reaches codex)", async () => {
+  const codex = hangingCodex();
+  const h = await harness(codex.script);
+  try {
+    const controller = new AbortController();
+    const answer = h.handler(
+      post({ workspaceId: "ws-1", params: { input } }, { signal: controller.signal }),
+    );
+    await codex.started;
+    controller.abort();
+    const sent = await codex.interrupted();
+    assert.deepEqual(sent.params, { threadId: "thr-1", turnId: "turn-1" });
+    const response = await answer;
+    assert.equal(response.status, 499);
+    await response.body?.cancel();
+    assert.equal(h.logs.at(-1)!.outcome, "cancelled");
+  } finally {
+    await h.close();
+  }
+});
+
+test("a client that cancels the event stream gets its turn interrupted and the heartbeat stopped", async () => {
+  const codex = hangingCodex();
+  const h = await harness(codex.script, { handler: { heartbeatMs: 5 } });
+  const intervals = trackIntervals();
+  try {
+    const response = await h.handler(
+      post({ workspaceId: "ws-1", params: { input } }, {
+        headers: { accept: "text/event-stream" },
+      }),
+    );
+    await codex.started;
+    const reader = response.body!.getReader();
+    const decoder = new TextDecoder();
+    let seen = "";
+    while (!seen.includes("event: thread\n")) {
+      seen += decoder.decode((await reader.read()).value, { stream: true });
+    }
+    await reader.cancel();
+    const sent = await codex.interrupted();
+    assert.deepEqual(sent.params, { threadId: "thr-1", turnId: "turn-1" });
+    const entry = await within(h.logged((e) => e.msg === "turn"), 5_000, "the turn's log entry");
+    assert.equal(entry.outcome, "cancelled");
+    assert.equal(entry.stream, true);
+    await h.close();
+    assert.equal(intervals.live, 0, "the heartbeat stopped with the stream");
+  } finally {
+    intervals.restore();
+    await h.close();
+  }
+});
+
+// --- operations -------------------------------------------------------------------------
+
+test("GET /healthz answers status, workspaces and version without a secret", async () => {
+  const h = await harness((peer) => codexLike(peer), { handler: { version: "9.9.9-test" } });
+  try {
+    const before = await h.handler(new Request("http://broker.test/healthz"));
+    assert.equal(before.status, 200);
+    assert.deepEqual(await before.json(), { status: "ok", workspaces: 0, version: "9.9.9-test" });
+    await (await h.handler(post({ workspaceId: "ws-1", params: { input } }))).json();
+    const after = await h.handler(new Request("http://broker.test/healthz"));
+    assert.deepEqual(await after.json(), { status: "ok", workspaces: 1, version: "9.9.9-test" });
+    const head = await h.handler(new Request("http://broker.test/healthz", { method: "HEAD" }));
+    assert.equal(head.status, 200);
+    assert.equal(head.body, null);
+    await h.pool.close();
+    const draining = await h.handler(new Request("http://broker.test/healthz"));
+    assert.equal(draining.status, 503, "a closing pool tells load balancers to stop");
+    assert.equal(((await draining.json()) as { status: string }).status, "draining");
+  } finally {
+    await h.close();
+  }
+});
+
+test("GET /metrics answers Prometheus text with turns, durations, connections, server requests and bad requests", async () => {
+  const h = await harness(async (peer) => {
+    codexLike(peer);
+    // One approval request, and one with a method that needs label escaping.
+    await peer.request("item/commandExecution/requestApproval", { threadId: "thr-0" }, "a1");
+    await peer.request('odd"\\method\n', {}, "a2");
+  });
+  try {
+    for (let i = 0; i < 2; i++) {
+      const response = await h.handler(post({ workspaceId: "ws-1", params: { input } }));
+      assert.equal((await response.json()).turn.status, "completed");
+    }
+    await (await h.handler(post({ workspaceId: "ws-1", params: { input } }, {
+      headers: { "x-internal-secret": "nope" },
+    }))).body?.cancel();
+    await within(h.server.scriptsDone(), 5_000, "the server requests to be answered");
+    const response = await h.handler(new Request("http://broker.test/metrics"));
+    assert.equal(response.status, 200);
+    assert.equal(response.headers.get("content-type"), "text/plain; version=0.0.4; charset=utf-8");
+    const text = await response.text();
+    const lines = text.split("\n");
+    for (
+      const expected of [
+        "# TYPE codex_broker_turns_total counter",
+        'codex_broker_turns_total{outcome="completed"} 2',
+        'codex_broker_turns_total{outcome="brokerTimeout"} 0',
+        "# TYPE codex_broker_turn_duration_seconds histogram",
+        'codex_broker_turn_duration_seconds_bucket{le="+Inf"} 2',
+        "codex_broker_turn_duration_seconds_count 2",
+        "# TYPE codex_broker_open_connections gauge",
+        "codex_broker_open_connections 1",
+        "codex_broker_dials_total 1",
+        "codex_broker_reaps_total 0",
+        "codex_broker_evictions_total 0",
+        "codex_broker_connection_closes_total 0",
+        'codex_broker_server_requests_total{method="item/commandExecution/requestApproval",decision="decline"} 1',
+        'codex_broker_server_requests_total{method="odd\\"\\\\method\\n",decision="error"} 1',
+        'codex_broker_bad_requests_total{status="401"} 1',
+      ]
+    ) {
+      assert.ok(lines.includes(expected), `missing line: ${expected}\n${text}`);
+    }
+    assert.ok(lines.some((line) => /^codex_broker_turn_duration_seconds_sum \d/.test(line)));
+    const buckets = lines.filter((line) =>
+      line.startsWith("codex_broker_turn_duration_seconds_bucket")
+    )
+      .map((line) => Number(line.split(" ")[1]));
+    assert.deepEqual(buckets, [...buckets].sort((a, b) => a - b), "buckets are cumulative");
+    assert.ok(text.endsWith("\n"));
+  } finally {
+    await h.close();
+  }
+});
+
+test("createTurnsHandler() refuses a missing secret and invalid limits", async () => {
+  const pool = new Pool(() => Promise.resolve("ws://127.0.0.1:1"));
+  try {
+    assert.throws(() => createTurnsHandler(pool, {} as TurnsHandlerOptions), TypeError);
+    assert.throws(() => createTurnsHandler(pool, { secret: "" }), TypeError);
+    assert.throws(() => createTurnsHandler(pool, { secret: "s", maxBodyBytes: 0 }), RangeError);
+    assert.throws(() => createTurnsHandler(pool, { secret: "s", heartbeatMs: -1 }), RangeError);
+    assert.throws(
+      () => createTurnsHandler(pool, { secret: "s", defaultTimeoutMs: 10, maxTimeoutMs: 5 }),
+      RangeError,
+    );
+  } finally {
+    await pool.close();
+  }
+});
