@@ -1,3 +1,4 @@
+// deno-lint-ignore-file no-explicit-any -- the fake reads and writes arbitrary JSON-RPC; tests assert on shapes.
 // A scripted fake codex app-server on 127.0.0.1, port 0. Tests drive each connection
 // ("peer") by hand: wait for a request, answer it, reorder, delay, drop or inject frames.
 import { createServer, type IncomingMessage, type Server } from "node:http";

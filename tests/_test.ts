@@ -15,14 +15,16 @@ export interface TestOptions {
 }
 
 interface DenoTestApi {
-  test: ((definition: {
-    name: string;
-    fn: Fn;
-    ignore?: boolean;
-    sanitizeOps: boolean;
-    sanitizeResources: boolean;
-    sanitizeExit: boolean;
-  }) => void) & { beforeAll?: (fn: Fn) => void; afterAll?: (fn: Fn) => void };
+  test:
+    & ((definition: {
+      name: string;
+      fn: Fn;
+      ignore?: boolean;
+      sanitizeOps: boolean;
+      sanitizeResources: boolean;
+      sanitizeExit: boolean;
+    }) => void)
+    & { beforeAll?: (fn: Fn) => void; afterAll?: (fn: Fn) => void };
 }
 
 const deno = (globalThis as { Deno?: DenoTestApi }).Deno;

@@ -8,7 +8,7 @@ import {
   DialError,
   NotificationEvent,
   RpcError,
-  ServerRequestEvent,
+  type ServerRequestEvent,
   TimeoutError,
   TurnRpcError,
 } from "../mod.ts";
@@ -16,7 +16,6 @@ import {
   agentMessage,
   codexLike,
   type FakePeer,
-  type Req,
   startFakeAppServer,
   turnObject,
 } from "./_fake_app_server.ts";

@@ -97,7 +97,9 @@ test("Pool.get() gives every waiter the same error with the workspace id, and re
 
 test("Pool.get() wraps a failed dial (refused upgrade) in WorkspaceUnavailableError", async () => {
   const server = await startFakeAppServer(() => {}, { token: "t" });
-  const pool = new Pool(async () => ({ url: server.url, headers: { Authorization: "Bearer x" } }));
+  const pool = new Pool(() =>
+    Promise.resolve({ url: server.url, headers: { Authorization: "Bearer x" } })
+  );
   try {
     await assert.rejects(pool.get("ws-1"), (error: unknown) => {
       assert.ok(error instanceof WorkspaceUnavailableError);
@@ -113,7 +115,7 @@ test("Pool.get() wraps a failed dial (refused upgrade) in WorkspaceUnavailableEr
 test("Pool.get() dials with the endpoint's headers over the pool's dial options", async () => {
   const server = await startFakeAppServer(() => {}, { token: "tok" });
   const pool = new Pool(
-    async () => ({ url: server.url, headers: { Authorization: "Bearer tok" } }),
+    () => Promise.resolve({ url: server.url, headers: { Authorization: "Bearer tok" } }),
     {
       dial: { headers: { "X-Extra": "1" } },
     },
@@ -217,9 +219,7 @@ test("Pool never reaps a connection with a silent turn still waiting for its res
 });
 
 test("Pool never reaps a connection whose long turn keeps streaming", async () => {
-  const server = await startFakeAppServer(async (peer) => {
-    codexLike(peer, { hang: true });
-  });
+  const server = await startFakeAppServer((peer) => codexLike(peer, { hang: true }));
   const pool = new Pool(countingResolver(server), { idleTtlMs: 30, sweepIntervalMs: 5 });
   try {
     const conn = await pool.get("ws-1");
@@ -363,6 +363,9 @@ test("Pool.turn() starts a thread when threadId is null, then continues it", asy
 });
 
 test("new Pool() rejects a non-positive idleTtlMs or maxConnections with a RangeError", () => {
-  assert.throws(() => new Pool(async () => "ws://x", { idleTtlMs: 0 }), RangeError);
-  assert.throws(() => new Pool(async () => "ws://x", { maxConnections: -1 }), RangeError);
+  assert.throws(() => new Pool(() => Promise.resolve("ws://x"), { idleTtlMs: 0 }), RangeError);
+  assert.throws(
+    () => new Pool(() => Promise.resolve("ws://x"), { maxConnections: -1 }),
+    RangeError,
+  );
 });
