@@ -205,6 +205,7 @@ export class Conn extends EventTarget {
   #attached = new Set<string>();
   #calls = 0;
   #closed = new AbortController();
+  #socketClosed = Promise.withResolvers<void>();
   #closeError: ConnectionClosedError | undefined;
   #lastActivity = Date.now();
   #approvals: Approvals;
@@ -243,12 +244,14 @@ export class Conn extends EventTarget {
     this.#retry = options.retry ?? {};
     ws.binaryType = "arraybuffer";
     ws.onmessage = (event) => this.#onFrame(event.data);
-    ws.onclose = (event) =>
+    ws.onclose = (event) => {
+      this.#socketClosed.resolve();
       this.#shutdown(
         `Connection to ${url} closed (code ${event.code}${
           event.reason ? `: ${event.reason}` : ""
         })`,
       );
+    };
     ws.onerror = (event) =>
       this.#shutdown(
         `Connection to ${url} failed: ${(event as ErrorEvent).message || "WebSocket error"}`,
@@ -337,6 +340,20 @@ export class Conn extends EventTarget {
   /** True once the connection has closed; every call then rejects. */
   get closed(): boolean {
     return this.#closeError !== undefined;
+  }
+
+  /**
+   * Resolves once the socket has finished closing, after {@linkcode Conn.close} or a close
+   * by the peer. `close()` itself returns at once; await this to leave nothing behind.
+   *
+   * @example Close and wait for the socket
+   * ```ts ignore
+   * conn.close();
+   * await conn.finished;
+   * ```
+   */
+  get finished(): Promise<void> {
+    return this.#socketClosed.promise;
   }
 
   /** Epoch ms of the last frame sent or received. */
@@ -912,7 +929,8 @@ export class Conn extends EventTarget {
     }
     this.#ws.onmessage = null;
     this.#ws.onerror = null;
-    this.#ws.onclose = null;
+    if (this.#ws.readyState === WebSocket.CLOSED) this.#socketClosed.resolve();
+    else this.#ws.onclose = () => this.#socketClosed.resolve();
     const pending = [...this.#pending.values()];
     this.#pending.clear();
     for (const entry of pending) entry.reject(error);

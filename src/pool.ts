@@ -87,6 +87,18 @@ interface Entry {
 
 const DEFAULT_IDLE_TTL_MS = 5 * 60_000;
 const DEFAULT_GET_TIMEOUT_MS = 60_000;
+// A peer that never completes the closing handshake must not hold up close() for long.
+const CLOSE_WAIT_MS = 2_000;
+
+async function settleWithin(promises: (Promise<unknown> | undefined)[], ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)));
+  try {
+    await Promise.race([Promise.allSettled(promises), late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 function positive(name: string, value: number | undefined): void {
   if (value !== undefined && (!Number.isFinite(value) || value <= 0)) {
@@ -307,6 +319,7 @@ export class Pool extends EventTarget {
       this.#entries.clear();
       for (const entry of entries) entry.conn?.close();
       await Promise.allSettled(entries.map((entry) => entry.dialing));
+      await settleWithin(entries.map((entry) => entry.conn?.finished), CLOSE_WAIT_MS);
       await Promise.allSettled(ids.map((id) => this.#releaseWorkspace(id)));
     })();
     return this.#closed;

@@ -897,3 +897,21 @@ test("Conn.request() rejects with a TimeoutError DOMException when no answer com
     await server.close();
   }
 });
+
+test("Conn.finished resolves once the socket has closed, after close() or a peer close", async () => {
+  const server = await startFakeAppServer(() => {});
+  try {
+    const mine = await Conn.dial(server.url);
+    const theirs = await Conn.dial(server.url);
+    let settled = false;
+    mine.finished.then(() => (settled = true));
+    assert.equal(settled, false);
+    mine.close();
+    await mine.finished;
+    server.peers[1]!.close(1001, "bye");
+    await theirs.finished;
+    assert.equal(theirs.closed, true);
+  } finally {
+    await server.close();
+  }
+});
