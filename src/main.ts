@@ -1,0 +1,766 @@
+/**
+ * The broker server: `POST /api/turns`, `GET /healthz` and `GET /metrics` over HTTP, one
+ * `codex app-server` per workspace behind it. Runtime-specific (`node:` modules, `process`):
+ * it runs unchanged with `deno run -A src/main.ts`, `bun src/main.ts` and
+ * `node src/main.ts` (Node ≥ 22.18), served by `srvx`.
+ *
+ * It writes JSON log lines (`{"time","level","msg",…}`) to stderr and never logs the
+ * secret. Once it listens it logs exactly one line with `"msg":"listening"` and the `url`,
+ * whose port is the real one when `--port 0` was given. SIGINT or SIGTERM stops it
+ * gracefully: it stops accepting, lets turns in flight finish for `--grace`, then
+ * interrupts them, closes the pool, stops every codex and exits 0. A second signal cuts the
+ * grace period short. Ctrl+C in a terminal signals the whole process group, codex included,
+ * and codex exits at once on SIGINT: only a signal sent to the broker alone (`kill`,
+ * systemd, Docker) gets turns their grace period.
+ *
+ * Under Deno, run it with `--unstable-no-legacy-abort` (this repository's deno.json sets
+ * it): otherwise Deno prints a warning once, and misses some clients that leave an event
+ * stream (a Node client, for one), so their turns run on until they end by themselves.
+ *
+ * @example Start it from a shell
+ * ```sh
+ * BROKER_SECRET=s3cret deno run -A src/main.ts --port 8787 --workspaces-dir /srv/workspaces
+ * ```
+ *
+ * @example Embed it in a process of your own
+ * ```ts ignore
+ * import { startBroker } from "@codex-broker/broker/main";
+ *
+ * const broker = await startBroker({ secret: "s3cret", port: 0, log: (e) => console.error(e) });
+ * console.log(broker.url);
+ * // …
+ * await broker.close();
+ * ```
+ *
+ * @module
+ */
+
+import { existsSync, realpathSync } from "node:fs";
+import { mkdir } from "node:fs/promises";
+import { join, resolve as resolvePath } from "node:path";
+import process from "node:process";
+import { fileURLToPath } from "node:url";
+import { serve, type Server, type ServerRequest } from "srvx";
+import { createTurnsHandler, VERSION } from "./handler.ts";
+import { Metrics } from "./metrics.ts";
+import { Pool, type PoolEvent } from "./pool.ts";
+import { PoolClosedError } from "./errors.ts";
+import { createCodexResolver } from "./supervisor.ts";
+import type { ApprovalDecision } from "./approvals.ts";
+
+// Re-exported so this entry point documents every type its API mentions.
+export type { ApprovalDecision } from "./approvals.ts";
+
+/** Severity of a {@linkcode LogEntry}. */
+export type LogLevel = "info" | "warn" | "error";
+
+/** One structured log record; {@linkcode main} adds `time` and writes it as a JSON line. */
+export interface LogEntry {
+  /** Severity. */
+  level: LogLevel;
+  /** What happened, e.g. `"listening"`, `"dial"`, `"turn"`, `"shutdown"`. */
+  msg: string;
+  /** Details: workspace, thread, turn, status, duration, pid, url, … Never a secret. */
+  [field: string]: unknown;
+}
+
+/** Options for {@linkcode startBroker}. Durations are in milliseconds. */
+export interface BrokerOptions {
+  /** The `X-Internal-Secret` every `POST /api/turns` must carry. Required, non-empty. */
+  secret: string;
+  /** Address to listen on. Defaults to `127.0.0.1`. */
+  host?: string;
+  /** Port to listen on; `0` picks a free one (see {@linkcode Broker.url}). Defaults to 8787. */
+  port?: number;
+  /** A workspace's connection and codex are stopped after this long idle. Defaults to 5 min. */
+  idleTtlMs?: number;
+  /**
+   * Each workspace's codex runs in `<workspacesDir>/<workspaceId>`, created on demand.
+   * Defaults to `./workspaces`.
+   */
+  workspacesDir?: string;
+  /** `CODEX_HOME` of every codex. Defaults to the inherited one (the user's own login). */
+  codexHome?: string;
+  /** The codex executable. Defaults to the one in `node_modules`, then `codex` on `PATH`. */
+  codex?: string;
+  /** How codex's approval requests are answered. Defaults to `"decline"`. */
+  approvals?: ApprovalDecision;
+  /** How long {@linkcode Broker.close} lets turns in flight finish. Defaults to 10 s. */
+  graceMs?: number;
+  /** Receives the log records: start, dial, reap, evict, close, turns, shutdown. */
+  log?: (entry: LogEntry) => void;
+}
+
+/** A running broker, from {@linkcode startBroker}. */
+export interface Broker {
+  /** Where it listens, e.g. `http://127.0.0.1:8787`, with the real port. */
+  readonly url: string;
+  /** Requests being answered right now (a streaming answer counts until its end). */
+  readonly inFlight: number;
+  /**
+   * Stops gracefully: stops accepting, lets requests in flight finish for `graceMs`, then
+   * interrupts their turns, closes the pool and stops every codex. Idempotent.
+   *
+   * @returns Once every codex has exited.
+   */
+  close(): Promise<void>;
+  /** Ends the grace period of a {@linkcode Broker.close} at once: turns are interrupted now. */
+  hurry(): void;
+}
+
+/** What {@linkcode parseFlags} found: a request for help, or the options to start with. */
+export type ParsedFlags =
+  | { help: true }
+  | { help: false; options: BrokerOptions; secretSource: "flag" | "env" | "generated" };
+
+/** Options for {@linkcode main}; the defaults are the real process's. */
+export interface MainOptions {
+  /** Environment to read `BROKER_SECRET` from. Defaults to `process.env`. */
+  env?: Record<string, string | undefined>;
+  /** Receives `--help`. Defaults to the process's stdout. */
+  stdout?: (text: string) => void;
+  /** Receives log lines and error messages. Defaults to the process's stderr. */
+  stderr?: (text: string) => void;
+  /** Aborting it shuts the broker down as SIGTERM would. */
+  signal?: AbortSignal;
+  /** Listen for SIGINT and SIGTERM. Defaults to `true`. */
+  handleSignals?: boolean;
+}
+
+/**
+ * Thrown by {@linkcode parseFlags} for an unknown flag, a missing value or a bad value.
+ *
+ * @example Tell a usage error from a crash
+ * ```ts ignore
+ * try {
+ *   parseFlags(["--port", "http"]);
+ * } catch (error) {
+ *   if (error instanceof UsageError) console.error(error.message); // exit 2
+ * }
+ * ```
+ */
+export class UsageError extends Error {
+  /**
+   * Creates the error.
+   *
+   * @param message What is wrong with the command line.
+   */
+  constructor(message: string) {
+    super(message);
+    this.name = "UsageError";
+  }
+}
+
+/** The text `--help` prints. */
+export const USAGE = `Usage: codex-broker [flags]
+
+Runs codex turns over REST: POST /api/turns, GET /healthz, GET /metrics.
+Start it with: deno run -A src/main.ts | bun src/main.ts | node src/main.ts
+
+Flags (a value may follow a space or "="; the last of a repeated flag wins):
+  --host <address>          Address to listen on (default 127.0.0.1)
+  --port <port>             Port to listen on, 0 for any free one (default 8787)
+  --secret <secret>         X-Internal-Secret that POST /api/turns must carry; prefer the
+                            BROKER_SECRET environment variable, which ps does not show.
+                            With neither, one is generated and printed once to stderr
+  --idle-ttl <duration>     Stop a workspace's codex after this long idle (default 5m)
+  --workspaces-dir <dir>    Each workspace's codex runs in <dir>/<workspaceId>, created on
+                            demand (default ./workspaces)
+  --codex-home <dir>        CODEX_HOME for every codex (default: inherited, i.e. ~/.codex)
+  --codex <path>            The codex binary (default: node_modules, then codex on PATH)
+  --approvals <decision>    Answer codex's approval requests with accept or decline
+                            (default decline)
+  --grace <duration>        On SIGINT/SIGTERM, let turns in flight finish this long before
+                            interrupting them (default 10s); a second signal cuts it short
+  -h, --help                Print this help and exit
+
+Durations are milliseconds ("1500") or a number with a unit: ms, s, m, h ("30s", "5m").
+Environment: BROKER_SECRET (see --secret). codex itself uses the user's login or
+OPENAI_API_KEY. Logs are JSON lines on stderr. Exit codes: 0 after a clean shutdown,
+1 if the server cannot start, 2 for a bad flag.
+`;
+
+const DEFAULT_HOST = "127.0.0.1";
+const DEFAULT_PORT = 8787;
+const DEFAULT_IDLE_TTL_MS = 5 * 60_000;
+const DEFAULT_GRACE_MS = 10_000;
+const DEFAULT_WORKSPACES_DIR = "workspaces";
+// After the grace period, how long interrupted turns get to be answered before the
+// remaining connections are cut.
+const INTERRUPT_WAIT_MS = 5_000;
+// How long closing the listener may take once no request is in flight any more.
+const LISTENER_CLOSE_MS = 2_000;
+// How often Node's idle keep-alive connections are closed during a shutdown.
+const SWEEP_MS = 50;
+const SIGNALS = ["SIGINT", "SIGTERM"] as const;
+
+const VALUE_FLAGS = new Set([
+  "host",
+  "port",
+  "secret",
+  "idle-ttl",
+  "workspaces-dir",
+  "codex-home",
+  "codex",
+  "approvals",
+  "grace",
+]);
+
+/**
+ * Parses a duration: milliseconds (`"1500"`) or a number with a unit `ms`, `s`, `m` or `h`
+ * (`"30s"`, `"1.5m"`).
+ *
+ * @example Durations
+ * ```ts ignore
+ * parseDuration("5m", "--idle-ttl"); // 300000
+ * parseDuration("250", "--grace"); // 250
+ * ```
+ *
+ * @param text The value.
+ * @param flag The flag it came with, for the error message.
+ * @returns Whole milliseconds.
+ * @throws {UsageError} If `text` is not a duration.
+ */
+export function parseDuration(text: string, flag: string): number {
+  const match = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(text.trim());
+  const unit = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000 }[match?.[2] ?? "ms"] ?? 1;
+  const ms = match ? Math.round(Number(match[1]) * unit) : NaN;
+  if (!Number.isSafeInteger(ms)) {
+    throw new UsageError(
+      `Invalid ${flag} ${JSON.stringify(text)}: expected milliseconds or a number with a ` +
+        `unit (ms, s, m, h), e.g. 30s or 5m`,
+    );
+  }
+  return ms;
+}
+
+/**
+ * Parses the command line (see {@linkcode USAGE}). `--secret` wins over `BROKER_SECRET`;
+ * with neither, a secret of 32 random bytes (base64url) is generated.
+ *
+ * @example Parse flags
+ * ```ts ignore
+ * const parsed = parseFlags(["--port", "0", "--idle-ttl", "30s"], { BROKER_SECRET: "s3cret" });
+ * if (!parsed.help) console.log(parsed.options.port, parsed.options.idleTtlMs); // 0 30000
+ * ```
+ *
+ * @param args The arguments after the script, e.g. `process.argv.slice(2)`.
+ * @param env The environment to read `BROKER_SECRET` from.
+ * @returns `{ help: true }` for `--help`, else the options and where the secret came from.
+ * @throws {UsageError} If a flag is unknown, lacks its value, or has a bad value.
+ */
+export function parseFlags(
+  args: readonly string[],
+  env: Record<string, string | undefined> = {},
+): ParsedFlags {
+  const values = new Map<string, string>();
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    if (arg === "--help" || arg === "-h") return { help: true };
+    if (!arg.startsWith("--")) {
+      throw new UsageError(
+        arg.startsWith("-")
+          ? `Unknown flag ${arg}`
+          : `Unexpected argument ${JSON.stringify(arg)}: every value follows its flag`,
+      );
+    }
+    const eq = arg.indexOf("=");
+    const name = arg.slice(2, eq === -1 ? undefined : eq);
+    if (!VALUE_FLAGS.has(name)) throw new UsageError(`Unknown flag --${name}`);
+    let value: string | undefined;
+    if (eq !== -1) {
+      value = arg.slice(eq + 1);
+    } else {
+      value = args[++i];
+      if (value === undefined || value.startsWith("--")) {
+        throw new UsageError(`Missing value for --${name}`);
+      }
+    }
+    values.set(name, value);
+  }
+
+  const options: BrokerOptions = { secret: "" };
+  const host = values.get("host");
+  if (host !== undefined) {
+    if (host.trim() === "") throw new UsageError("Invalid --host: expected an address");
+    options.host = host;
+  }
+  const port = values.get("port");
+  if (port !== undefined) {
+    if (!/^\d{1,5}$/.test(port) || Number(port) > 65535) {
+      throw new UsageError(
+        `Invalid --port ${JSON.stringify(port)}: expected an integer from 0 to 65535`,
+      );
+    }
+    options.port = Number(port);
+  }
+  const idleTtl = values.get("idle-ttl");
+  if (idleTtl !== undefined) {
+    options.idleTtlMs = parseDuration(idleTtl, "--idle-ttl");
+    if (options.idleTtlMs <= 0) {
+      throw new UsageError(`Invalid --idle-ttl ${JSON.stringify(idleTtl)}: must be positive`);
+    }
+  }
+  const grace = values.get("grace");
+  if (grace !== undefined) options.graceMs = parseDuration(grace, "--grace");
+  for (
+    const [flag, key] of [["workspaces-dir", "workspacesDir"], ["codex-home", "codexHome"]] as const
+  ) {
+    const dir = values.get(flag);
+    if (dir === undefined) continue;
+    if (dir === "") throw new UsageError(`Invalid --${flag}: expected a directory`);
+    options[key] = resolvePath(dir);
+  }
+  const codex = values.get("codex");
+  if (codex !== undefined) {
+    if (codex === "") throw new UsageError("Invalid --codex: expected the path of the binary");
+    // codex is spawned in the workspace directory: a relative path must not be read there.
+    options.codex = codex.includes("/") ? resolvePath(codex) : codex;
+    if (codex.includes("/") && !existsSync(options.codex)) {
+      throw new UsageError(`Invalid --codex ${JSON.stringify(codex)}: no such file`);
+    }
+  }
+  const approvals = values.get("approvals");
+  if (approvals !== undefined) {
+    if (approvals !== "accept" && approvals !== "decline") {
+      throw new UsageError(
+        `Invalid --approvals ${JSON.stringify(approvals)}: expected accept or decline`,
+      );
+    }
+    options.approvals = approvals;
+  }
+
+  let secretSource: "flag" | "env" | "generated";
+  const flagSecret = values.get("secret");
+  if (flagSecret !== undefined) {
+    if (flagSecret === "") throw new UsageError("Invalid --secret: expected a non-empty value");
+    options.secret = flagSecret;
+    secretSource = "flag";
+  } else if (env.BROKER_SECRET) {
+    options.secret = env.BROKER_SECRET;
+    secretSource = "env";
+  } else {
+    options.secret = generateSecret();
+    secretSource = "generated";
+  }
+  return { help: false, options, secretSource };
+}
+
+/**
+ * Starts a broker: a codex supervisor, a pool over it, the REST handler, and an HTTP server
+ * (srvx) in front. It does not install signal handlers; {@linkcode main} does.
+ *
+ * @example Start on a free port and stop
+ * ```ts ignore
+ * const broker = await startBroker({ secret: "s3cret", port: 0, workspacesDir: "/tmp/ws" });
+ * const response = await fetch(`${broker.url}/healthz`);
+ * await broker.close();
+ * ```
+ *
+ * @param options Secret, address, directories, codex, approvals, durations, log sink.
+ * @returns The running broker; `close()` it to stop every codex.
+ * @throws {TypeError} If the secret is empty.
+ * @throws {Error} If the workspaces directory cannot be created or the port cannot be bound.
+ */
+export async function startBroker(options: BrokerOptions): Promise<Broker> {
+  if (typeof options.secret !== "string" || options.secret === "") {
+    throw new TypeError("Cannot start broker: secret must be a non-empty string");
+  }
+  const log = options.log ?? (() => {});
+  const graceMs = options.graceMs ?? DEFAULT_GRACE_MS;
+  const workspacesDir = resolvePath(options.workspacesDir ?? DEFAULT_WORKSPACES_DIR);
+  const codexHome = options.codexHome === undefined ? undefined : resolvePath(options.codexHome);
+  await mkdir(workspacesDir, { recursive: true });
+
+  const resolver = createCodexResolver({
+    ...(options.codex === undefined ? {} : { command: options.codex }),
+    ...(codexHome === undefined ? {} : { codexHome: () => codexHome }),
+    // codex runs in the workspace directory, and a thread started without a cwd runs there.
+    cwd: (workspaceId) => join(workspacesDir, workspaceId),
+    // codex runs model-chosen commands, which must not find the key to this broker.
+    env: { BROKER_SECRET: undefined },
+  });
+  const pool = new Pool(resolver, {
+    idleTtlMs: options.idleTtlMs ?? DEFAULT_IDLE_TTL_MS,
+    dial: { approvals: options.approvals ?? "decline" },
+  });
+  const onPoolEvent = (event: Event) => {
+    const { type, workspaceId } = event as PoolEvent;
+    if (type === "dial") {
+      log({ level: "info", msg: "dial", workspaceId, pid: resolver.pid(workspaceId) });
+    } else if (type === "close") log({ level: "warn", msg: "close", workspaceId });
+    else log({ level: "info", msg: type, workspaceId });
+  };
+  for (const type of ["dial", "reap", "evict", "close"]) pool.addEventListener(type, onPoolEvent);
+
+  const metrics = new Metrics();
+  const handler = createTurnsHandler(pool, {
+    secret: options.secret,
+    version: VERSION,
+    metrics,
+    log: (entry) => {
+      const level: LogLevel = entry.msg === "internal error"
+        ? "error"
+        : entry.msg === "bad request"
+        ? "warn"
+        : "info";
+      log({ ...entry, level, msg: String(entry.msg) });
+    },
+  });
+
+  // Aborted once the grace period is over: every turn's signal follows it, so Conn sends
+  // turn/interrupt and codex stops working for a broker that is going away.
+  const stopping = new AbortController();
+  const inFlight = new InFlight();
+
+  let server: Server | undefined;
+  let url: string;
+  try {
+    // Deno and Bun throw here when the port is taken, Node from ready().
+    server = serve({
+      hostname: options.host ?? DEFAULT_HOST,
+      port: options.port ?? DEFAULT_PORT,
+      // main() owns the signals and the log; srvx would print to stdout and exit on its own.
+      silent: true,
+      gracefulShutdown: false,
+      fetch: async (request: ServerRequest) => {
+        // A request counts until its answer is out. Node says when through the response's
+        // 'close'; on Deno and Bun, whose close() waits for answers being sent anyway, the end
+        // of the handler (or of an event stream) is near enough.
+        const nodeResponse = request.runtime?.node?.res;
+        let left = false;
+        const leave = () => {
+          if (left) return;
+          left = true;
+          inFlight.leave();
+        };
+        inFlight.enter();
+        nodeResponse?.once("close", leave);
+        let response: Response;
+        try {
+          response = await handler(
+            request.method === "POST" ? withSignal(request, stopping.signal) : request,
+          );
+        } catch (error) {
+          leave();
+          throw error;
+        }
+        if (stopping.signal.aborted && response.status === 499) {
+          // The handler took the abort for a client that left; this client is still here.
+          response = shuttingDown();
+        }
+        if (nodeResponse) return response;
+        if (response.body === null || !isEventStream(response)) {
+          leave();
+          return response;
+        }
+        return onBodyEnd(response, leave);
+      },
+    });
+    await server.ready();
+    url = (server.url ?? "").replace(/\/$/, "");
+    if (url === "") throw new Error("srvx did not report the address it listens on");
+  } catch (error) {
+    await Promise.allSettled([server?.close(true), pool.close()]);
+    await resolver.close();
+    throw error;
+  }
+  const listener = server;
+
+  const nodeServer = listener.node?.server as { closeIdleConnections?(): void } | undefined;
+  let closing: Promise<void> | undefined;
+  const hurry = new AbortController();
+  return {
+    url,
+    get inFlight() {
+      return inFlight.count;
+    },
+    hurry: () => hurry.abort(),
+    close() {
+      closing ??= (async () => {
+        const started = performance.now();
+        const closed = listener.close();
+        closed.catch(() => {});
+        // Node keeps a connection open after its last answer, and its server.close() waits
+        // for every connection; closing the idle ones as answers finish lets it end. Deno and
+        // Bun close them on their own.
+        const sweep = setInterval(() => nodeServer?.closeIdleConnections?.(), SWEEP_MS);
+        if (!await inFlight.idle(graceMs, hurry.signal)) {
+          log({ level: "warn", msg: "interrupting turns", inFlight: inFlight.count, graceMs });
+          stopping.abort(new PoolClosedError("Cannot run turn: broker is shutting down"));
+          await inFlight.idle(INTERRUPT_WAIT_MS);
+        }
+        clearInterval(sweep);
+        // On Node every answer has been sent by now, and a connection a client keeps open
+        // (idle, or half-closed after an abort) would hold close() for good. Deno and Bun
+        // finish sending what is left first.
+        if (!nodeServer) await timeout(closed, LISTENER_CLOSE_MS);
+        // Whatever is still open now (a client that ignored the interrupt) is cut.
+        await timeout(listener.close(true).catch(() => {}), LISTENER_CLOSE_MS);
+        await pool.close();
+        await resolver.close();
+        for (const type of ["dial", "reap", "evict", "close"]) {
+          pool.removeEventListener(type, onPoolEvent);
+        }
+        log({
+          level: "info",
+          msg: "stopped",
+          durationMs: Math.round(performance.now() - started),
+        });
+      })();
+      return closing;
+    },
+  };
+}
+
+/**
+ * Runs the broker as a command: parses `args`, starts it, logs JSON lines to stderr, and
+ * waits for SIGINT, SIGTERM or `options.signal` to shut it down gracefully.
+ *
+ * @example The entry point
+ * ```ts ignore
+ * process.exit(await main(process.argv.slice(2)));
+ * ```
+ *
+ * @param args The arguments after the script.
+ * @param options Environment, output sinks, a stop signal, whether to handle OS signals.
+ * @returns The exit code: 0 after `--help` or a clean shutdown, 1 if the server could not
+ * start, 2 for a bad flag.
+ */
+export async function main(args: readonly string[], options: MainOptions = {}): Promise<number> {
+  const stdout = options.stdout ?? ((text: string) => void process.stdout.write(text));
+  const stderr = options.stderr ?? ((text: string) => void process.stderr.write(text));
+  const log = (entry: LogEntry) => {
+    const { level, msg, ...fields } = entry;
+    stderr(`${JSON.stringify({ time: new Date().toISOString(), level, msg, ...fields })}\n`);
+  };
+
+  let parsed: ParsedFlags;
+  try {
+    parsed = parseFlags(args, options.env ?? process.env);
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    stderr(`codex-broker: ${error.message}\nRun with --help for usage\n`);
+    return 2;
+  }
+  if (parsed.help) {
+    stdout(USAGE);
+    return 0;
+  }
+  const brokerOptions = { ...parsed.options, log };
+
+  // Signals are taken from the start, so one that arrives while starting still shuts down
+  // cleanly instead of killing the process with codex children around.
+  const stop = Promise.withResolvers<string>();
+  let stopCount = 0;
+  let broker: Broker | undefined;
+  const onStop = (reason: string) => {
+    stopCount++;
+    if (stopCount === 1) stop.resolve(reason);
+    else broker?.hurry();
+  };
+  const onSignal = (signal: string) => onStop(signal);
+  const onAbort = () => onStop("abort");
+  const handleSignals = options.handleSignals ?? true;
+  if (handleSignals) {
+    for (const signal of SIGNALS) {
+      try {
+        process.on(signal, onSignal);
+      } catch {
+        // Deno on Windows listens for SIGINT (and SIGBREAK) only.
+      }
+    }
+  }
+  if (options.signal?.aborted) onAbort();
+  else options.signal?.addEventListener("abort", onAbort, { once: true });
+
+  try {
+    log({
+      level: "info",
+      msg: "start",
+      version: VERSION,
+      runtime: runtime(),
+      pid: process.pid,
+      host: brokerOptions.host ?? DEFAULT_HOST,
+      port: brokerOptions.port ?? DEFAULT_PORT,
+      workspacesDir: resolvePath(brokerOptions.workspacesDir ?? DEFAULT_WORKSPACES_DIR),
+      codexHome: brokerOptions.codexHome ?? null,
+      codex: brokerOptions.codex ?? null,
+      approvals: brokerOptions.approvals ?? "decline",
+      idleTtlMs: brokerOptions.idleTtlMs ?? DEFAULT_IDLE_TTL_MS,
+      graceMs: brokerOptions.graceMs ?? DEFAULT_GRACE_MS,
+      secretFrom: parsed.secretSource,
+    });
+    try {
+      broker = await startBroker(brokerOptions);
+    } catch (error) {
+      log({ level: "error", msg: "cannot start", error: messageOf(error) });
+      return 1;
+    }
+    log({ level: "info", msg: "listening", url: broker.url });
+    if (parsed.secretSource === "generated") {
+      // The one place the secret is ever shown: a human line, not a log record.
+      stderr(
+        `No --secret or BROKER_SECRET given: send this generated secret to ${broker.url} ` +
+          `as the X-Internal-Secret header: ${brokerOptions.secret}\n`,
+      );
+    }
+    if (stopCount > 1) broker.hurry();
+    const reason = await stop.promise;
+    log({ level: "info", msg: "shutdown", signal: reason, inFlight: broker.inFlight });
+    await broker.close();
+    return 0;
+  } finally {
+    if (handleSignals) {
+      // Deno keeps running while a signal listener is registered.
+      for (const signal of SIGNALS) process.off(signal, onSignal);
+    }
+    options.signal?.removeEventListener("abort", onAbort);
+  }
+}
+
+/** Counts requests in flight and tells when there are none. */
+class InFlight {
+  count = 0;
+  #waiters = new Set<() => void>();
+
+  enter(): void {
+    this.count++;
+  }
+
+  leave(): void {
+    this.count--;
+    if (this.count === 0) {
+      for (const wake of this.#waiters) wake();
+    }
+  }
+
+  /** Resolves `true` once nothing is in flight, or `false` after `ms` or an abort. */
+  idle(ms: number, signal?: AbortSignal): Promise<boolean> {
+    if (this.count === 0) return Promise.resolve(true);
+    if (signal?.aborted) return Promise.resolve(false);
+    return new Promise<boolean>((resolve) => {
+      const settle = (idle: boolean) => {
+        clearTimeout(timer);
+        this.#waiters.delete(wake);
+        signal?.removeEventListener("abort", onAbort);
+        resolve(idle);
+      };
+      const wake = () => settle(true);
+      const onAbort = () => settle(false);
+      const timer = setTimeout(() => settle(false), ms);
+      this.#waiters.add(wake);
+      signal?.addEventListener("abort", onAbort, { once: true });
+    });
+  }
+}
+
+/** The same request, aborted also when `signal` aborts. */
+function withSignal(request: Request, signal: AbortSignal): Request {
+  // Built from parts: srvx's Node request is not a native Request, so `new Request(request,
+  // init)` cannot copy it there. `duplex` is required by Node for a streamed body.
+  const init: RequestInit & { duplex: "half" } = {
+    method: request.method,
+    headers: request.headers,
+    body: request.body,
+    signal: AbortSignal.any([request.signal, signal]),
+    duplex: "half",
+  };
+  return new Request(request.url, init);
+}
+
+function isEventStream(response: Response): boolean {
+  return response.headers.get("content-type")?.startsWith("text/event-stream") ?? false;
+}
+
+/** The same response, calling `onEnd` once when its body ends, fails or is cancelled. */
+function onBodyEnd(response: Response, onEnd: () => void): Response {
+  const reader = response.body!.getReader();
+  let ended = false;
+  const end = () => {
+    if (ended) return;
+    ended = true;
+    onEnd();
+  };
+  const body = new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      try {
+        const { done, value } = await reader.read();
+        if (done) {
+          end();
+          controller.close();
+        } else {
+          controller.enqueue(value);
+        }
+      } catch (error) {
+        end();
+        controller.error(error);
+      }
+    },
+    async cancel(reason) {
+      end();
+      await reader.cancel(reason);
+    },
+  });
+  return new Response(body, {
+    status: response.status,
+    statusText: response.statusText,
+    headers: response.headers,
+  });
+}
+
+function shuttingDown(): Response {
+  return new Response(
+    JSON.stringify({
+      error: { code: "unavailable", message: "Turn interrupted: broker is shutting down" },
+    }),
+    { status: 503, headers: { "content-type": "application/json", "retry-after": "1" } },
+  );
+}
+
+async function timeout(promise: Promise<unknown>, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([promise, new Promise((resolve) => timer = setTimeout(resolve, ms))]);
+  clearTimeout(timer);
+}
+
+function generateSecret(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(32));
+  return btoa(String.fromCharCode(...bytes)).replaceAll("+", "-").replaceAll("/", "_")
+    .replace(/=+$/, "");
+}
+
+function runtime(): string {
+  if ("Deno" in globalThis) return "deno";
+  if (process.versions.bun) return "bun";
+  return "node";
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+/** Whether this module is the program being run, not a module imported by another. */
+function isEntryPoint(): boolean {
+  // Deno, Bun and recent Node set import.meta.main; where it is missing, compare argv[1].
+  const meta = import.meta as ImportMeta & { main?: boolean };
+  if (typeof meta.main === "boolean") return meta.main;
+  const script = process.argv[1];
+  if (script === undefined) return false;
+  try {
+    return realpathSync(script) === realpathSync(fileURLToPath(import.meta.url));
+  } catch {
+    return false;
+  }
+}
+
+if (isEntryPoint()) {
+  const code = await main(process.argv.slice(2));
+  // Waits for the output to be taken, then exits even if a library left a handle open.
+  await Promise.all(
+    [process.stdout, process.stderr].map((stream) =>
+      new Promise<void>((resolve) => stream.write("", () => resolve()))
+    ),
+  );
+  process.exit(code);
+}

@@ -1,0 +1,568 @@
+/**
+ * Server tests: `src/main.ts` as a subprocess on port 0, with the real codex on the
+ * loopback model. Each runner starts the broker under its own runtime (`deno run -A`,
+ * `bun`, `node`), so `deno test`, `bun test` and `node --test` together cover all three
+ * while each run pays for one runtime only.
+ */
+
+import { test } from "./_test.ts";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { mkdtemp, realpath, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { basename, join } from "node:path";
+import process from "node:process";
+import { fileURLToPath } from "node:url";
+import { parseDuration, parseFlags, UsageError } from "../src/main.ts";
+import { makeCodexHome, type TempCodexHome } from "./_codex_home.ts";
+import { type MockModel, type MockResponder, reply, startMockModel } from "./_mock_model.ts";
+
+const MAIN = fileURLToPath(new URL("../src/main.ts", import.meta.url));
+const SECRET = "test-secret-9f2c";
+// Bun's own default is 5 s per test; a broker test takes one or two.
+const TIMEOUT = { timeout: 30_000 };
+
+const deno = (globalThis as { Deno?: typeof Deno }).Deno;
+
+/** How a finished process ended. */
+interface Status {
+  code: number | null;
+  signal: string | null;
+}
+
+/** A broker process, its stderr split into lines as they come. */
+interface BrokerProcess {
+  readonly pid: number;
+  /** Every stderr line so far. */
+  readonly lines: string[];
+  /** Everything written to stdout, once the process has ended. */
+  readonly stdout: Promise<string>;
+  /** Resolves with the first line `match` accepts, or rejects when the process ends first. */
+  waitForLine(match: (line: string) => boolean, what: string): Promise<string>;
+  /** Resolves once the process has ended and its pipes are drained. */
+  readonly status: Promise<Status>;
+  kill(signal: "SIGTERM" | "SIGINT" | "SIGKILL"): void;
+}
+
+/**
+ * Spawns `src/main.ts` with the runtime running this test. Under Deno it uses
+ * `Deno.Command`: Deno's `node:child_process` reports a child that handled SIGTERM and
+ * exited 0 as killed by SIGTERM.
+ */
+function spawnBroker(args: string[], env: Record<string, string>): BrokerProcess {
+  const lines: string[] = [];
+  const waiters = new Set<() => void>();
+  let ended = false;
+  let partial = "";
+  const onText = (text: string) => {
+    partial += text;
+    const parts = partial.split("\n");
+    partial = parts.pop() ?? "";
+    if (parts.length === 0) return;
+    lines.push(...parts);
+    for (const wake of waiters) wake();
+  };
+  const onEnd = () => {
+    if (partial !== "") lines.push(partial);
+    partial = "";
+    ended = true;
+    for (const wake of waiters) wake();
+  };
+
+  let pid: number;
+  let status: Promise<Status>;
+  let stdout: Promise<string>;
+  let kill: (signal: "SIGTERM" | "SIGINT" | "SIGKILL") => void;
+  if (deno) {
+    const child = new deno.Command(deno.execPath(), {
+      args: ["run", "-A", MAIN, ...args],
+      env,
+      clearEnv: true,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    pid = child.pid;
+    const stderrDone = (async () => {
+      for await (const text of child.stderr.pipeThrough(new TextDecoderStream())) onText(text);
+      onEnd();
+    })();
+    stdout = new Response(child.stdout).text();
+    status = Promise.all([child.status, stderrDone, stdout]).then(([s]) => ({
+      code: s.signal === null ? s.code : null,
+      signal: s.signal,
+    }));
+    kill = (signal) => {
+      try {
+        child.kill(signal);
+      } catch {
+        // Deno throws for a child that has already exited.
+      }
+    };
+  } else {
+    // Bun and Node: process.execPath runs .ts files directly (Node ≥ 22.18 strips types).
+    const child = spawn(process.execPath, [MAIN, ...args], {
+      env,
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    pid = child.pid!;
+    child.stderr!.setEncoding("utf8");
+    child.stderr!.on("data", onText);
+    child.stdout!.setEncoding("utf8");
+    let out = "";
+    child.stdout!.on("data", (text: string) => out += text);
+    const closed = new Promise<Status>((resolve) => {
+      child.once("close", (code, signal) => {
+        onEnd();
+        resolve({ code, signal });
+      });
+    });
+    status = closed;
+    stdout = closed.then(() => out);
+    kill = (signal) => child.kill(signal);
+  }
+
+  return {
+    pid,
+    lines,
+    stdout,
+    status,
+    kill,
+    waitForLine(match, what) {
+      return new Promise((resolve, reject) => {
+        let seen = 0;
+        const check = () => {
+          for (; seen < lines.length; seen++) {
+            if (match(lines[seen]!)) {
+              waiters.delete(check);
+              resolve(lines[seen]!);
+              return;
+            }
+          }
+          if (ended) {
+            waiters.delete(check);
+            reject(new Error(`The broker ended before logging ${what}:\n${lines.join("\n")}`));
+          }
+        };
+        waiters.add(check);
+        check();
+      });
+    },
+  };
+}
+
+/** The JSON log records among the lines; the one human line is skipped. */
+function records(lines: readonly string[]): Record<string, unknown>[] {
+  return lines.filter((line) => line.startsWith("{")).map((line) => JSON.parse(line));
+}
+
+function childEnv(extra: Record<string, string> = {}): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const [key, value] of Object.entries(process.env)) {
+    if (value !== undefined && key !== "BROKER_SECRET") env[key] = value;
+  }
+  return { ...env, ...extra };
+}
+
+/** A mock model, a codex home pointing at it, a workspaces dir, and a broker over them. */
+interface Fixture {
+  model: MockModel;
+  home: TempCodexHome;
+  dir: string;
+  broker: BrokerProcess;
+  url: string;
+  /** SIGTERMs the broker (if it still runs), then removes everything. */
+  cleanup(): Promise<void>;
+}
+
+async function startFixture(
+  options: { respond?: MockResponder; args?: string[]; env?: Record<string, string> } = {},
+): Promise<Fixture> {
+  const model = await startMockModel({ respond: options.respond ?? reply("hello from the mock") });
+  const home = await makeCodexHome(model.baseUrl);
+  const dir = await realpath(await mkdtemp(join(tmpdir(), "main-test-")));
+  const broker = spawnBroker([
+    "--port",
+    "0",
+    "--workspaces-dir",
+    join(dir, "workspaces"),
+    "--codex-home",
+    home.path,
+    ...(options.args ?? ["--secret", SECRET]),
+  ], childEnv(options.env));
+  const cleanup = async () => {
+    // The model first: codex sometimes waits on a hung model stream after SIGTERM, until the
+    // supervisor's SIGKILL 3 s later.
+    await model.close();
+    broker.kill("SIGTERM");
+    await broker.status;
+    await home.cleanup();
+    await rm(dir, { recursive: true, force: true });
+  };
+  try {
+    const line = await broker.waitForLine((l) => l.includes('"msg":"listening"'), "listening");
+    const url = JSON.parse(line).url as string;
+    return { model, home, dir, broker, url, cleanup };
+  } catch (error) {
+    await cleanup();
+    throw error;
+  }
+}
+
+function turnRequest(
+  url: string,
+  body: Record<string, unknown>,
+  headers: Record<string, string> = { "x-internal-secret": SECRET },
+  signal?: AbortSignal,
+): Promise<Response> {
+  return fetch(`${url}/api/turns`, {
+    method: "POST",
+    headers: { "content-type": "application/json", ...headers },
+    body: JSON.stringify(body),
+    ...(signal ? { signal } : {}),
+  });
+}
+
+const HELLO = {
+  workspaceId: "ws-1",
+  params: { input: [{ type: "text", text: "hello", text_elements: [] }] },
+};
+
+/** Pids of every process below `root` (Linux /proc; empty elsewhere). */
+function descendants(root: number): number[] {
+  if (!existsSync("/proc")) return [];
+  const children = new Map<number, number[]>();
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, "utf8");
+      // pid (comm) state ppid …; comm may hold spaces and parentheses.
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      children.set(ppid, [...children.get(ppid) ?? [], Number(name)]);
+    } catch {
+      // exited meanwhile
+    }
+  }
+  const found: number[] = [];
+  const queue = [root];
+  while (queue.length > 0) {
+    for (const child of children.get(queue.shift()!) ?? []) {
+      found.push(child);
+      queue.push(child);
+    }
+  }
+  return found;
+}
+
+function commandLine(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " ");
+  } catch {
+    return "";
+  }
+}
+
+/** Alive and not a zombie waiting to be reaped. */
+function isRunning(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
+  } catch {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+}
+
+function codexPids(broker: BrokerProcess): number[] {
+  return records(broker.lines).filter((r) => r.msg === "dial").map((r) => r.pid as number);
+}
+
+test(
+  "src/main.ts serves a complete turn over HTTP, run by codex in the workspace directory",
+  TIMEOUT,
+  async () => {
+    const fx = await startFixture();
+    try {
+      const response = await turnRequest(fx.url, HELLO);
+      assert.equal(response.status, 200);
+      const body = await response.json();
+      assert.equal(typeof body.threadId, "string");
+      assert.equal(body.turn.status, "completed");
+      const agent = body.turn.items.find((item: { type: string }) => item.type === "agentMessage");
+      assert.equal(agent?.text, "hello from the mock");
+      // codex tells the model its working directory: the workspace's own folder.
+      const workspace = join(fx.dir, "workspaces", "ws-1");
+      assert.ok(existsSync(workspace));
+      assert.ok(JSON.stringify(fx.model.requests[0]?.body).includes(`<cwd>${workspace}</cwd>`));
+      const turn = await fx.broker.waitForLine((l) => l.includes('"msg":"turn"'), "the turn");
+      assert.deepEqual(
+        { ...JSON.parse(turn), time: undefined, durationMs: undefined },
+        {
+          time: undefined,
+          level: "info",
+          msg: "turn",
+          workspaceId: "ws-1",
+          threadId: body.threadId,
+          turnId: body.turn.id,
+          status: "completed",
+          outcome: "completed",
+          durationMs: undefined,
+          stream: false,
+        },
+      );
+      assert.equal(typeof JSON.parse(turn).durationMs, "number");
+      assert.equal(fx.broker.lines.some((line) => line.includes(SECRET)), false);
+    } finally {
+      await fx.cleanup();
+    }
+  },
+);
+
+test(
+  "src/main.ts answers 401 to a request without the secret or with a wrong one",
+  TIMEOUT,
+  async () => {
+    const fx = await startFixture();
+    try {
+      const missing = await turnRequest(fx.url, HELLO, {});
+      assert.equal(missing.status, 401);
+      assert.equal((await missing.json()).error.code, "unauthorized");
+      const wrong = await turnRequest(fx.url, HELLO, { "x-internal-secret": "not-it" });
+      assert.equal(wrong.status, 401);
+      await wrong.body?.cancel();
+      assert.equal(fx.model.requests.length, 0);
+      assert.deepEqual(codexPids(fx.broker), []);
+    } finally {
+      await fx.cleanup();
+    }
+  },
+);
+
+test("src/main.ts exits 0 on SIGTERM and leaves no codex process behind", TIMEOUT, async () => {
+  const fx = await startFixture();
+  try {
+    const response = await turnRequest(fx.url, HELLO);
+    assert.equal((await response.json()).turn.status, "completed");
+    const [codex] = codexPids(fx.broker);
+    assert.ok(codex !== undefined && isRunning(codex));
+    // codex processes only. codex also runs the user's login shell once (`bash -lc …`, to
+    // snapshot its environment); that shell and the jobs of the user's profile (pyenv's
+    // `rehash` here) can outlive codex by a moment, and end on their own.
+    const children = descendants(fx.broker.pid).filter((pid) =>
+      basename(commandLine(pid).split(" ")[0] ?? "") === "codex"
+    );
+    if (existsSync("/proc")) assert.ok(children.includes(codex));
+    fx.broker.kill("SIGTERM");
+    assert.deepEqual(await fx.broker.status, { code: 0, signal: null });
+    const left = [codex, ...children].filter(isRunning);
+    assert.deepEqual(left, [], left.map((pid) => `${pid}: ${commandLine(pid)}`).join("\n"));
+    const log = records(fx.broker.lines).map((r) => r.msg);
+    assert.deepEqual(log.slice(-2), ["shutdown", "stopped"]);
+  } finally {
+    await fx.cleanup();
+  }
+});
+
+test("src/main.ts lets a turn in flight finish on SIGINT before it exits 0", TIMEOUT, async () => {
+  const fx = await startFixture({
+    respond: () => ({ type: "message", text: "worth the wait", delayMs: 400 }),
+  });
+  try {
+    const pending = turnRequest(fx.url, HELLO);
+    await fx.model.waitForRequests(1);
+    fx.broker.kill("SIGINT");
+    const response = await pending;
+    assert.equal(response.status, 200);
+    const body = await response.json();
+    assert.equal(body.turn.status, "completed");
+    assert.equal(body.turn.items.at(-1).text, "worth the wait");
+    assert.deepEqual(await fx.broker.status, { code: 0, signal: null });
+    await assert.rejects(fetch(`${fx.url}/healthz`));
+  } finally {
+    await fx.cleanup();
+  }
+});
+
+test(
+  "src/main.ts interrupts turns still running when the grace period ends, then exits 0",
+  TIMEOUT,
+  async () => {
+    const fx = await startFixture({
+      respond: () => ({ type: "hang" }),
+      args: ["--secret", SECRET, "--grace", "200ms"],
+    });
+    try {
+      const pending = turnRequest(fx.url, HELLO);
+      await fx.model.waitForRequests(1);
+      const [codex] = codexPids(fx.broker);
+      fx.broker.kill("SIGTERM");
+      const response = await pending;
+      assert.equal(response.status, 503);
+      assert.equal((await response.json()).error.code, "unavailable");
+      // Ends the hung model stream, which codex may otherwise wait on after SIGTERM until the
+      // supervisor's SIGKILL (3 s): this test is about the broker, not codex's exit.
+      await fx.model.close();
+      assert.deepEqual(await fx.broker.status, { code: 0, signal: null });
+      assert.ok(codex !== undefined && !isRunning(codex));
+      const log = records(fx.broker.lines).map((r) => r.msg);
+      assert.ok(log.includes("interrupting turns"), log.join(", "));
+    } finally {
+      await fx.cleanup();
+    }
+  },
+);
+
+test(
+  "src/main.ts cancels the turn of a client that goes away, streaming or not",
+  TIMEOUT,
+  async () => {
+    // A Deno broker notices a Node client leaving an event stream only with deno.json's
+    // "unstable": ["no-legacy-abort"]; this test's own fetch is noticed either way.
+    const fx = await startFixture({ respond: () => ({ type: "hang" }) });
+    try {
+      const plain = new AbortController();
+      const pending = turnRequest(fx.url, HELLO, { "x-internal-secret": SECRET }, plain.signal);
+      await fx.model.waitForRequests(1);
+      plain.abort();
+      await assert.rejects(pending);
+
+      const streaming = new AbortController();
+      const response = await turnRequest(fx.url, HELLO, {
+        "x-internal-secret": SECRET,
+        accept: "text/event-stream",
+      }, streaming.signal);
+      const reader = response.body!.getReader();
+      assert.match(new TextDecoder().decode((await reader.read()).value), /^event: thread\n/);
+      await fx.model.waitForRequests(2);
+      streaming.abort();
+      await reader.closed.catch(() => {});
+
+      const cancelled = (line: string) => line.includes('"outcome":"cancelled"');
+      await fx.broker.waitForLine((l) => cancelled(l) && l.includes('"stream":false'), "a cancel");
+      await fx.broker.waitForLine((l) => cancelled(l) && l.includes('"stream":true'), "a cancel");
+    } finally {
+      await fx.cleanup();
+    }
+  },
+);
+
+test("src/main.ts generates a secret when none is given and prints it once", TIMEOUT, async () => {
+  const fx = await startFixture({ args: [] });
+  try {
+    const line = await fx.broker.waitForLine((l) => l.includes("generated secret"), "the secret");
+    assert.ok(line.includes(fx.url), line);
+    const secret = /: ([A-Za-z0-9_-]{43})$/.exec(line)?.[1];
+    assert.ok(secret, line);
+    assert.equal(fx.broker.lines.filter((l) => l.includes(secret)).length, 1);
+    const start = records(fx.broker.lines).find((r) => r.msg === "start");
+    assert.equal(start?.secretFrom, "generated");
+    // Authenticated, so the body is looked at: 400, where a wrong secret would give 401.
+    const response = await fetch(`${fx.url}/api/turns`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "x-internal-secret": secret },
+      body: "{",
+    });
+    assert.equal(response.status, 400);
+    await response.body?.cancel();
+  } finally {
+    await fx.cleanup();
+  }
+});
+
+test(
+  "src/main.ts takes the secret from BROKER_SECRET, never logs it and hides it from codex",
+  TIMEOUT,
+  async () => {
+    const fx = await startFixture({ args: [], env: { BROKER_SECRET: SECRET } });
+    try {
+      const response = await turnRequest(fx.url, HELLO);
+      assert.equal((await response.json()).turn.status, "completed");
+      assert.equal(records(fx.broker.lines).find((r) => r.msg === "start")?.secretFrom, "env");
+      assert.equal(fx.broker.lines.some((line) => line.includes(SECRET)), false);
+      // codex runs commands the model chooses: they must not find the key to the broker.
+      const [codex] = codexPids(fx.broker);
+      if (codex !== undefined && existsSync(`/proc/${codex}/environ`)) {
+        const environ = readFileSync(`/proc/${codex}/environ`, "utf8").split("\0");
+        assert.ok(environ.some((entry) => entry.startsWith("CODEX_HOME=")));
+        assert.equal(environ.some((entry) => entry.startsWith("BROKER_SECRET=")), false);
+      }
+    } finally {
+      await fx.cleanup();
+    }
+  },
+);
+
+test("src/main.ts exits 2 with a message on stderr for a bad flag or value", TIMEOUT, async () => {
+  const cases: [string[], RegExp][] = [
+    [["--bogus"], /Unknown flag --bogus/],
+    [["--port", "70000"], /Invalid --port "70000"/],
+    [["--approvals", "maybe"], /Invalid --approvals "maybe": expected accept or decline/],
+    [["--idle-ttl", "soon"], /Invalid --idle-ttl "soon"/],
+    [["--host"], /Missing value for --host/],
+  ];
+  await Promise.all(cases.map(async ([args, message]) => {
+    const broker = spawnBroker(args, childEnv());
+    assert.deepEqual(await broker.status, { code: 2, signal: null }, args.join(" "));
+    assert.match(broker.lines.join("\n"), message);
+    assert.equal(broker.lines.some((line) => line.includes('"msg":"listening"')), false);
+  }));
+});
+
+test("src/main.ts --help prints the usage to stdout and exits 0", TIMEOUT, async () => {
+  const broker = spawnBroker(["--help"], childEnv());
+  assert.deepEqual(await broker.status, { code: 0, signal: null });
+  const usage = await broker.stdout;
+  for (const flag of ["--host", "--port", "--secret", "--idle-ttl", "--workspaces-dir"]) {
+    assert.ok(usage.includes(flag), flag);
+  }
+  for (const flag of ["--codex-home", "--codex ", "--approvals", "--grace", "--help"]) {
+    assert.ok(usage.includes(flag), flag);
+  }
+  assert.deepEqual(broker.lines, []);
+});
+
+test("parseFlags() reads durations with units, resolves paths and lets the last flag win", () => {
+  const parsed = parseFlags([
+    "--port=0",
+    "--idle-ttl",
+    "30s",
+    "--grace",
+    "1.5m",
+    "--workspaces-dir",
+    "ws",
+    "--approvals",
+    "decline",
+    "--approvals=accept",
+  ], { BROKER_SECRET: "from-env" });
+  assert.ok(!parsed.help);
+  assert.deepEqual(parsed.options, {
+    secret: "from-env",
+    port: 0,
+    idleTtlMs: 30_000,
+    graceMs: 90_000,
+    workspacesDir: join(process.cwd(), "ws"),
+    approvals: "accept",
+  });
+  assert.equal(parsed.secretSource, "env");
+  assert.equal(parseFlags(["--secret", "flag"], { BROKER_SECRET: "env" }).help, false);
+  assert.equal(parseDuration("250", "--grace"), 250);
+  assert.equal(parseDuration("2h", "--idle-ttl"), 7_200_000);
+  assert.throws(() => parseFlags(["--idle-ttl", "0"]), UsageError);
+  assert.throws(() => parseFlags(["--grace", "-1s"]), UsageError);
+  assert.throws(() => parseFlags(["8787"]), /Unexpected argument "8787"/);
+  assert.deepEqual(parseFlags(["--port", "1", "-h"]), { help: true });
+});
+
+test("parseFlags() generates a different 32-byte base64url secret when none is given", () => {
+  const a = parseFlags([], {});
+  const b = parseFlags([], { BROKER_SECRET: "" });
+  assert.ok(!a.help && !b.help);
+  assert.match(a.options.secret, /^[A-Za-z0-9_-]{43}$/);
+  assert.notEqual(a.options.secret, b.options.secret);
+  assert.equal(a.secretSource, "generated");
+});
