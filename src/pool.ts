@@ -139,6 +139,8 @@ export class Pool extends EventTarget {
   #maxConnections: number;
   #sweeper: ReturnType<typeof setInterval> | undefined;
   #closing = new AbortController();
+  /** Releases and socket closes started by reaps and evictions; close() waits for them. */
+  #dropping = new Set<Promise<unknown>>();
   #closed: Promise<void> | undefined;
 
   /**
@@ -319,8 +321,12 @@ export class Pool extends EventTarget {
       this.#entries.clear();
       for (const entry of entries) entry.conn?.close();
       await Promise.allSettled(entries.map((entry) => entry.dialing));
-      await settleWithin(entries.map((entry) => entry.conn?.finished), CLOSE_WAIT_MS);
+      await settleWithin(
+        [...entries.map((entry) => entry.conn?.finished), ...this.#dropping],
+        CLOSE_WAIT_MS,
+      );
       await Promise.allSettled(ids.map((id) => this.#releaseWorkspace(id)));
+      await Promise.allSettled(this.#dropping);
     })();
     return this.#closed;
   }
@@ -404,9 +410,10 @@ export class Pool extends EventTarget {
     entry.conn?.close();
     this.#stopSweepingIfEmpty();
     this.dispatchEvent(new PoolEvent(reason, workspaceId, entry.conn));
-    this.#releaseWorkspace(workspaceId).catch(() => {
+    const dropping = Promise.allSettled([entry.conn?.finished, this.#releaseWorkspace(workspaceId)])
       // The resolver owns its errors; a failed release must not break the sweep.
-    });
+      .finally(() => this.#dropping.delete(dropping));
+    this.#dropping.add(dropping);
   }
 
   async #releaseWorkspace(workspaceId: string): Promise<void> {

@@ -369,3 +369,25 @@ test("new Pool() rejects a non-positive idleTtlMs or maxConnections with a Range
     RangeError,
   );
 });
+
+test("Pool.close() waits for the release of a workspace that was reaped just before", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  let released = false;
+  const pool = new Pool({
+    resolve: () => Promise.resolve(server.url),
+    release: async () => {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      released = true;
+    },
+  }, { idleTtlMs: 20, sweepIntervalMs: 5 });
+  try {
+    const reaped = new Promise((resolve) => pool.addEventListener("reap", resolve, { once: true }));
+    await pool.get("ws-1");
+    await reaped;
+    await pool.close();
+    assert.equal(released, true);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
