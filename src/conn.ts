@@ -6,7 +6,7 @@
 
 import { answerServerRequest, type Approvals } from "./approvals.ts";
 import { backoffDelay, type BackoffOptions } from "./_backoff.ts";
-import { abortable, createScope, delay, type Scope } from "./_deadline.ts";
+import { abortable, createScope, DeadlineClock, delay, type Scope } from "./_deadline.ts";
 import { probeRefusal } from "./_dial_probe.ts";
 import {
   ConnectionClosedError,
@@ -204,7 +204,7 @@ export class Conn extends EventTarget {
   #lanes = new ThreadLanes();
   #attached = new Set<string>();
   #calls = 0;
-  #closed = new AbortController();
+  #clock = new DeadlineClock();
   #socketClosed = Promise.withResolvers<void>();
   #closeError: ConnectionClosedError | undefined;
   #lastActivity = Date.now();
@@ -404,8 +404,9 @@ export class Conn extends EventTarget {
     assertTimeout("timeoutMs", options.timeoutMs);
     this.#assertOpen(`send ${method}`);
     const scope = createScope(
-      [options.signal, this.#closed.signal],
+      [options.signal],
       options.timeoutMs ?? this.#requestTimeoutMs,
+      this.#clock,
     );
     const retry: RetryState = { overload: undefined };
     this.#calls++;
@@ -512,8 +513,9 @@ export class Conn extends EventTarget {
     assertTimeout("timeoutMs", options.timeoutMs);
     this.#assertOpen("start turn");
     const scope = createScope(
-      [options.signal, this.#closed.signal],
+      [options.signal],
       options.timeoutMs ?? DEFAULT_TURN_TIMEOUT_MS,
+      this.#clock,
     );
     let turnId: string | null = null;
     let release: (() => void) | undefined;
@@ -548,7 +550,7 @@ export class Conn extends EventTarget {
           // that has to be interrupted.
           wire = this.#callRaw("turn/start", { ...params, threadId }, TurnRpcError);
           try {
-            result = await abortable(wire.promise, scope.signal);
+            result = await abortable(wire.promise, scope);
             break;
           } catch (error) {
             if (scope.signal.aborted || !isOverloaded(error)) throw error;
@@ -558,7 +560,7 @@ export class Conn extends EventTarget {
         }
         turnId = this.#bindTurnId(active, result);
         options.onStart?.(turnId);
-        return await abortable(active.completed.promise, scope.signal);
+        return await abortable(active.completed.promise, scope);
       } catch (error) {
         if (scope.signal.aborted && !this.closed) {
           // The caller gave up but codex may still be working: interrupt it, and keep the
@@ -695,7 +697,7 @@ export class Conn extends EventTarget {
   async #backoff(attempt: number, scope: Scope, error: unknown, retry: RetryState): Promise<void> {
     retry.overload = error as RpcError;
     const wait = backoffDelay(attempt, this.#retry);
-    if (Date.now() + wait >= scope.deadline) throw error;
+    if (performance.now() + wait >= scope.deadline) throw error;
     await delay(wait, scope.signal);
   }
 
@@ -940,7 +942,7 @@ export class Conn extends EventTarget {
       turn.completed.reject(error);
       turn.onFinished?.();
     }
-    this.#closed.abort(error);
+    this.#clock.close(error);
     this.dispatchEvent(new ConnCloseEvent(error));
   }
 }
