@@ -10,6 +10,7 @@
  */
 
 import { after, before, test } from "./_test.ts";
+import { isAlive, waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
@@ -144,24 +145,6 @@ function recordServerRequests(conn: Conn): ServerRequestEvent[] {
   const seen: ServerRequestEvent[] = [];
   conn.addEventListener("serverrequest", (event) => seen.push(event as ServerRequestEvent));
   return seen;
-}
-
-async function waitFor(what: string, check: () => boolean, timeoutMs = 3_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    if ((error as { code?: string }).code === "ESRCH") return false;
-    throw error;
-  }
 }
 
 /**

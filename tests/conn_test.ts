@@ -1,4 +1,5 @@
 import { test } from "./_test.ts";
+import { waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import {
@@ -29,14 +30,6 @@ async function freePort(): Promise<number> {
   const address = server.address();
   await new Promise<void>((resolve) => server.close(() => resolve()));
   return typeof address === "object" && address ? address.port : 0;
-}
-
-async function waitFor(condition: () => boolean, what: string): Promise<void> {
-  const deadline = Date.now() + 2_000;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 2));
-  }
 }
 
 function completeTurn(peer: FakePeer, threadId: string, turnId: string, items: unknown[] = []) {
@@ -441,7 +434,7 @@ test("Conn.turn() on timeout sends turn/interrupt and rejects with TimeoutError 
     });
     assert.ok(Date.now() - started < 1_000);
     const peer = server.peers[0]!;
-    await waitFor(() => peer.received.some((m) => m.method === "turn/interrupt"), "turn/interrupt");
+    await waitFor("turn/interrupt", () => peer.received.some((m) => m.method === "turn/interrupt"));
     const interrupt = peer.received.find((m) => m.method === "turn/interrupt");
     assert.deepEqual(interrupt?.params, { threadId, turnId: "turn-1" });
     // Other turns on the connection are unaffected.
@@ -497,7 +490,8 @@ test("Conn.turn() frees the thread after interruptTimeoutMs when codex never sto
   try {
     await assert.rejects(conn.turn("t1", { input }, { signal: controller.signal }), /caller left/);
     assert.equal((await conn.turn("t1", { input }, { timeoutMs: 2_000 })).id, "u2");
-    assert.equal(conn.inFlight, 0);
+    // The unanswered turn/interrupt gives up at its own deadline, about when the lane did.
+    await waitFor("the unanswered interrupt to give up", () => conn.inFlight === 0);
   } finally {
     conn.close();
     await server.close();
@@ -529,14 +523,11 @@ test("Conn.turn() on abort sends turn/interrupt and rejects with signal.reason",
     const reason = new Error("client went away");
     const turning = conn.turn("t1", { input }, { signal: controller.signal });
     const peer = server.peers[0]!;
-    await waitFor(
-      () => peer.received.some((m) => m.method === "turn/started" || m.method === "turn/start"),
-      "turn/start",
-    );
+    await waitFor("turn/start", () => peer.received.some((m) => m.method === "turn/start"));
     await new Promise((resolve) => setTimeout(resolve, 10));
     controller.abort(reason);
     await assert.rejects(turning, (error) => error === reason);
-    await waitFor(() => peer.received.some((m) => m.method === "turn/interrupt"), "turn/interrupt");
+    await waitFor("turn/interrupt", () => peer.received.some((m) => m.method === "turn/interrupt"));
     const interrupt = peer.received.find((m) => m.method === "turn/interrupt")!;
     assert.deepEqual(interrupt.params, { threadId: "t1", turnId: "turn-1" });
   } finally {
@@ -562,11 +553,11 @@ test("Conn.turn() interrupts a turn whose turn/start response arrives after the 
     const controller = new AbortController();
     const turning = conn.turn("t1", { input }, { signal: controller.signal });
     const peer = server.peers[0]!;
-    await waitFor(() => peer.received.some((m) => m.method === "turn/start"), "turn/start");
+    await waitFor("turn/start", () => peer.received.some((m) => m.method === "turn/start"));
     controller.abort(new Error("stop"));
     await assert.rejects(turning, /stop/);
     release();
-    await waitFor(() => conn.inFlight === 0, "the interrupted turn to stop");
+    await waitFor("the interrupted turn to stop", () => conn.inFlight === 0);
   } finally {
     conn.close();
     await server.close();

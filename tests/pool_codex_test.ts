@@ -11,6 +11,7 @@
  */
 
 import { after, before, test } from "./_test.ts";
+import { isAlive, waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
@@ -156,24 +157,6 @@ function historyEndingWith(last: string): (string | undefined)[] {
 function modelSawCwd(last: string): string | undefined {
   const request = h().model.requests.findLast((request) => request.lastUserText === last);
   return /<cwd>([^<]*)<\/cwd>/.exec(JSON.stringify(request?.input ?? []))?.[1];
-}
-
-async function waitFor(what: string, check: () => boolean, timeoutMs = 3_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    if ((error as { code?: string }).code === "ESRCH") return false;
-    throw error;
-  }
 }
 
 function pidOf(workspaceId: string, resolver: CodexResolver = h().resolver): number {

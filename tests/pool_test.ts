@@ -1,4 +1,5 @@
 import { test } from "./_test.ts";
+import { waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import {
   type Conn,
@@ -12,14 +13,6 @@ import {
 import { codexLike, type FakeAppServer, startFakeAppServer } from "./_fake_app_server.ts";
 
 const input = [{ type: "text", text: "hi", text_elements: [] }];
-
-async function waitFor(condition: () => boolean, what: string): Promise<void> {
-  const deadline = Date.now() + 2_000;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 2));
-  }
-}
 
 /** A resolver over one fake server that counts calls and releases. */
 function countingResolver(server: FakeAppServer) {
@@ -137,7 +130,7 @@ test("Pool.get() never hands out a closed connection and redials through the res
   try {
     const first = await pool.get("ws-1");
     server.peers[0]!.terminate();
-    await waitFor(() => first.closed, "the connection to close");
+    await waitFor("the connection to close", () => first.closed);
     const second = await pool.get("ws-1");
     assert.notEqual(second, first);
     assert.equal(second.closed, false);
@@ -172,7 +165,7 @@ test("Pool reaps a connection idle for idleTtlMs, closes it and calls release", 
   const seen = events(pool);
   try {
     const conn = await pool.get("ws-1");
-    await waitFor(() => conn.closed, "the idle connection to be reaped");
+    await waitFor("the idle connection to be reaped", () => conn.closed);
     assert.deepEqual(seen, ["dial:ws-1", "reap:ws-1"]);
     assert.deepEqual(resolver.released, ["ws-1"]);
     assert.equal(pool.size, 0);
@@ -196,7 +189,7 @@ test("Pool.touch() and Pool.get() count as activity and keep a connection from b
       else await pool.get("ws-1");
     }
     assert.equal(conn.closed, false, "120 ms of touches and gets with a 60 ms TTL");
-    await waitFor(() => conn.closed, "the reap once the touches stop");
+    await waitFor("the reap once the touches stop", () => conn.closed);
   } finally {
     await pool.close();
     await server.close();
@@ -225,7 +218,7 @@ test("Pool never reaps a connection whose long turn keeps streaming", async () =
     const conn = await pool.get("ws-1");
     const turning = conn.turn("t1", { input }, { timeoutMs: 2_000 });
     const peer = server.peers[0]!;
-    await waitFor(() => peer.received.some((m) => m.method === "turn/start"), "turn/start");
+    await waitFor("turn/start", () => peer.received.some((m) => m.method === "turn/start"));
     for (let i = 0; i < 6; i++) {
       await new Promise((resolve) => setTimeout(resolve, 15));
       peer.notify("item/agentMessage/delta", { threadId: "t1", turnId: "turn-1", delta: "x" });
@@ -272,7 +265,7 @@ test("Pool with maxConnections rejects with PoolFullError rather than evict a bu
   try {
     const a = await pool.get("ws-a");
     const busy = a.turn("t1", { input }, { timeoutMs: 300 }).catch(() => {});
-    await waitFor(() => a.inFlight > 0, "the turn to start");
+    await waitFor("the turn to start", () => a.inFlight > 0);
     await assert.rejects(pool.get("ws-b"), (error: unknown) => {
       assert.ok(error instanceof PoolFullError);
       assert.equal(error.workspaceId, "ws-b");

@@ -1,4 +1,5 @@
 import { test } from "./_test.ts";
+import { isAlive, waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
@@ -44,30 +45,12 @@ async function script(dir: string, name: string, body: string): Promise<string> 
   return path;
 }
 
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    if ((error as { code?: string }).code === "ESRCH") return false;
-    throw error;
-  }
-}
-
 function commandLine(pid: number): string[] {
   if (existsSync(`/proc/${pid}/cmdline`)) {
     return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").filter(Boolean);
   }
   return execFileSync("ps", ["-ww", "-o", "args=", "-p", String(pid)], { encoding: "utf8" })
     .trim().split(/\s+/);
-}
-
-async function waitFor(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
-  const deadline = Date.now() + 5_000;
-  while (!await check()) {
-    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
 }
 
 async function readyz(endpoint: Endpoint): Promise<number> {

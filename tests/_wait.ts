@@ -1,0 +1,37 @@
+// Waiting helpers shared by the tests: poll for the condition you mean instead of sleeping.
+import process from "node:process";
+
+/**
+ * Polls `check` every few ms until it holds.
+ *
+ * @param what What is awaited, for the error message.
+ * @param check The condition; may be async.
+ * @param timeoutMs How long to wait before failing.
+ */
+export async function waitFor(
+  what: string,
+  check: () => boolean | Promise<boolean>,
+  timeoutMs = 5_000,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 3));
+  }
+}
+
+/**
+ * Whether a process with this pid exists (a zombie counts until it is reaped).
+ *
+ * @param pid The process id.
+ * @returns False once the process is gone.
+ */
+export function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    if ((error as { code?: string }).code === "ESRCH") return false;
+    throw error;
+  }
+}
