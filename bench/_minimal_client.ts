@@ -7,6 +7,13 @@
  * @module
  */
 
+// `new WebSocket(url, { headers })` is not WHATWG, but Deno, Bun and Node 22 accept it; a
+// codex app-server behind a capability token needs the Authorization header.
+type WebSocketWithHeaders = new (
+  url: string,
+  init: { headers: Record<string, string> },
+) => WebSocket;
+
 /** A minimal JSON-RPC client over one WebSocket. */
 export class MinimalClient {
   #ws: WebSocket;
@@ -48,11 +55,14 @@ export class MinimalClient {
   /**
    * Connects and performs the initialize handshake.
    *
-   * @param url The fake server's ws:// URL.
+   * @param url The server's ws:// URL (the fake server, or a real codex app-server).
+   * @param headers Upgrade request headers, e.g. codex's `Authorization: Bearer …`.
    * @returns A ready client.
    */
-  static async connect(url: string): Promise<MinimalClient> {
-    const ws = new WebSocket(url);
+  static async connect(url: string, headers?: Record<string, string>): Promise<MinimalClient> {
+    const ws = headers
+      ? new (WebSocket as unknown as WebSocketWithHeaders)(url, { headers })
+      : new WebSocket(url);
     await new Promise<void>((resolve, reject) => {
       ws.onopen = () => resolve();
       ws.onerror = () => reject(new Error(`MinimalClient: cannot connect to ${url}`));

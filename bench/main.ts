@@ -1,30 +1,53 @@
 /**
- * `npm run bench` (`deno run -A bench/main.ts`): runs `bench/conn_bench.ts` on Deno, Bun and
- * Node 22, one runtime after the other, and prints each runtime's table, then the
- * broker/minimal ratios side by side.
+ * `npm run bench` (`deno run -A bench/main.ts`) runs two benches, one after the other:
  *
- * The fake app-server runs in its own process (Node 22, a fresh one per runtime), not in the
- * client's: in one process the server's work (parsing each turn/start, serializing five
- * frames back) shares the client's event loop and CPU. That adds the same cost to both
- * clients and so pulls the ratio towards 1, hiding part of the broker's overhead (in one
- * Deno run at concurrency 256: 0.81 in-process, 0.66 in its own process). It is also the
- * same server, on the same runtime, for all three client runtimes. The price: the numbers
- * need two free cores, so other load on the machine shows up in turns/s; the CPU per turn
- * column is the steadier comparison. `BENCH_SERVER=inprocess` runs the server in the
- * client's process instead.
+ * 1. **Conn throughput** (`bench/conn_bench.ts`) on Deno, Bun and Node 22, one runtime
+ *    after the other, against a fake app-server; it prints each runtime's table, then the
+ *    broker/minimal ratios side by side.
+ * 2. **codex latency** (`bench/codex_latency.ts`, "codex"): the real codex on the loopback
+ *    model, sequential turns on one thread through the broker over REST, through a minimal
+ *    WebSocket client straight to an app-server (the floor), and through `codex exec` per
+ *    turn, plus the cold first turn of a new workspace. It prints the p50s (p90/p99 where
+ *    the sample count allows), REST/floor (goal <= 1.05) and exec/REST (goal >= 4x) with
+ *    "goal met" or "not met", the cold p50 against the warm one, and where the broker's
+ *    time goes. About 20 s.
  *
- * Arguments pick runtimes (`npm run bench -- deno node`); the `BENCH_*` variables of
- * `conn_bench.ts` pass through.
+ * Options: arguments pick the parts, in any order; none runs everything.
+ *
+ * ```sh
+ * npm run bench                     # Conn bench on deno, bun and node, then codex latency
+ * npm run bench -- codex            # codex latency only
+ * npm run bench -- deno node        # Conn bench on these runtimes only (no codex latency)
+ * npm run bench -- bun codex        # Conn bench on bun, then codex latency
+ * ```
+ *
+ * The `BENCH_*` variables of `conn_bench.ts` (`BENCH_ROUNDS`, `BENCH_ROUND_MS`,
+ * `BENCH_WARMUP_MS`, `BENCH_CONCURRENCY`, and `BENCH_SERVER` below) and of
+ * `codex_latency.ts` (`BENCH_CODEX_WARMUP`, `BENCH_CODEX_TURNS`, `BENCH_CODEX_EXEC`,
+ * `BENCH_CODEX_COLD`) pass through.
+ *
+ * In the Conn bench, the fake app-server runs in its own process (Node 22, a fresh one per
+ * runtime), not in the client's: in one process the server's work (parsing each
+ * turn/start, serializing five frames back) shares the client's event loop and CPU. That
+ * adds the same cost to both clients and so pulls the ratio towards 1, hiding part of the
+ * broker's overhead (in one Deno run at concurrency 256: 0.81 in-process, 0.66 in its own
+ * process). It is also the same server, on the same runtime, for all three client
+ * runtimes. The price: the numbers need two free cores, so other load on the machine shows
+ * up in turns/s; the CPU per turn column is the steadier comparison.
+ * `BENCH_SERVER=inprocess` runs the server in the client's process instead.
  *
  * @module
  */
 
+import { codexLatencyConfig, formatCodexLatency, runCodexLatency } from "./codex_latency.ts";
 import { formatRuntime, GOAL_RATIO, RESULT_MARKER, type RuntimeResult } from "./_stats.ts";
 
 const ROOT = decodeURIComponent(new URL("..", import.meta.url).pathname).replace(/\/$/, "");
 const BIN = `${ROOT}/node_modules/.bin`;
 const RUNTIMES = ["deno", "bun", "node"] as const;
 type Runtime = typeof RUNTIMES[number];
+/** The argument that selects the real-codex latency run. */
+const CODEX = "codex";
 
 // Far above a normal run (about 20 s per runtime): only a hung run should hit it.
 const RUNTIME_TIMEOUT_MS = 3 * 60_000;
@@ -142,10 +165,11 @@ function summary(results: RuntimeResult[]): string {
 
 async function main(): Promise<number> {
   const began = performance.now();
-  const wanted = Deno.args.length > 0 ? Deno.args : [...RUNTIMES];
-  const unknown = wanted.filter((r) => !(RUNTIMES as readonly string[]).includes(r));
+  const parts: readonly string[] = [...RUNTIMES, CODEX];
+  const wanted = Deno.args.length > 0 ? Deno.args : parts;
+  const unknown = wanted.filter((r) => !parts.includes(r));
   if (unknown.length > 0) {
-    console.error(`Unknown runtime(s) ${unknown.join(", ")}; expected ${RUNTIMES.join(", ")}`);
+    console.error(`Unknown part(s) ${unknown.join(", ")}; expected some of ${parts.join(", ")}`);
     return 2;
   }
   const runtimes = RUNTIMES.filter((r) => wanted.includes(r));
@@ -163,6 +187,15 @@ async function main(): Promise<number> {
     }
   }
   if (results.length > 0) console.log(summary(results));
+  if (wanted.includes(CODEX)) {
+    if (runtimes.length > 0) console.log("");
+    try {
+      console.log(formatCodexLatency(await runCodexLatency(codexLatencyConfig())));
+    } catch (error) {
+      failed++;
+      console.error(`=== codex latency: ${error instanceof Error ? error.message : error}\n`);
+    }
+  }
   console.log(`\nbench took ${((performance.now() - began) / 1000).toFixed(1)} s`);
   return failed > 0 ? 1 : 0;
 }
