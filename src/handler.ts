@@ -452,7 +452,11 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     } catch (error) {
       failure = error instanceof Error ? error.message : String(error);
       if (error instanceof TimeoutError) turnId = error.turnId;
-      const transport = transportFailure(error);
+      let transport = transportFailure(error);
+      if (transport?.code === "wsDisconnect" && await pool.crashed(turn.workspaceId)) {
+        // The connection closed because the app-server died, not the other way round.
+        transport = { code: "subprocessCrash", message: transport.message };
+      }
       if (signal.aborted) {
         outcome = "cancelled";
         result = {

@@ -132,6 +132,7 @@ function unref(timer: unknown): void {
 export class Pool extends EventTarget {
   #resolve: WsUrlResolver;
   #release: ((workspaceId: string) => void | Promise<void>) | undefined;
+  #crashed: ((workspaceId: string, withinMs: number) => Promise<boolean>) | undefined;
   #entries = new Map<string, Entry>();
   #idleTtlMs: number;
   #sweepIntervalMs: number;
@@ -159,9 +160,11 @@ export class Pool extends EventTarget {
     if (typeof resolver === "function") {
       this.#resolve = resolver;
       this.#release = undefined;
+      this.#crashed = undefined;
     } else {
       this.#resolve = (id, signal) => resolver.resolve(id, signal);
       this.#release = resolver.release ? (id) => resolver.release!(id) : undefined;
+      this.#crashed = resolver.crashed ? (id, ms) => resolver.crashed!(id, ms) : undefined;
     }
     this.#idleTtlMs = options.idleTtlMs ?? DEFAULT_IDLE_TTL_MS;
     this.#sweepIntervalMs = options.sweepIntervalMs ?? Math.max(1, this.#idleTtlMs / 4);
@@ -228,6 +231,29 @@ export class Pool extends EventTarget {
     this.#entries.set(workspaceId, created);
     this.#startSweeping();
     return signal ? abortable(created.dialing, signal) : created.dialing;
+  }
+
+  /**
+   * Asks the resolver whether the workspace's app-server died on its own, e.g. after a
+   * call failed with {@linkcode ConnectionClosedError}. False when the resolver cannot tell.
+   *
+   * @example Tell a crash from a lost connection
+   * ```ts ignore
+   * if (error instanceof ConnectionClosedError && await pool.crashed("ws-1")) {
+   *   console.error("codex died in workspace ws-1");
+   * }
+   * ```
+   *
+   * @param workspaceId The workspace.
+   * @param withinMs How long to wait for news of the process's death. Defaults to 250 ms.
+   * @returns True if the app-server process died on its own.
+   */
+  async crashed(workspaceId: string, withinMs = 250): Promise<boolean> {
+    try {
+      return await (this.#crashed?.(workspaceId, withinMs) ?? false);
+    } catch {
+      return false;
+    }
   }
 
   /**

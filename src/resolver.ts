@@ -31,4 +31,11 @@ export interface Resolver {
   resolve: WsUrlResolver;
   /** Called once the pool no longer holds a connection for the workspace. */
   release?(workspaceId: string): void | Promise<void>;
+  /**
+   * Whether the workspace's app-server process died on its own (crashed, killed) since it
+   * was last resolved, waiting up to `withinMs` for news of it: a socket can close a moment
+   * before its process is reported gone. Lets callers tell a dead app-server from a lost
+   * connection.
+   */
+  crashed?(workspaceId: string, withinMs: number): Promise<boolean>;
 }

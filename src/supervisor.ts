@@ -112,6 +112,15 @@ export interface CodexResolver extends Resolver {
    */
   close(): Promise<void>;
   /**
+   * Whether the workspace's codex died on its own (crashed, killed) since it was last
+   * started, waiting up to `withinMs` for its exit to be reported.
+   *
+   * @param workspaceId The workspace.
+   * @param withinMs How long to wait for a dying process's exit.
+   * @returns True if the ready process exited without being stopped.
+   */
+  crashed(workspaceId: string, withinMs: number): Promise<boolean>;
+  /**
    * The pid of the workspace's codex while it is starting or running, for tests and logs.
    *
    * @param workspaceId The workspace.
@@ -222,6 +231,7 @@ export function createCodexResolver(options: CodexResolverOptions = {}): CodexRe
     release: (workspaceId) => supervisor.release(workspaceId),
     close: () => supervisor.close(),
     pid: (workspaceId) => supervisor.pid(workspaceId),
+    crashed: (workspaceId, withinMs) => supervisor.crashed(workspaceId, withinMs),
   };
 }
 
@@ -256,6 +266,8 @@ class Supervisor {
   // app-servers on the same directories.
   #stopping = new Map<string, Promise<void>>();
   #all = new Set<CodexProcess>();
+  // Workspaces whose ready app-server died without being stopped, until the next spawn.
+  #crashed = new Set<string>();
   #closing: Promise<void> | undefined;
   #exitHook: (() => void) | undefined;
 
@@ -314,6 +326,20 @@ class Supervisor {
     return this.#current.get(workspaceId)?.pid;
   }
 
+  async crashed(workspaceId: string, withinMs: number): Promise<boolean> {
+    if (this.#crashed.has(workspaceId)) return true;
+    const child = this.#current.get(workspaceId);
+    if (!child?.isReady) return false;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<void>((resolve) => (timer = setTimeout(resolve, withinMs)));
+    try {
+      await Promise.race([child.gone, late]);
+    } finally {
+      clearTimeout(timer);
+    }
+    return this.#crashed.has(workspaceId);
+  }
+
   async #close(): Promise<void> {
     const children = [...this.#all];
     this.#current.clear();
@@ -328,8 +354,10 @@ class Supervisor {
   #spawn(workspaceId: string): CodexProcess {
     const child = new CodexProcess(workspaceId, this.#settings(workspaceId), () => {
       this.#all.delete(child);
+      if (child.diedOnItsOwn) this.#crashed.add(workspaceId);
       if (this.#current.get(workspaceId) === child) this.#current.delete(workspaceId);
     });
+    this.#crashed.delete(workspaceId);
     this.#current.set(workspaceId, child);
     this.#all.add(child);
     this.#installExitHook();
@@ -423,6 +451,16 @@ class CodexProcess {
 
   get isReady(): boolean {
     return this.#isReady;
+  }
+
+  /** True once a ready process has exited without being asked to stop. */
+  get diedOnItsOwn(): boolean {
+    return this.#isReady && this.#exit !== undefined && this.#stopping === undefined;
+  }
+
+  /** Resolves once the process has exited and its token is gone. */
+  get gone(): Promise<void> {
+    return this.#gone.promise;
   }
 
   get isAbandoned(): boolean {

@@ -587,6 +587,35 @@ test("POST /api/turns answers transport wsDisconnect with the thread when the so
   }
 });
 
+test("POST /api/turns answers transport subprocessCrash when the app-server died mid-turn", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    const start = await peer.expect("thread/start");
+    peer.reply(start, { thread: { id: "thr-1" } });
+    await peer.expect("turn/start");
+    peer.terminate();
+  });
+  const asked: string[] = [];
+  const pool = new Pool({
+    resolve: () => Promise.resolve(server.url),
+    // What the supervisor says once the process behind the socket has exited.
+    crashed: (workspaceId) => {
+      asked.push(workspaceId);
+      return Promise.resolve(true);
+    },
+  });
+  try {
+    const handler = createTurnsHandler(pool, { secret: SECRET });
+    const response = await handler(post({ workspaceId: "ws-1", params: { input } }));
+    const body = await response.json();
+    assert.equal(body.threadId, "thr-1");
+    assert.equal(body.transport.code, "subprocessCrash");
+    assert.deepEqual(asked, ["ws-1"]);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
 test("POST /api/turns answers transport rpcError with the JSON-RPC code and data", async () => {
   const h = await harness(async (peer) => {
     const start = await peer.expect("thread/start");

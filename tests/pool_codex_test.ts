@@ -326,6 +326,7 @@ test("Pool.turn() rejects with ConnectionClosedError within 1 s when codex is ki
     assert.ok(elapsed < 1_000, `rejected ${elapsed} ms after the kill`);
     assert.deepEqual(eventsOf(events, workspaceId), ["dial", "close"]);
     assert.equal(pool.size, 0);
+    assert.equal(await pool.crashed(workspaceId, 2_000), true, "the pool can tell it was a crash");
 
     // The next turn redials through the resolver, which starts a fresh codex.
     model.respond = reply("back on a fresh codex");

@@ -203,6 +203,28 @@ test("createCodexResolver() replaces a codex killed with SIGKILL on the next res
   }
 });
 
+test("createCodexResolver() crashed() tells a killed codex from a live or released one", async () => {
+  const box = await sandbox();
+  const resolver = createCodexResolver(box.options());
+  try {
+    await resolver.resolve("ws-live");
+    await resolver.resolve("ws-killed");
+    await resolver.resolve("ws-released");
+    assert.equal(await resolver.crashed("ws-live", 30), false);
+    await resolver.release("ws-released");
+    assert.equal(await resolver.crashed("ws-released", 30), false);
+    process.kill(resolver.pid("ws-killed")!, "SIGKILL");
+    // Asked at once, before the exit is reported: crashed() waits for the news.
+    assert.equal(await resolver.crashed("ws-killed", 2_000), true);
+    assert.equal(await resolver.crashed("ws-killed", 0), true, "remembered until a respawn");
+    await resolver.resolve("ws-killed");
+    assert.equal(await resolver.crashed("ws-killed", 30), false, "a fresh process");
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
 test("createCodexResolver() rejects with SpawnError when the codex binary is missing", async () => {
   const box = await sandbox();
   const command = join(box.dir, "no-such-codex");
