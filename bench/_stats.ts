@@ -102,7 +102,14 @@ function fmt(value: number, digits: number): string {
   return Number.isFinite(value) ? value.toFixed(digits) : "-";
 }
 
-function ms(value: number): string {
+/**
+ * Formats milliseconds with three significant digits or so; "-" for a missing value.
+ *
+ * @param value Milliseconds.
+ * @returns The text.
+ */
+export function ms(value: number): string {
+  if (!Number.isFinite(value)) return "-";
   return value < 10 ? value.toFixed(2) : value < 100 ? value.toFixed(1) : value.toFixed(0);
 }
 
@@ -110,7 +117,14 @@ function pct(value: number | null): string {
   return value === null ? "n/a" : `${value.toFixed(0)}%`;
 }
 
-function table(header: string[], rows: string[][]): string {
+/**
+ * Lays out a plain-text table: the first column left-aligned, the others right-aligned.
+ *
+ * @param header Column titles.
+ * @param rows The cells, row by row.
+ * @returns The table's lines, joined.
+ */
+export function table(header: string[], rows: string[][]): string {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
   const line = (cells: string[]) =>
     cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0)))

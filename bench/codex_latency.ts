@@ -47,7 +47,7 @@ import { createCodexResolver } from "../src/supervisor.ts";
 import { makeCodexHome } from "../tests/_codex_home.ts";
 import { reply, startMockModel } from "../tests/_mock_model.ts";
 import { MinimalClient } from "./_minimal_client.ts";
-import { percentile } from "./_stats.ts";
+import { ms, percentile, table } from "./_stats.ts";
 
 /** REST p50 may be at most this multiple of the floor's p50. */
 export const FLOOR_GOAL = 1.05;
@@ -630,21 +630,6 @@ function ratioInterval(a: number[], b: number[], resamples = 2000): [number, num
   };
   const ratios = Float64Array.from({ length: resamples }, () => median(a) / median(b)).sort();
   return [percentile(ratios, 5), percentile(ratios, 95)];
-}
-
-function ms(value: number): string {
-  if (!Number.isFinite(value)) return "-";
-  return value < 10 ? value.toFixed(2) : value < 100 ? value.toFixed(1) : value.toFixed(0);
-}
-
-function table(header: string[], rows: string[][]): string {
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
-  const line = (cells: string[]) =>
-    cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0)))
-      .join("  ");
-  return [line(header), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line)].join(
-    "\n",
-  );
 }
 
 const LABELS: Record<Method, string> = {
