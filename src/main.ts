@@ -6,12 +6,11 @@
  *
  * It writes JSON log lines (`{"time","level","msg",…}`) to stderr and never logs the
  * secret. Once it listens it logs exactly one line with `"msg":"listening"` and the `url`,
- * whose port is the real one when `--port 0` was given. SIGINT or SIGTERM stops it
+ * whose port is the real one when `--port 0` was given. SIGINT, SIGTERM or SIGHUP stops it
  * gracefully: it stops accepting, lets turns in flight finish for `--grace`, then
  * interrupts them, closes the pool, stops every codex and exits 0. A second signal cuts the
- * grace period short. Ctrl+C in a terminal signals the whole process group, codex included,
- * and codex exits at once on SIGINT: only a signal sent to the broker alone (`kill`,
- * systemd, Docker) gets turns their grace period.
+ * grace period short. Each codex runs in a process group of its own, so Ctrl+C in a
+ * terminal reaches the broker alone and turns get their grace period.
  *
  * Under Deno, run it with `--unstable-no-legacy-abort` (this repository's deno.json sets
  * it): otherwise Deno prints a warning once, and misses some clients that leave an event
@@ -123,7 +122,7 @@ export interface MainOptions {
   stderr?: (text: string) => void;
   /** Aborting it shuts the broker down as SIGTERM would. */
   signal?: AbortSignal;
-  /** Listen for SIGINT and SIGTERM. Defaults to `true`. */
+  /** Listen for SIGINT, SIGTERM and SIGHUP. Defaults to `true`. */
   handleSignals?: boolean;
 }
 
@@ -170,8 +169,9 @@ Flags (a value may follow a space or "="; the last of a repeated flag wins):
   --codex <path>            The codex binary (default: node_modules, then codex on PATH)
   --approvals <decision>    Answer codex's approval requests with accept or decline
                             (default decline)
-  --grace <duration>        On SIGINT/SIGTERM, let turns in flight finish this long before
-                            interrupting them (default 10s); a second signal cuts it short
+  --grace <duration>        On SIGINT, SIGTERM or SIGHUP, let turns in flight finish this
+                            long before interrupting them (default 10s); a second signal
+                            cuts it short
   -h, --help                Print this help and exit
 
 Durations are milliseconds ("1500") or a number with a unit: ms, s, m, h ("30s", "5m").
@@ -192,7 +192,9 @@ const INTERRUPT_WAIT_MS = 5_000;
 const LISTENER_CLOSE_MS = 2_000;
 // How often Node's idle keep-alive connections are closed during a shutdown.
 const SWEEP_MS = 50;
-const SIGNALS = ["SIGINT", "SIGTERM"] as const;
+// SIGHUP too: codex runs in process groups of its own, so a closed terminal reaches only
+// the broker, which then stops them.
+const SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
 
 const VALUE_FLAGS = new Set([
   "host",

@@ -560,7 +560,15 @@ class CodexProcess {
         "--ws-token-file",
         tokenFile,
         ...settings.args,
-      ], { cwd: settings.cwd, env: settings.env, stdio: ["ignore", "pipe", "pipe"] });
+      ], {
+        cwd: settings.cwd,
+        env: settings.env,
+        stdio: ["ignore", "pipe", "pipe"],
+        // Its own process group: Ctrl+C in a terminal signals the broker's group, and codex
+        // exits at once on SIGINT, which would cut short the grace period turns get on
+        // shutdown. Stopping signals the whole group, so codex's helpers go with it.
+        detached: true,
+      });
     } catch (error) {
       await this.#cleanUp();
       throw this.#spawnFailure(error);
@@ -746,11 +754,16 @@ function sendSignal(child: ChildProcess, name: "SIGTERM" | "SIGKILL"): void {
   if (child.pid === undefined) return;
   try {
     // Not child.kill(): Deno's ignores every call after the first, so the SIGKILL that
-    // follows an ignored SIGTERM would never be sent. The pid cannot have been reused yet:
-    // callers only signal a child whose exit has not been reported.
-    process.kill(child.pid, name);
+    // follows an ignored SIGTERM would never be sent. The pid (and the group id, the same
+    // number) cannot have been reused yet: callers only signal a child whose exit has not
+    // been reported.
+    process.kill(-child.pid, name);
   } catch {
-    // Already gone: the 'exit' event is on its way.
+    try {
+      process.kill(child.pid, name);
+    } catch {
+      // Already gone: the 'exit' event is on its way.
+    }
   }
 }
 

@@ -42,7 +42,7 @@ interface BrokerProcess {
   waitForLine(match: (line: string) => boolean, what: string): Promise<string>;
   /** Resolves once the process has ended and its pipes are drained. */
   readonly status: Promise<Status>;
-  kill(signal: "SIGTERM" | "SIGINT" | "SIGKILL"): void;
+  kill(signal: "SIGTERM" | "SIGINT" | "SIGHUP" | "SIGKILL"): void;
 }
 
 /**
@@ -73,7 +73,7 @@ function spawnBroker(args: string[], env: Record<string, string>): BrokerProcess
   let pid: number;
   let status: Promise<Status>;
   let stdout: Promise<string>;
-  let kill: (signal: "SIGTERM" | "SIGINT" | "SIGKILL") => void;
+  let kill: (signal: "SIGTERM" | "SIGINT" | "SIGHUP" | "SIGKILL") => void;
   if (deno) {
     const child = new deno.Command(deno.execPath(), {
       args: ["run", "-A", MAIN, ...args],
@@ -387,6 +387,24 @@ test("src/main.ts lets a turn in flight finish on SIGINT before it exits 0", TIM
     await fx.cleanup();
   }
 });
+
+test(
+  "src/main.ts shuts down gracefully on SIGHUP (a closed terminal) and exits 0",
+  TIMEOUT,
+  async () => {
+    const fx = await startFixture();
+    try {
+      const response = await turnRequest(fx.url, HELLO);
+      assert.equal((await response.json()).turn.status, "completed");
+      const [codex] = codexPids(fx.broker);
+      fx.broker.kill("SIGHUP");
+      assert.deepEqual(await fx.broker.status, { code: 0, signal: null });
+      assert.ok(codex !== undefined && !isRunning(codex));
+    } finally {
+      await fx.cleanup();
+    }
+  },
+);
 
 test(
   "src/main.ts interrupts turns still running when the grace period ends, then exits 0",

@@ -225,6 +225,21 @@ test("createCodexResolver() crashed() tells a killed codex from a live or releas
   }
 });
 
+test("createCodexResolver() runs each codex in a process group of its own", async () => {
+  const box = await sandbox();
+  const resolver = createCodexResolver(box.options());
+  try {
+    await resolver.resolve("ws-1");
+    const pid = resolver.pid("ws-1")!;
+    // Field 5 of /proc/PID/stat is the process group; the comm field before it has no spaces.
+    const group = Number(readFileSync(`/proc/${pid}/stat`, "utf8").split(" ")[4]);
+    assert.equal(group, pid, "Ctrl+C on the broker's terminal must not reach codex");
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
 test("createCodexResolver() rejects with SpawnError when the codex binary is missing", async () => {
   const box = await sandbox();
   const command = join(box.dir, "no-such-codex");
