@@ -225,12 +225,15 @@ export class Pool extends EventTarget {
       return Promise.reject(new PoolFullError(workspaceId, this.#maxConnections));
     }
     const created: Entry = { conn: undefined, dialing: undefined, lastUsed: Date.now() };
-    created.dialing = this.#connect(workspaceId, created);
-    // Waiters get the rejection through their own promise; this one only must not be unhandled.
-    created.dialing.catch(() => {});
+    // In the map before the dial starts: a resolver that throws at once must find it there
+    // to remove it, or the failure would be cached.
     this.#entries.set(workspaceId, created);
     this.#startSweeping();
-    return signal ? abortable(created.dialing, signal) : created.dialing;
+    const dialing = this.#connect(workspaceId, created);
+    // Waiters get the rejection through their own promise; this one only must not be unhandled.
+    dialing.catch(() => {});
+    if (this.#entries.get(workspaceId) === created) created.dialing = dialing;
+    return signal ? abortable(dialing, signal) : dialing;
   }
 
   /**

@@ -384,3 +384,20 @@ test("Pool.close() waits for the release of a workspace that was reaped just bef
     await server.close();
   }
 });
+
+test("Pool.get() does not cache the failure of a resolver that throws synchronously", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  let calls = 0;
+  const pool = new Pool((): Promise<string> => {
+    if (++calls === 1) throw new Error("not yet");
+    return Promise.resolve(server.url);
+  });
+  try {
+    await assert.rejects(pool.get("ws-1"), WorkspaceUnavailableError);
+    assert.equal(pool.size, 0);
+    assert.equal((await pool.get("ws-1")).closed, false);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
