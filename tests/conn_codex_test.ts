@@ -10,12 +10,11 @@
  */
 
 import { after, before, test } from "./_test.ts";
+import { type CodexFixture, startCodexFixture } from "./_codex_fixture.ts";
 import { isAlive, waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { mkdtemp, realpath, rm } from "node:fs/promises";
 import { connect } from "node:net";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
 import {
@@ -28,44 +27,23 @@ import {
   type Turn,
 } from "../mod.ts";
 import type { Endpoint } from "../src/resolver.ts";
-import { type CodexResolver, createCodexResolver } from "../src/supervisor.ts";
-import { makeCodexHome, type TempCodexHome } from "./_codex_home.ts";
-import { echo, execThenReply, type MockModel, reply, startMockModel } from "./_mock_model.ts";
+import { echo, execThenReply, reply } from "./_mock_model.ts";
 
 const WORKSPACE = "conn-codex";
 const COMMAND_APPROVAL = "item/commandExecution/requestApproval";
 
-interface Harness {
-  readonly model: MockModel;
-  readonly home: TempCodexHome;
-  readonly dir: string;
-  readonly resolver: CodexResolver;
-}
+type Harness = CodexFixture;
 
 let harness: Harness | undefined;
 
 before(async () => {
-  const model = await startMockModel({ respond: echo() });
-  const home = await makeCodexHome(model.baseUrl);
-  const dir = await realpath(await mkdtemp(join(tmpdir(), "conn-codex-test-")));
-  const resolver = createCodexResolver({
-    codexHome: () => home.path,
-    cwd: (id) => join(dir, "workspaces", id),
-  });
-  harness = { model, home, dir, resolver };
-  // Spawned here rather than by the first test that needs it: a child process must be
-  // started and stopped by the same test, or outside of every test.
-  await resolver.resolve(WORKSPACE);
+  harness = await startCodexFixture("conn-codex-test-", [WORKSPACE]);
 });
 
 after(async () => {
-  if (!harness) return;
-  const { model, home, dir, resolver } = harness;
+  const fixture = harness;
   harness = undefined;
-  await resolver.close();
-  await model.close();
-  await home.cleanup();
-  await rm(dir, { recursive: true, force: true });
+  await fixture?.close();
 });
 
 function h(): Harness {

@@ -11,11 +11,11 @@
  */
 
 import { after, before, test } from "./_test.ts";
+import { type CodexFixture, fixtureResolver, startCodexFixture } from "./_codex_fixture.ts";
 import { isAlive, waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
-import { mkdtemp, realpath, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { realpath } from "node:fs/promises";
 import { join } from "node:path";
 import process from "node:process";
 import {
@@ -30,63 +30,30 @@ import {
   type Turn,
   TurnRpcError,
 } from "../mod.ts";
-import {
-  type CodexResolver,
-  type CodexResolverOptions,
-  createCodexResolver,
-} from "../src/supervisor.ts";
-import { makeCodexHome, type TempCodexHome } from "./_codex_home.ts";
-import { echo, execThenReply, type MockModel, reply, startMockModel } from "./_mock_model.ts";
+import type { CodexResolver } from "../src/supervisor.ts";
+import { echo, execThenReply, reply } from "./_mock_model.ts";
 
 const TURN_TIMEOUT_MS = 10_000;
 /** The workspaces whose codex processes every test may use through {@linkcode keepAlive}. */
 const SHARED_WORKSPACES = ["ws-a", "ws-b"];
 
-interface Harness {
-  readonly model: MockModel;
-  readonly home: TempCodexHome;
-  readonly dir: string;
-  readonly resolver: CodexResolver;
-}
+type Harness = CodexFixture;
 
 let harness: Harness | undefined;
 
 before(async () => {
-  const model = await startMockModel({ respond: echo() });
-  const home = await makeCodexHome(model.baseUrl);
-  const dir = await realpath(await mkdtemp(join(tmpdir(), "pool-codex-test-")));
-  const resolver = newResolver(home, dir);
-  harness = { model, home, dir, resolver };
-  // Spawned here rather than by the first test that needs them: a child process must be
-  // started and stopped by the same test, or outside of every test.
-  await Promise.all(SHARED_WORKSPACES.map((workspaceId) => resolver.resolve(workspaceId)));
+  harness = await startCodexFixture("pool-codex-test-", SHARED_WORKSPACES);
 });
 
 after(async () => {
-  if (!harness) return;
-  const { model, home, dir, resolver } = harness;
+  const fixture = harness;
   harness = undefined;
-  await resolver.close();
-  await model.close();
-  await home.cleanup();
-  await rm(dir, { recursive: true, force: true });
+  await fixture?.close();
 });
 
 function h(): Harness {
   if (!harness) throw new Error("The test harness did not start");
   return harness;
-}
-
-function newResolver(
-  home: TempCodexHome,
-  dir: string,
-  extra: CodexResolverOptions = {},
-): CodexResolver {
-  return createCodexResolver({
-    codexHome: () => home.path,
-    cwd: (id) => join(dir, "workspaces", id),
-    ...extra,
-  });
 }
 
 function workspaceDir(workspaceId: string, dir = h().dir): string {
@@ -429,7 +396,7 @@ test("Pool.close() and resolver.close() leave no codex process behind, even with
   const dir = join(h().dir, "close-test");
   // On SIGTERM codex waits for its turns to finish: a codex busy with a turn only stops at
   // the SIGKILL that follows stopTimeoutMs (3 s by default), so keep that short here.
-  const resolver = newResolver(home, dir, { stopTimeoutMs: 300 });
+  const resolver = fixtureResolver(home, dir, { stopTimeoutMs: 300 });
   const longCommand = execThenReply("sleep 30", "never sent");
   const chat = echo("echo: ");
   model.respond = (request) =>
