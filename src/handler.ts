@@ -457,7 +457,9 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
         // The connection closed because the app-server died, not the other way round.
         transport = { code: "subprocessCrash", message: transport.message };
       }
-      if (signal.aborted) {
+      // The server aborts turns with a PoolClosedError when its grace period ends: that is
+      // a shutdown (503 below), not a client that left.
+      if (signal.aborted && !(signal.reason instanceof PoolClosedError)) {
         outcome = "cancelled";
         result = {
           status: CLIENT_CLOSED_STATUS,

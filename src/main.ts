@@ -447,10 +447,6 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
           leave();
           throw error;
         }
-        if (stopping.signal.aborted && response.status === 499) {
-          // The handler took the abort for a client that left; this client is still here.
-          response = shuttingDown();
-        }
         if (nodeResponse) return response;
         if (response.body === null || !isEventStream(response)) {
           leave();
@@ -709,15 +705,6 @@ function onBodyEnd(response: Response, onEnd: () => void): Response {
     statusText: response.statusText,
     headers: response.headers,
   });
-}
-
-function shuttingDown(): Response {
-  return new Response(
-    JSON.stringify({
-      error: { code: "unavailable", message: "Turn interrupted: broker is shutting down" },
-    }),
-    { status: 503, headers: { "content-type": "application/json", "retry-after": "1" } },
-  );
 }
 
 async function timeout(promise: Promise<unknown>, ms: number): Promise<void> {

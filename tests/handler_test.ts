@@ -1,6 +1,6 @@
 import { test } from "./_test.ts";
 import assert from "node:assert/strict";
-import { Pool, type PoolOptions } from "../mod.ts";
+import { Pool, PoolClosedError, type PoolOptions } from "../mod.ts";
 import { createTurnsHandler, type TurnsHandlerOptions } from "../src/handler.ts";
 import {
   agentMessage,
@@ -843,6 +843,26 @@ test("POST /api/turns answers a bad streaming request as a plain JSON error", as
 });
 
 // --- the client goes away ---------------------------------------------------------------
+test("a turn aborted with a PoolClosedError (the server's grace period ended) answers 503 unavailable, not 499", async () => {
+  const codex = hangingCodex();
+  const h = await harness(codex.script);
+  try {
+    const controller = new AbortController();
+    const answer = h.handler(
+      post({ workspaceId: "ws-1", params: { input } }, { signal: controller.signal }),
+    );
+    await codex.started;
+    controller.abort(new PoolClosedError("Cannot run turn: broker is shutting down"));
+    const response = await answer;
+    assert.equal(response.status, 503);
+    assert.equal(response.headers.get("retry-after"), "1");
+    assert.equal((await errorOf(response)).code, "unavailable");
+    assert.equal(h.logs.at(-1)!.outcome, "unavailable");
+    await codex.interrupted();
+  } finally {
+    await h.close();
+  }
+});
 
 test("a client that aborts a JSON request gets its turn interrupted (turn/interrupt reaches codex)", async () => {
   const codex = hangingCodex();
