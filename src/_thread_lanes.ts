@@ -14,11 +14,6 @@ interface Lane {
 export class ThreadLanes {
   #lanes = new Map<string, Lane>();
 
-  /** Threads with a holder or waiters. */
-  get size(): number {
-    return this.#lanes.size;
-  }
-
   /**
    * Waits for the thread's turn in line.
    *

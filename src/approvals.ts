@@ -25,7 +25,7 @@ export type ServerRequestAnswer =
   | { error: { code: number; message: string; data?: unknown } };
 
 /** The JSON-RPC code for a method the client does not implement. */
-export const METHOD_NOT_FOUND = -32601;
+const METHOD_NOT_FOUND = -32601;
 
 const COMMAND_APPROVAL = "item/commandExecution/requestApproval";
 const FILE_CHANGE_APPROVAL = "item/fileChange/requestApproval";

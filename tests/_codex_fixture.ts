@@ -8,6 +8,7 @@ import {
   createCodexResolver,
 } from "../src/supervisor.ts";
 import { makeCodexHome, type TempCodexHome } from "./_codex_home.ts";
+import { after, before } from "./_test.ts";
 import { echo, type MockModel, startMockModel } from "./_mock_model.ts";
 
 /** The pieces a real-codex test file shares. */
@@ -50,7 +51,7 @@ export function fixtureResolver(
  * @param shared Workspaces whose codex runs from now until `close()`.
  * @returns The fixture.
  */
-export async function startCodexFixture(prefix: string, shared: string[]): Promise<CodexFixture> {
+async function startCodexFixture(prefix: string, shared: string[]): Promise<CodexFixture> {
   const model = await startMockModel({ respond: echo() });
   const home = await makeCodexHome(model.baseUrl);
   const dir = await realpath(await mkdtemp(join(tmpdir(), prefix)));
@@ -67,5 +68,28 @@ export async function startCodexFixture(prefix: string, shared: string[]): Promi
       await home.cleanup();
       await rm(dir, { recursive: true, force: true });
     },
+  };
+}
+
+/**
+ * Starts a fixture in `before` and closes it in `after`, for every test of the file.
+ *
+ * @param prefix Prefix of the temporary directory's name.
+ * @param shared Workspaces whose codex runs for the whole file.
+ * @returns An accessor for the fixture, to call inside tests.
+ */
+export function useCodexFixture(prefix: string, shared: string[]): () => CodexFixture {
+  let fixture: CodexFixture | undefined;
+  before(async () => {
+    fixture = await startCodexFixture(prefix, shared);
+  });
+  after(async () => {
+    const started = fixture;
+    fixture = undefined;
+    await started?.close();
+  });
+  return () => {
+    if (!fixture) throw new Error("The codex fixture did not start");
+    return fixture;
   };
 }

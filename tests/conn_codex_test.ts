@@ -9,8 +9,8 @@
  * `after`, outside every test, since a process a test did not start must not exit in it.
  */
 
-import { after, before, test } from "./_test.ts";
-import { type CodexFixture, startCodexFixture } from "./_codex_fixture.ts";
+import { test } from "./_test.ts";
+import { useCodexFixture } from "./_codex_fixture.ts";
 import { isAlive, waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
@@ -32,24 +32,7 @@ import { echo, execThenReply, reply } from "./_mock_model.ts";
 const WORKSPACE = "conn-codex";
 const COMMAND_APPROVAL = "item/commandExecution/requestApproval";
 
-type Harness = CodexFixture;
-
-let harness: Harness | undefined;
-
-before(async () => {
-  harness = await startCodexFixture("conn-codex-test-", [WORKSPACE]);
-});
-
-after(async () => {
-  const fixture = harness;
-  harness = undefined;
-  await fixture?.close();
-});
-
-function h(): Harness {
-  if (!harness) throw new Error("The test harness did not start");
-  return harness;
-}
+const h = useCodexFixture("conn-codex-test-", [WORKSPACE]);
 
 function workspaceDir(workspaceId = WORKSPACE): string {
   return join(h().dir, "workspaces", workspaceId);

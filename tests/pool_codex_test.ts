@@ -10,8 +10,8 @@
  * stops it before it returns (`pool.close()` releases it, or the test closes its own resolver).
  */
 
-import { after, before, test } from "./_test.ts";
-import { type CodexFixture, fixtureResolver, startCodexFixture } from "./_codex_fixture.ts";
+import { test } from "./_test.ts";
+import { fixtureResolver, useCodexFixture } from "./_codex_fixture.ts";
 import { isAlive, waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
@@ -37,24 +37,7 @@ const TURN_TIMEOUT_MS = 10_000;
 /** The workspaces whose codex processes every test may use through {@linkcode keepAlive}. */
 const SHARED_WORKSPACES = ["ws-a", "ws-b"];
 
-type Harness = CodexFixture;
-
-let harness: Harness | undefined;
-
-before(async () => {
-  harness = await startCodexFixture("pool-codex-test-", SHARED_WORKSPACES);
-});
-
-after(async () => {
-  const fixture = harness;
-  harness = undefined;
-  await fixture?.close();
-});
-
-function h(): Harness {
-  if (!harness) throw new Error("The test harness did not start");
-  return harness;
-}
+const h = useCodexFixture("pool-codex-test-", SHARED_WORKSPACES);
 
 function workspaceDir(workspaceId: string, dir = h().dir): string {
   return join(dir, "workspaces", workspaceId);
