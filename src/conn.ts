@@ -71,11 +71,17 @@ export interface TurnOptions {
   signal?: AbortSignal;
   /** Deadline for the whole turn, waiting in line included. Defaults to 5 minutes. */
   timeoutMs?: number;
-  /**
-   * Called with the turn id once codex has accepted the turn, e.g. to tell this turn's
-   * notifications from those of a turn that ran before it on the same thread.
-   */
+  /** Called with the turn id once codex has accepted the turn. */
   onStart?: (turnId: string) => void;
+  /**
+   * Receives this turn's own notifications, in the order codex sent them: those of its
+   * thread that name this turn, and those of its thread that name no turn, from codex's
+   * acceptance of the turn to its `turn/completed` (included). Notifications of a turn that
+   * ran before it on the thread are never delivered, and none are held while the turn
+   * waits in line. It is called from the read loop, so it must not block; what it throws
+   * is ignored. Once the caller gave up (deadline, abort) it is called no more.
+   */
+  onNotification?: (method: string, params: Record<string, unknown>) => void;
 }
 
 /** Frames the read loop dropped, by kind. */
@@ -139,8 +145,13 @@ interface ActiveTurn {
   readonly threadId: string;
   turnId: string | null;
   readonly items: ThreadItem[];
-  /** Notifications that arrived before the turn/start response told us the turn id. */
+  /**
+   * The thread's notifications that arrived before the turn/start response told us the
+   * turn id (codex does not order the two).
+   */
   early: { method: string; turnId: unknown; params: Record<string, unknown> }[];
+  /** The caller's {@linkcode TurnOptions.onNotification}, until it gives up. */
+  onNotification: ((method: string, params: Record<string, unknown>) => void) | undefined;
   readonly completed: PromiseWithResolvers<Turn>;
   /** True once turn/completed was applied. */
   done: boolean;
@@ -150,6 +161,12 @@ interface ActiveTurn {
 
 function isObject(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+/** The turn a notification names: `turnId`, or `turn.id` (turn/started, turn/completed). */
+function turnIdOf(method: string, params: Record<string, unknown>): unknown {
+  if (method !== TURN_COMPLETED && params.turnId !== undefined) return params.turnId;
+  return isObject(params.turn) ? params.turn.id : undefined;
 }
 
 function utf8Length(text: string): number {
@@ -538,6 +555,7 @@ export class Conn extends EventTarget {
         completed: Promise.withResolvers<Turn>(),
         done: false,
         onFinished: undefined,
+        onNotification: options.onNotification,
       };
       // Swallow here: the caller may have given up, and the rejection is read below if not.
       active.completed.promise.catch(() => {});
@@ -625,14 +643,12 @@ export class Conn extends EventTarget {
     active.turnId = turnId;
     const early = active.early;
     active.early = [];
-    for (const entry of early) {
-      if (entry.turnId === turnId) this.#applyToTurn(active, entry.method, entry.params);
-      else this.#stats.dropped.unknownTurn++;
-    }
+    for (const entry of early) this.#routeToTurn(active, entry.method, entry.turnId, entry.params);
     return turnId;
   }
 
   #abandon(active: ActiveTurn, wire: WireCall | undefined, release: () => void): void {
+    active.onNotification = undefined;
     if (active.done) {
       release();
       return;
@@ -832,32 +848,51 @@ export class Conn extends EventTarget {
   }
 
   #onNotification(method: string, params: unknown): void {
-    if (method === TURN_COMPLETED || method === ITEM_COMPLETED) {
-      this.#routeTurnNotification(method, params);
+    const active = isObject(params) && typeof params.threadId === "string"
+      ? this.#active.get(params.threadId)
+      : undefined;
+    if (active) {
+      this.#routeToTurn(
+        active,
+        method,
+        turnIdOf(method, params as Record<string, unknown>),
+        params as Record<string, unknown>,
+      );
+    } else if (method === TURN_COMPLETED || method === ITEM_COMPLETED) {
+      this.#stats.dropped.unknownTurn++;
     }
     this.dispatchEvent(new NotificationEvent(method, params));
   }
 
-  #routeTurnNotification(method: string, params: unknown): void {
-    if (!isObject(params)) {
-      this.#stats.dropped.unknownTurn++;
-      return;
-    }
-    const turnId = method === TURN_COMPLETED
-      ? (isObject(params.turn) ? params.turn.id : undefined)
-      : params.turnId;
-    const active = typeof params.threadId === "string"
-      ? this.#active.get(params.threadId)
-      : undefined;
-    if (!active) {
-      this.#stats.dropped.unknownTurn++;
-    } else if (active.turnId === null) {
-      // turn/completed can be processed before the turn/start response: keep it.
+  /** Routes a notification of the thread an active turn runs on. */
+  #routeToTurn(
+    active: ActiveTurn,
+    method: string,
+    turnId: unknown,
+    params: Record<string, unknown>,
+  ): void {
+    if (active.turnId === null) {
+      // turn/completed (and the rest) can be processed before the turn/start response.
       active.early.push({ method, turnId, params });
-    } else if (active.turnId === turnId) {
-      this.#applyToTurn(active, method, params);
-    } else {
+    } else if (turnId === active.turnId) {
+      this.#deliver(active, method, params);
+      if (method === TURN_COMPLETED || method === ITEM_COMPLETED) {
+        this.#applyToTurn(active, method, params);
+      }
+    } else if (turnId === undefined && method !== TURN_COMPLETED && method !== ITEM_COMPLETED) {
+      this.#deliver(active, method, params);
+    } else if (method === TURN_COMPLETED || method === ITEM_COMPLETED) {
       this.#stats.dropped.unknownTurn++;
+    }
+  }
+
+  #deliver(active: ActiveTurn, method: string, params: Record<string, unknown>): void {
+    const fn = active.onNotification;
+    if (!fn) return;
+    try {
+      fn(method, params);
+    } catch {
+      // The read loop must go on whatever a listener does.
     }
   }
 

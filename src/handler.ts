@@ -17,7 +17,6 @@
  * @module
  */
 
-import type { Conn } from "./conn.ts";
 import {
   ConnectionClosedError,
   DialError,
@@ -27,7 +26,6 @@ import {
   TimeoutError,
   WorkspaceUnavailableError,
 } from "./errors.ts";
-import type { NotificationEvent } from "./events.ts";
 import { Metrics, METRICS_CONTENT_TYPE } from "./metrics.ts";
 import type { Pool, PoolTurnOptions } from "./pool.ts";
 import { OVERLOADED_CODE, type ThreadStartParams, type Turn, type TurnParams } from "./protocol.ts";
@@ -154,13 +152,6 @@ interface TurnResult {
 type Validated =
   | { ok: true; value: TurnRequest & { timeoutMs: number } }
   | { ok: false; code: ErrorCode; message: string };
-
-/** The turn a notification belongs to, if it names one. */
-function turnOf(params: Record<string, unknown>): string | undefined {
-  if (typeof params.turnId === "string") return params.turnId;
-  const turn = params.turn;
-  return isObject(turn) && typeof turn.id === "string" ? turn.id : undefined;
-}
 
 function isObject(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
@@ -421,8 +412,8 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     turn: TurnRequest & { timeoutMs: number },
     signal: AbortSignal,
     stream: boolean,
-    onThread: (threadId: string, conn: Conn) => void,
-    onStart?: (turnId: string) => void,
+    onThread: (threadId: string) => void,
+    onNotification?: (method: string, params: Record<string, unknown>) => void,
   ): Promise<TurnResult> {
     const started = performance.now();
     // Until codex is reached, the thread is the one asked for (null for a new one).
@@ -435,13 +426,13 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     const turnOptions: PoolTurnOptions = {
       signal,
       timeoutMs: turn.timeoutMs,
-      onThread: (id, conn) => {
+      onThread: (id) => {
         threadId = id;
-        onThread(id, conn);
+        onThread(id);
       },
     };
     if (turn.threadParams) turnOptions.threadParams = turn.threadParams;
-    if (onStart) turnOptions.onStart = onStart;
+    if (onNotification) turnOptions.onNotification = onNotification;
     try {
       const done = await pool.turn(turn.workspaceId, threadId, turn.params, turnOptions);
       threadId = done.threadId;
@@ -521,13 +512,10 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     const onRequestAbort = () => cancel.abort(request.signal.reason);
     let finished = false;
     let heartbeat: ReturnType<typeof setInterval> | undefined;
-    let unsubscribe = () => {};
     const cleanUp = () => {
       finished = true;
       if (heartbeat !== undefined) clearInterval(heartbeat);
       heartbeat = undefined;
-      unsubscribe();
-      unsubscribe = () => {};
       request.signal.removeEventListener("abort", onRequestAbort);
     };
     const body = new ReadableStream<Uint8Array>({
@@ -550,30 +538,9 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
         else request.signal.addEventListener("abort", onRequestAbort, { once: true });
         heartbeat = setInterval(() => send(": ping\n\n"), heartbeatMs);
         if (turn.threadId) sendThread(turn.threadId);
-        // A turn queued behind another on the same thread sees that turn's events first, so
-        // the thread's events wait here until codex names this turn, then only its own (and
-        // those of no turn in particular) pass.
-        let ownTurn: string | undefined;
-        let held: { method: string; params: Record<string, unknown> }[] = [];
-        const forward = (method: string, params: Record<string, unknown>) => {
-          const turnId = turnOf(params);
-          if (turnId === undefined || turnId === ownTurn) send(sseEvent(method, params));
-        };
-        runTurn(turn, cancel.signal, true, (threadId, conn) => {
-          sendThread(threadId);
-          if (finished) return;
-          const onNotification = (event: Event) => {
-            const { method, params } = event as NotificationEvent;
-            if (!isObject(params) || params.threadId !== threadId) return;
-            if (ownTurn === undefined) held.push({ method, params });
-            else forward(method, params);
-          };
-          conn.addEventListener("notification", onNotification);
-          unsubscribe = () => conn.removeEventListener("notification", onNotification);
-        }, (turnId) => {
-          ownTurn = turnId;
-          for (const { method, params } of held) forward(method, params);
-          held = [];
+        // Conn hands this turn only its own notifications, none while it waits in line.
+        runTurn(turn, cancel.signal, true, sendThread, (method, params) => {
+          send(sseEvent(method, params));
         }).then((result) => {
           if (finished) return;
           send(sseEvent("result", result.body));

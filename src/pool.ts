@@ -314,13 +314,14 @@ export class Pool extends EventTarget {
       const conn = await this.get(workspaceId, { signal: scope.signal });
       const signal = options.signal;
       const call = signal ? { signal } : {};
-      const onStart = options.onStart;
+      const { onStart, onNotification } = options;
       const id = threadId ??
         await conn.startThread(options.threadParams ?? {}, { ...call, timeoutMs: remaining() });
       options.onThread?.(id, conn);
       const turn = await conn.turn(id, params, {
         ...call,
         ...(onStart ? { onStart } : {}),
+        ...(onNotification ? { onNotification } : {}),
         timeoutMs: remaining(),
       });
       return { threadId: id, turn };

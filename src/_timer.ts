@@ -1,0 +1,18 @@
+/**
+ * The longest delay `setTimeout` and `setInterval` honour. Node and Deno fire a longer one
+ * after 1 ms (with a warning on Node), and Bun likewise misbehaves, so every timer whose
+ * delay comes from configuration or a caller goes through {@linkcode timerDelay}.
+ */
+export const MAX_TIMER_DELAY_MS = 2 ** 31 - 1;
+
+/**
+ * Clamps a delay into what timers honour: 0 to {@linkcode MAX_TIMER_DELAY_MS}. A timer that
+ * fires early because of the cap must check its real deadline and re-arm itself.
+ *
+ * @param ms The wanted delay in milliseconds.
+ * @returns The delay to pass to `setTimeout`.
+ */
+export function timerDelay(ms: number): number {
+  if (!(ms > 0)) return 0;
+  return ms > MAX_TIMER_DELAY_MS ? MAX_TIMER_DELAY_MS : ms;
+}
