@@ -9,14 +9,17 @@
  *
  * The load client (`bench/long_run_client.ts`) runs in its own Node 22 process: POSTs to
  * `/api/turns` with a small JSON body and a wrong `X-Internal-Secret` (answered 401), over
- * `node:http` keep-alive connections, one request at a time on each. After a warm-up of
- * 5,000 requests (half a window) it reads the server's RSS (`VmRSS` in `/proc/<pid>/status`),
- * then times every window of 10,000 requests and reads the RSS after each. A request fails
+ * `node:http` keep-alive connections, one request at a time on each. It reads the server's
+ * RSS (`VmRSS` in `/proc/<pid>/status`) at the start and after a warm-up of 2,000 requests (a
+ * fifth of a window), then times every window of 10,000 requests and reads the RSS after
+ * each, and at the end the peak (`VmHWM`). RSS growth is after the run minus after the
+ * warm-up; the peak shows what a collection during the run gave back. A request fails
  * when it errors (`ECONNRESET`, …), gets anything but 401, or no answer within 30 s. At the
  * end the server gets one SIGTERM and must exit 0 within 5 s; SIGKILL follows otherwise, so
  * nothing is left running, also when a step fails.
  *
- * It prints, per runtime, broker and hello srvx side by side: RSS before, after and growth,
+ * It prints, per runtime, broker and hello srvx side by side: RSS at start, after the
+ * warm-up, after the run, peak, and growth,
  * server CPU per request, the windows (first, median, slowest, last; last/first and
  * slowest/median), failed requests and how SIGTERM went; then the broker against the
  * issue's goals, each "goal met" or "not met":
@@ -160,7 +163,7 @@ export function longRunConfig(): LongRunConfig {
   // At least ten windows, so a median and a slowest window mean something.
   const windowSize = Math.min(WINDOW_SIZE, Math.floor(wanted / 10));
   const requests = Math.floor(wanted / windowSize) * windowSize;
-  const warmup = Math.ceil(windowSize / 2);
+  const warmup = Math.ceil(windowSize / 5);
   return {
     requests,
     windowSize,
@@ -429,6 +432,8 @@ export async function runLongRun(
 
 /** One server's figures, NaN where the run did not get that far. */
 interface Figures {
+  rssStart: number;
+  rssPeak: number;
   rssBefore: number;
   rssAfter: number;
   rssGrowth: number;
@@ -447,6 +452,8 @@ function figures(run: ServerRun): Figures {
   const rssAfter = client?.rssAfterMb.at(-1) ?? NaN;
   const rssBefore = client?.rssBeforeMb ?? NaN;
   return {
+    rssStart: client?.rssStartMb ?? NaN,
+    rssPeak: client?.rssPeakMb ?? NaN,
     rssBefore,
     rssAfter,
     rssGrowth: rssAfter - rssBefore,
@@ -533,8 +540,10 @@ function formatRuntimeRun(config: LongRunConfig, run: RuntimeRun): string {
   const main = table(
     ["", "broker", "hello srvx"],
     [
-      ["RSS before (MB)", mb(b.rssBefore), mb(h.rssBefore)],
-      ["RSS after (MB)", mb(b.rssAfter), mb(h.rssAfter)],
+      ["RSS at start (MB)", mb(b.rssStart), mb(h.rssStart)],
+      ["RSS after warm-up (MB)", mb(b.rssBefore), mb(h.rssBefore)],
+      ["RSS after run (MB)", mb(b.rssAfter), mb(h.rssAfter)],
+      ["RSS peak (MB)", mb(b.rssPeak), mb(h.rssPeak)],
       ["RSS growth (MB)", mb(b.rssGrowth, true), mb(h.rssGrowth, true)],
       ["server CPU (us/request)", fixed(b.cpuUs, 0), fixed(h.cpuUs, 0)],
       ["window first (s)", seconds(b.first), seconds(h.first)],

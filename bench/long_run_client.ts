@@ -2,9 +2,10 @@
  * The long-run bench's load client (`bench/long_run.ts` runs it with Node 22, in its own
  * process): POSTs to `/api/turns` with a small JSON body and a wrong `X-Internal-Secret`,
  * which the server answers 401, over `node:http` with a keep-alive agent of `--concurrency`
- * sockets, one request at a time per socket. It sends `--warmup` requests first, then reads
- * the server's RSS and sends `--requests` more, timing each window of `--window` answers and
- * reading the RSS again after each.
+ * sockets, one request at a time per socket. It reads the server's RSS, sends `--warmup`
+ * requests, reads the RSS again and sends `--requests` more, timing each window of
+ * `--window` answers and reading the RSS after each; at the end it reads the server's peak
+ * RSS (`VmHWM`).
  *
  * A request fails when it errors (`ECONNRESET`, …), is answered anything but 401, or gets no
  * answer within 30 s. At `--deadline-ms` it stops sending; the requests in flight still end.
@@ -13,7 +14,7 @@
  *
  * ```sh
  * node_modules/.bin/node bench/long_run_client.ts --url http://127.0.0.1:8787 --pid 1234 \
- *   --requests 100000 --window 10000 --warmup 5000 --concurrency 32 --deadline-ms 400000
+ *   --requests 100000 --window 10000 --warmup 2000 --concurrency 32 --deadline-ms 400000
  * ```
  *
  * @module
@@ -35,10 +36,14 @@ export interface LongRunClientResult {
   windowSize: number;
   /** Wall time of each full window, ms, in order. */
   windowsMs: number[];
-  /** Server RSS after the warm-up, MB; NaN without `/proc` or a pid. */
+  /** Server RSS before the first request, MB; NaN without `/proc` or a pid. */
+  rssStartMb: number;
+  /** Server RSS after the warm-up, MB. */
   rssBeforeMb: number;
   /** Server RSS after each window, MB, in order. */
   rssAfterMb: number[];
+  /** The server's peak RSS since it started (`VmHWM`), read after the last request, MB. */
+  rssPeakMb: number;
   /** Server CPU time (user + system) per measured request, µs; NaN without `/proc`. */
   serverCpuUsPerRequest: number;
   /** Failed requests, warm-up included, by kind: an error code, `status 500`, `timeout`. */
@@ -65,11 +70,15 @@ function positiveInt(name: string, raw: string | undefined): number {
   return value;
 }
 
-/** `VmRSS` of a process, MB; NaN where there is no `/proc` or no such process. */
-function rssMb(pid: number | undefined): number {
+/**
+ * A process's `VmRSS` (or `VmHWM`, its peak), MB; NaN where there is no `/proc` or no such
+ * process.
+ */
+function rssMb(pid: number | undefined, field: "VmRSS" | "VmHWM" = "VmRSS"): number {
   if (pid === undefined) return NaN;
   try {
-    const match = /^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+    const status = readFileSync(`/proc/${pid}/status`, "utf8");
+    const match = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status);
     return match ? Number(match[1]) / 1024 : NaN;
   } catch {
     return NaN;
@@ -102,7 +111,7 @@ async function main(): Promise<void> {
       pid: { type: "string" },
       requests: { type: "string", default: "100000" },
       window: { type: "string", default: "10000" },
-      warmup: { type: "string", default: "5000" },
+      warmup: { type: "string", default: "2000" },
       concurrency: { type: "string", default: "32" },
       "deadline-ms": { type: "string", default: String(10 * 60_000) },
       label: { type: "string", default: "long run" },
@@ -179,6 +188,7 @@ async function main(): Promise<void> {
     return ended;
   };
 
+  const rssStartMb = rssMb(pid);
   await phase(warmup, () => {});
   const rssBeforeMb = rssMb(pid);
   const cpuBefore = cpuUs(pid);
@@ -200,14 +210,17 @@ async function main(): Promise<void> {
   });
   const measuredMs = performance.now() - began;
   const serverCpuUsPerRequest = (cpuUs(pid) - cpuBefore) / measured;
+  const rssPeakMb = rssMb(pid, "VmHWM");
   agent.destroy();
   const result: LongRunClientResult = {
     warmup,
     measured,
     windowSize,
     windowsMs,
+    rssStartMb,
     rssBeforeMb,
     rssAfterMb,
+    rssPeakMb,
     serverCpuUsPerRequest,
     failures,
     timedOut,
