@@ -42,8 +42,12 @@
  * - `BENCH_LONGRUN_RUNTIMES` (`node,deno,bun`): the runtimes, in this order.
  *
  * Each server gets a deadline of 60 s plus 3 ms per request (6 min for 100k); past it the
- * client stops sending and the run is reported as cut short. About 1-2 min per runtime
- * here, most of it the broker's run on Node.
+ * client stops sending and the run is reported as cut short. A 10k window takes about
+ * 0.4 s for hello srvx on Node here and 1.5 s for the broker, so the whole part runs in
+ * about a minute per runtime, more when the broker stalls (47 s and 113 s for Node alone
+ * before the fix of issue 7). Other load on the machine stretches single windows, so the
+ * slowest/median ratio is noisy, the more so the shorter the windows: read it with the
+ * list of windows printed below each table, and beside the hello server's.
  *
  * @module
  */

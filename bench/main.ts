@@ -18,7 +18,8 @@
  *    the 10k-request windows (first, median, slowest, last; last/first and slowest/median),
  *    failed requests and whether one SIGTERM stopped the server, then the broker against the
  *    goals of issue 7 (RSS growth <= hello's + 60 MB, no window > 3x the median, no failed
- *    request, SIGTERM stops it) with "goal met" or "not met". About 1-2 min per runtime.
+ *    request, SIGTERM stops it) with "goal met" or "not met". About a minute per runtime,
+ *    more while the Node broker stalls (47-113 s for Node alone before the fix).
  *
  * Options: arguments pick the parts, in any order; none runs everything.
  *
