@@ -1,5 +1,5 @@
 /**
- * `npm run bench` (`deno run -A bench/main.ts`) runs two benches, one after the other:
+ * `npm run bench` (`deno run -A bench/main.ts`) runs three benches, one after the other:
  *
  * 1. **Conn throughput** (`bench/conn_bench.ts`) on Deno, Bun and Node 22, one runtime
  *    after the other, against a fake app-server; it prints each runtime's table, then the
@@ -11,20 +11,34 @@
  *    the sample count allows), REST/floor (goal <= 1.05) and exec/REST (goal >= 4x) with
  *    "goal met" or "not met", the cold p50 against the warm one, and where the broker's
  *    time goes. About 20 s.
+ * 3. **Long run** (`bench/long_run.ts`, "longrun"): per runtime (Node 22, Deno, Bun), the
+ *    broker (`src/main.ts`) and a hello-world srvx server side by side, each as a subprocess
+ *    loaded by a Node 22 client process with 100,000 POSTs to `/api/turns` with a wrong
+ *    secret (answered 401) at concurrency 32 on keep-alive connections. It prints RSS growth,
+ *    the 10k-request windows (first, median, slowest, last; last/first and slowest/median),
+ *    failed requests and whether one SIGTERM stopped the server, then the broker against the
+ *    goals of issue 7 (RSS growth <= hello's + 60 MB, no window > 3x the median, no failed
+ *    request, SIGTERM stops it) with "goal met" or "not met". About a minute per runtime,
+ *    more while the Node broker stalls (47-113 s for Node alone before the fix).
  *
  * Options: arguments pick the parts, in any order; none runs everything.
  *
  * ```sh
- * npm run bench                     # Conn bench on deno, bun and node, then codex latency
+ * npm run bench                     # Conn bench on deno, bun and node, codex latency, long run
  * npm run bench -- codex            # codex latency only
- * npm run bench -- deno node        # Conn bench on these runtimes only (no codex latency)
+ * npm run bench -- deno node        # Conn bench on these runtimes only (no codex, no long run)
  * npm run bench -- bun codex        # Conn bench on bun, then codex latency
+ * npm run bench -- longrun          # long run only
+ * BENCH_LONGRUN_RUNTIMES=node npm run bench -- longrun   # long run on Node 22 only
  * ```
  *
  * The `BENCH_*` variables of `conn_bench.ts` (`BENCH_ROUNDS`, `BENCH_ROUND_MS`,
  * `BENCH_WARMUP_MS`, `BENCH_CONCURRENCY`, and `BENCH_SERVER` below) and of
  * `codex_latency.ts` (`BENCH_CODEX_WARMUP`, `BENCH_CODEX_TURNS`, `BENCH_CODEX_EXEC`,
- * `BENCH_CODEX_COLD`) pass through.
+ * `BENCH_CODEX_COLD`) pass through, and so do those of `long_run.ts`:
+ * `BENCH_LONGRUN_REQUESTS` (100000 measured requests per server, in windows of 10,000),
+ * `BENCH_LONGRUN_CONCURRENCY` (32) and `BENCH_LONGRUN_RUNTIMES` (`node,deno,bun`; the
+ * runtimes the long run starts its servers on, independent of the Conn bench's arguments).
  *
  * In the Conn bench, the fake app-server runs in its own process (Node 22, a fresh one per
  * runtime), not in the client's: in one process the server's work (parsing each
@@ -40,6 +54,7 @@
  */
 
 import { codexLatencyConfig, formatCodexLatency, runCodexLatency } from "./codex_latency.ts";
+import { formatLongRun, type LongRunConfig, longRunConfig, runLongRun } from "./long_run.ts";
 import { formatRuntime, GOAL_RATIO, RESULT_MARKER, type RuntimeResult } from "./_stats.ts";
 
 const ROOT = decodeURIComponent(new URL("..", import.meta.url).pathname).replace(/\/$/, "");
@@ -48,6 +63,8 @@ const RUNTIMES = ["deno", "bun", "node"] as const;
 type Runtime = typeof RUNTIMES[number];
 /** The argument that selects the real-codex latency run. */
 const CODEX = "codex";
+/** The argument that selects the long run. */
+const LONGRUN = "longrun";
 
 // Far above a normal run (about 20 s per runtime): only a hung run should hit it.
 const RUNTIME_TIMEOUT_MS = 3 * 60_000;
@@ -165,7 +182,7 @@ function summary(results: RuntimeResult[]): string {
 
 async function main(): Promise<number> {
   const began = performance.now();
-  const parts: readonly string[] = [...RUNTIMES, CODEX];
+  const parts: readonly string[] = [...RUNTIMES, CODEX, LONGRUN];
   const wanted = Deno.args.length > 0 ? Deno.args : parts;
   const unknown = wanted.filter((r) => !parts.includes(r));
   if (unknown.length > 0) {
@@ -173,6 +190,14 @@ async function main(): Promise<number> {
     return 2;
   }
   const runtimes = RUNTIMES.filter((r) => wanted.includes(r));
+  let longRun: LongRunConfig | undefined;
+  try {
+    // Read first: a bad variable should not wait for the other benches to surface.
+    if (wanted.includes(LONGRUN)) longRun = longRunConfig();
+  } catch (error) {
+    console.error(error instanceof Error ? error.message : error);
+    return 2;
+  }
   const inProcess = Deno.env.get("BENCH_SERVER") === "inprocess";
   const results: RuntimeResult[] = [];
   let failed = 0;
@@ -194,6 +219,23 @@ async function main(): Promise<number> {
     } catch (error) {
       failed++;
       console.error(`=== codex latency: ${error instanceof Error ? error.message : error}\n`);
+    }
+  }
+  if (longRun) {
+    if (runtimes.length > 0 || wanted.includes(CODEX)) console.log("");
+    try {
+      const result = await runLongRun(longRun);
+      console.log(formatLongRun(result));
+      for (const run of result.runs) {
+        for (const error of [run.broker.error, run.hello.error]) {
+          if (error === null) continue;
+          failed++;
+          console.error(`=== long run: ${error}\n`);
+        }
+      }
+    } catch (error) {
+      failed++;
+      console.error(`=== long run: ${error instanceof Error ? error.message : error}\n`);
     }
   }
   console.log(`\nbench took ${((performance.now() - began) / 1000).toFixed(1)} s`);
