@@ -19,6 +19,7 @@ import { ConnCloseEvent, NotificationEvent, ServerRequestEvent } from "./events.
 import { openWebSocket } from "./_websocket.ts";
 import type { ClientInfo, ThreadStartParams, Turn, TurnParams } from "./protocol.ts";
 import { type ActiveTurn, ActiveTurns } from "./_active_turns.ts";
+import { LruSet } from "./_lru.ts";
 import { type ConnStats, isObject, RpcSession, type WireCall } from "./_rpc_session.ts";
 import { ThreadLanes } from "./_thread_lanes.ts";
 
@@ -47,6 +48,12 @@ export interface DialOptions {
   interruptTimeoutMs?: number;
   /** Backoff between retries of overloaded (-32001) calls. */
   retry?: BackoffOptions;
+  /**
+   * How many threads the connection remembers having attached (started or resumed), so it
+   * sends `thread/resume` only before the first turn on a thread. The least recently used
+   * is forgotten first and simply resumed again before its next turn. Defaults to 10,000.
+   */
+  maxAttachedThreads?: number;
 }
 
 /** Options for {@linkcode Conn.request}, {@linkcode Conn.startThread} and {@linkcode Conn.interrupt}. */
@@ -82,6 +89,7 @@ const DEFAULT_CLIENT_INFO: ClientInfo = {
   version: "0.1.0",
 };
 const DEFAULT_TURN_TIMEOUT_MS = 5 * 60_000;
+const DEFAULT_MAX_ATTACHED_THREADS = 10_000;
 
 function assertTimeout(name: string, value: number | undefined): void {
   if (value !== undefined && (!Number.isFinite(value) || value <= 0)) {
@@ -116,7 +124,7 @@ export class Conn extends EventTarget {
   #session: RpcSession;
   #turns: ActiveTurns;
   #lanes = new ThreadLanes();
-  #attached = new Set<string>();
+  #attached: LruSet<string>;
   #calls = 0;
   #requestTimeoutMs: number;
   #interruptTimeoutMs: number;
@@ -132,6 +140,7 @@ export class Conn extends EventTarget {
     super();
     this.#requestTimeoutMs = options.requestTimeoutMs ?? 60_000;
     this.#interruptTimeoutMs = options.interruptTimeoutMs ?? 10_000;
+    this.#attached = new LruSet(options.maxAttachedThreads ?? DEFAULT_MAX_ATTACHED_THREADS);
     this.#session = new RpcSession(ws, url, {
       approvals: options.approvals ?? "decline",
       maxMessageBytes: options.maxMessageBytes ?? 64 * 1024 * 1024,
@@ -168,7 +177,7 @@ export class Conn extends EventTarget {
    * @param options Headers, deadline, approval policy, limits.
    * @returns A connection ready for calls.
    * @throws {TypeError} If the URL is not a WebSocket URL.
-   * @throws {RangeError} If a timeout is not a positive number.
+   * @throws {RangeError} If a timeout or `maxAttachedThreads` is not a positive number.
    * @throws {DialError} If the connection is refused, the upgrade is rejected (e.g. HTTP
    * 401), `initialize` fails, the socket closes during the handshake or the deadline passes.
    * @throws {unknown} `options.signal.reason` if the signal aborts.
@@ -181,6 +190,12 @@ export class Conn extends EventTarget {
     assertTimeout("handshakeTimeoutMs", options.handshakeTimeoutMs);
     assertTimeout("requestTimeoutMs", options.requestTimeoutMs);
     assertTimeout("interruptTimeoutMs", options.interruptTimeoutMs);
+    const maxAttached = options.maxAttachedThreads;
+    if (maxAttached !== undefined && (!Number.isSafeInteger(maxAttached) || maxAttached <= 0)) {
+      throw new RangeError(
+        `Invalid maxAttachedThreads: expected a positive integer, got ${maxAttached}`,
+      );
+    }
     const href = target.href;
     const timeoutMs = options.handshakeTimeoutMs ?? 10_000;
     const scope = createScope([options.signal], timeoutMs);
@@ -409,9 +424,9 @@ export class Conn extends EventTarget {
     this.#calls++;
     try {
       release = await this.#lanes.acquire(threadId, scope.signal);
-      if (!this.#attached.has(threadId)) {
-        // Events of a thread started elsewhere (or on an earlier connection) go nowhere
-        // until this connection resumes it.
+      if (!this.#attached.touch(threadId)) {
+        // Events of a thread started elsewhere (or on an earlier connection, or forgotten
+        // by the LRU) go nowhere until this connection resumes it.
         await session.call("thread/resume", { threadId }, scope, TurnRpcError);
         this.#attached.add(threadId);
       }

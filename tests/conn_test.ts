@@ -1077,6 +1077,50 @@ test("Conn.turn() keeps the thread of an abandoned turn busy for an interruptTim
   }
 });
 
+test("Conn.turn() resumes a thread again once maxAttachedThreads has forgotten it", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const conn = await Conn.dial(server.url, { maxAttachedThreads: 2 });
+  try {
+    for (const threadId of ["a", "b", "a", "c", "a", "b"]) await conn.turn(threadId, { input });
+    const resumed = server.peers[0]!.received
+      .filter((m) => m.method === "thread/resume")
+      .map((m) => m.params.threadId);
+    // a and b are attached; a's use keeps it while c pushes b out; b comes back.
+    assert.deepEqual(resumed, ["a", "b", "c", "b"]);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn remembers at most 10,000 attached threads by default", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const conn = await Conn.dial(server.url);
+  try {
+    const threads: string[] = [];
+    for (let batch = 0; batch < 10; batch++) {
+      threads.push(...await Promise.all(Array.from({ length: 1_000 }, () => conn.startThread())));
+    }
+    await conn.turn(threads[0]!, { input }); // still attached: the 10,000th
+    threads.push(await conn.startThread()); // the 10,001st pushes out the least recent, thr-2
+    await conn.turn(threads[1]!, { input });
+    await conn.turn(threads[0]!, { input });
+    const resumed = server.peers[0]!.received
+      .filter((m) => m.method === "thread/resume")
+      .map((m) => m.params.threadId);
+    assert.deepEqual(resumed, [threads[1]]);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.dial() refuses a maxAttachedThreads that is not a positive integer", async () => {
+  for (const maxAttachedThreads of [0, 1.5, -3]) {
+    await assert.rejects(Conn.dial("ws://127.0.0.1:1", { maxAttachedThreads }), RangeError);
+  }
+});
+
 test("Conn.turn() times out, not with a stale overload, when turn/start gets no answer after thread/resume was retried", async () => {
   let resumes = 0;
   const server = await startFakeAppServer((peer) => {
