@@ -117,6 +117,15 @@ function utf8Length(text: string): number {
   return bytes;
 }
 
+/** What a policy threw, as text, whatever it threw. */
+function describe(error: unknown): string {
+  try {
+    return error instanceof Error ? String(error.message) : String(error);
+  } catch {
+    return "unprintable error";
+  }
+}
+
 /** One JSON-RPC session over an open WebSocket. */
 export class RpcSession {
   readonly #ws: WebSocket;
@@ -458,48 +467,73 @@ export class RpcSession {
     pending.reject(rpcError);
   }
 
+  // Every path ends in exactly one answer, and none of them throws: codex waits for the
+  // answer, and a throw in the promise callbacks below would be an unhandled rejection.
   #onServerRequest(request: ServerRequest): void {
     const policy = this.#approvals;
     if (typeof policy === "string") {
       const answer = answerServerRequest(request, policy);
-      this.#answer(request, answer, "error" in answer ? "error" : policy);
+      if ("error" in answer) this.#answerError(request, answer.error.code, answer.error.message);
+      else this.#answerResult(request, answer.result, policy);
       return;
     }
     let outcome: unknown;
     try {
       outcome = policy(request);
     } catch (error) {
-      this.#answerHandlerError(request, error);
+      this.#answerPolicyError(request, `Approval handler failed: ${describe(error)}`);
       return;
     }
     Promise.resolve(outcome).then(
-      (result) => {
-        if (result === undefined) {
-          this.#answerHandlerError(request, new Error("Approval handler returned no result"));
-        } else {
-          this.#answer(request, { result }, "custom");
-        }
-      },
-      (error) => this.#answerHandlerError(request, error),
+      (result) => this.#answerResult(request, result, "custom"),
+      (error) => this.#answerPolicyError(request, `Approval handler failed: ${describe(error)}`),
     );
   }
 
-  #answerHandlerError(request: ServerRequest, error: unknown): void {
-    const message = error instanceof Error ? error.message : String(error);
-    this.#answer(
+  #answerResult(request: ServerRequest, result: unknown, outcome: ServerRequestOutcome): void {
+    if (result === undefined) {
+      this.#answerPolicyError(request, "Approval handler returned no result");
+      return;
+    }
+    let json: string | undefined;
+    try {
+      json = JSON.stringify(result);
+    } catch (error) {
+      this.#answerPolicyError(
+        request,
+        `Approval handler result cannot be sent as JSON: ${describe(error)}`,
+      );
+      return;
+    }
+    if (json === undefined) {
+      this.#answerPolicyError(request, "Approval handler result cannot be sent as JSON");
+      return;
+    }
+    this.#answerFrame(request, `{"id":${JSON.stringify(request.id)},"result":${json}}`, outcome);
+  }
+
+  #answerPolicyError(request: ServerRequest, message: string): void {
+    this.#answerError(request, INTERNAL_ERROR_CODE, message);
+  }
+
+  #answerError(request: ServerRequest, code: number, message: string): void {
+    this.#answerFrame(
       request,
-      { error: { code: INTERNAL_ERROR_CODE, message: `Approval handler failed: ${message}` } },
+      JSON.stringify({ id: request.id, error: { code, message } }),
       "error",
     );
   }
 
-  #answer(
-    request: ServerRequest,
-    answer: { result: unknown } | { error: { code: number; message: string } },
-    outcome: ServerRequestOutcome,
-  ): void {
+  #answerFrame(request: ServerRequest, frame: string, outcome: ServerRequestOutcome): void {
     if (this.#closeError) return;
-    this.#send({ id: request.id, ...answer });
+    try {
+      this.#ws.send(frame);
+    } catch {
+      // The socket is going away; its close event settles everything else.
+      return;
+    }
+    this.stats.framesOut++;
+    this.#lastActivity = Date.now();
     this.#hooks.answered(request, outcome);
   }
 }

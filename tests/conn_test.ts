@@ -1,5 +1,6 @@
 import { test } from "./_test.ts";
 import { waitFor } from "./_wait.ts";
+import { watchUnhandledRejections } from "./_unhandled.ts";
 import { trackTimers } from "./_timers.ts";
 import { MAX_TIMER_DELAY_MS } from "../src/_timer.ts";
 import assert from "node:assert/strict";
@@ -19,6 +20,7 @@ import {
   agentMessage,
   codexLike,
   type FakePeer,
+  type Message,
   type Req,
   startFakeAppServer,
   turnObject,
@@ -1003,6 +1005,67 @@ test("Conn.turn() hands a turn waiting in line none of the running turn's notifi
     assert.deepEqual(secondSeen, ["turn/started u2", "turn/completed u2"]);
     await server.scriptsDone();
   } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn answers with an error when an approval policy's result cannot be sent as JSON", async () => {
+  const answers = new Map<string, Message>();
+  const methods = ["bigint", "circular", "function", "sync-bigint", "odd-throw", "ok"];
+  const server = await startFakeAppServer(async (peer) => {
+    for (const [i, method] of methods.entries()) {
+      answers.set(method, await peer.request(method, {}, i));
+    }
+  });
+  const rejections = watchUnhandledRejections();
+  const circular: Record<string, unknown> = { decision: "accept" };
+  circular.self = circular;
+  const conn = await Conn.dial(server.url, {
+    approvals: (request) => {
+      switch (request.method) {
+        case "bigint":
+          return Promise.resolve({ decision: "accept", n: 10n });
+        case "circular":
+          return Promise.resolve(circular);
+        case "function":
+          return Promise.resolve(() => "accept");
+        case "sync-bigint":
+          return { decision: "accept", n: 10n };
+        case "odd-throw":
+          throw Object.create(null); // no message, no toString
+        default:
+          return { decision: "accept" };
+      }
+    },
+  });
+  try {
+    const outcomes: string[] = [];
+    conn.addEventListener("serverrequest", (event) => {
+      const { request, outcome } = event as ServerRequestEvent;
+      outcomes.push(`${request.method}:${outcome}`);
+    });
+    await waitFor("every request answered", () => answers.size === methods.length, 2_000);
+    for (const method of ["bigint", "circular", "function", "sync-bigint"]) {
+      const answer = answers.get(method)!;
+      assert.equal(answer.result, undefined, method);
+      assert.equal(answer.error?.code, -32603, method);
+      assert.match(answer.error!.message, /cannot be sent as JSON/, method);
+    }
+    assert.equal(answers.get("odd-throw")!.error?.code, -32603);
+    assert.deepEqual(answers.get("ok")!.result, { decision: "accept" });
+    assert.deepEqual(outcomes, [
+      "bigint:error",
+      "circular:error",
+      "function:error",
+      "sync-bigint:error",
+      "odd-throw:error",
+      "ok:custom",
+    ]);
+    assert.deepEqual(rejections.reasons, []);
+    assert.equal(conn.closed, false);
+  } finally {
+    rejections.restore();
     conn.close();
     await server.close();
   }
