@@ -8,8 +8,10 @@
  * cleared timer fixed that but still cost a timer and several event listeners per turn, the
  * largest share of the broker's CPU per turn over a minimal client (bench/). So a
  * connection keeps a {@linkcode DeadlineClock} that serves every call's deadline with one
- * timer per timeout value, and waits subscribe to a scope through a plain callback list.
+ * timer, and waits subscribe to a scope through a plain callback list.
  */
+
+import { MAX_TIMER_DELAY_MS, timerDelay } from "./_timer.ts";
 
 /** A call's combined signal, and the cleanup that must run when the call settles. */
 export interface Scope {
@@ -30,6 +32,8 @@ class ScopeImpl implements Scope {
   readonly deadline: number;
   readonly timeoutMs: number;
   timedOut = false;
+  /** Position in its clock's heap; -1 while not in one. */
+  heapIndex = -1;
   #hooks: ((reason: unknown) => void)[] = [];
   #detach: (() => void)[] = [];
   #timer: ReturnType<typeof setTimeout> | undefined;
@@ -63,8 +67,17 @@ class ScopeImpl implements Scope {
       this.#clock = clock;
       clock.add(this);
     } else {
-      this.#timer = setTimeout(() => this.expire(), this.timeoutMs);
+      this.#arm();
     }
+  }
+
+  #arm(): void {
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined;
+      // A delay past the timer cap fires early: wait on until the real deadline.
+      if (this.deadline > performance.now()) this.#arm();
+      else this.expire();
+    }, timerDelay(this.deadline - performance.now()));
   }
 
   expire(): void {
@@ -99,70 +112,125 @@ class ScopeImpl implements Scope {
   }
 }
 
-interface Queue {
-  readonly scopes: Set<ScopeImpl>;
-  timer: ReturnType<typeof setTimeout> | undefined;
-}
-
 /**
- * The deadlines of one connection's calls. Calls with the same timeout expire in the order
- * they started, so one FIFO and one timer per timeout value serve them all: adding and
- * removing a call is a Set operation instead of setTimeout + clearTimeout. A timer stays
- * armed for the oldest call of its queue (settled calls are skipped when it fires), and
- * {@linkcode DeadlineClock.close} clears them all.
+ * The deadlines of one connection's calls, in a min-heap by deadline, served by one timer.
+ * Adding and removing a call costs a heap operation instead of setTimeout + clearTimeout.
+ * The timer is armed no later than the earliest deadline: a call that settles early leaves
+ * it armed (when it fires, it finds nothing due and re-arms for the new earliest), but once
+ * no call is left the timer is cleared, so finished calls never leave a timer behind.
+ * {@linkcode DeadlineClock.close} clears it too.
  */
 export class DeadlineClock {
-  #queues = new Map<number, Queue>();
+  #heap: ScopeImpl[] = [];
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  /** `performance.now()` the timer is armed for; Infinity while disarmed. */
+  #armedAt = Infinity;
   /** Set by close(); scopes created afterwards abort at once with it. */
   closedReason: unknown = undefined;
 
+  /** How many scopes are tracked. */
+  get size(): number {
+    return this.#heap.length;
+  }
+
   /** Starts tracking a scope's deadline. */
   add(scope: ScopeImpl): void {
-    let queue = this.#queues.get(scope.timeoutMs);
-    if (!queue) {
-      queue = { scopes: new Set(), timer: undefined };
-      this.#queues.set(scope.timeoutMs, queue);
-    }
-    queue.scopes.add(scope);
-    if (queue.timer === undefined) this.#arm(scope.timeoutMs, queue, scope.deadline);
+    const heap = this.#heap;
+    heap.push(scope);
+    this.#siftUp(scope, heap.length - 1);
+    if (scope.deadline < this.#armedAt) this.#arm(scope.deadline);
   }
 
-  /** Stops tracking a settled scope. */
+  /** Stops tracking a settled scope; disarms the clock when it was the last one. */
   delete(scope: ScopeImpl): void {
-    this.#queues.get(scope.timeoutMs)?.scopes.delete(scope);
+    const index = scope.heapIndex;
+    if (index === -1) return;
+    this.#removeAt(index);
+    if (this.#heap.length === 0 && this.#timer !== undefined) {
+      clearTimeout(this.#timer);
+      this.#timer = undefined;
+      this.#armedAt = Infinity;
+    }
   }
 
-  #arm(timeoutMs: number, queue: Queue, at: number): void {
-    if (queue.timer !== undefined) clearTimeout(queue.timer);
-    queue.timer = setTimeout(() => {
-      queue.timer = undefined;
-      const now = performance.now();
-      for (const scope of queue.scopes) {
-        if (scope.deadline > now) {
-          this.#arm(timeoutMs, queue, scope.deadline);
-          return;
-        }
-        queue.scopes.delete(scope);
-        scope.expire();
-      }
-      if (queue.scopes.size === 0 && queue.timer === undefined) this.#queues.delete(timeoutMs);
-    }, Math.max(0, at - performance.now()));
+  #arm(at: number): void {
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
+    this.#armedAt = at;
+    this.#timer = setTimeout(this.#fire, timerDelay(at - performance.now()));
+  }
+
+  #fire = (): void => {
+    this.#timer = undefined;
+    this.#armedAt = Infinity;
+    const heap = this.#heap;
+    const now = performance.now();
+    const due: ScopeImpl[] = [];
+    while (heap.length > 0 && heap[0]!.deadline <= now) {
+      const scope = heap[0]!;
+      this.#removeAt(0);
+      due.push(scope);
+    }
+    // Also re-arms after a capped delay fired before the real deadline.
+    if (heap.length > 0) this.#arm(heap[0]!.deadline);
+    for (const scope of due) scope.expire();
+  };
+
+  #removeAt(index: number): void {
+    const heap = this.#heap;
+    const removed = heap[index]!;
+    removed.heapIndex = -1;
+    const last = heap.pop()!;
+    if (index === heap.length) return;
+    this.#siftDown(last, index);
+    if (last.heapIndex === index) this.#siftUp(last, index);
+  }
+
+  #siftUp(scope: ScopeImpl, index: number): void {
+    const heap = this.#heap;
+    while (index > 0) {
+      const parentIndex = (index - 1) >> 1;
+      const parent = heap[parentIndex]!;
+      if (parent.deadline <= scope.deadline) break;
+      heap[index] = parent;
+      parent.heapIndex = index;
+      index = parentIndex;
+    }
+    heap[index] = scope;
+    scope.heapIndex = index;
+  }
+
+  #siftDown(scope: ScopeImpl, index: number): void {
+    const heap = this.#heap;
+    const length = heap.length;
+    for (;;) {
+      let child = 2 * index + 1;
+      if (child >= length) break;
+      const right = child + 1;
+      if (right < length && heap[right]!.deadline < heap[child]!.deadline) child = right;
+      const next = heap[child]!;
+      if (next.deadline >= scope.deadline) break;
+      heap[index] = next;
+      next.heapIndex = index;
+      index = child;
+    }
+    heap[index] = scope;
+    scope.heapIndex = index;
   }
 
   /**
-   * Aborts every live scope with `reason` and clears the timers; scopes created later abort
+   * Aborts every live scope with `reason` and clears the timer; scopes created later abort
    * at once.
    *
    * @param reason The abort reason, e.g. the connection's close error.
    */
   close(reason: unknown): void {
     this.closedReason = reason;
-    const scopes: ScopeImpl[] = [];
-    for (const queue of this.#queues.values()) {
-      if (queue.timer !== undefined) clearTimeout(queue.timer);
-      scopes.push(...queue.scopes);
-    }
-    this.#queues.clear();
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
+    this.#timer = undefined;
+    this.#armedAt = Infinity;
+    const scopes = this.#heap;
+    this.#heap = [];
+    for (const scope of scopes) scope.heapIndex = -1;
     for (const scope of scopes) scope.abort(reason);
   }
 }
@@ -228,23 +296,41 @@ export function abortable<T>(promise: Promise<T>, signal: AbortSignal | Scope): 
 }
 
 /**
- * Waits `ms` milliseconds unless `signal` aborts first (then rejects with its reason).
+ * Waits `ms` milliseconds unless `signal` aborts first (then rejects with its reason). A
+ * delay past the timer cap waits in several timers.
  *
  * @param ms Delay in milliseconds.
- * @param signal Cancels the wait.
+ * @param signal Cancels the wait: an abort signal, or a scope (cheaper: no event listener).
  * @returns A promise that resolves after the delay.
  */
-export function delay(ms: number, signal: AbortSignal): Promise<void> {
-  if (signal.aborted) return Promise.reject(signal.reason);
+export function delay(ms: number, signal: AbortSignal | Scope): Promise<void> {
+  const aborted = signal instanceof AbortSignal ? signal : signal.signal;
+  if (aborted.aborted) return Promise.reject(aborted.reason);
   return new Promise<void>((resolve, reject) => {
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(signal.reason);
+    const end = performance.now() + ms;
+    let timer: ReturnType<typeof setTimeout>;
+    const arm = (wait: number) => {
+      timer = setTimeout(() => {
+        if (wait > MAX_TIMER_DELAY_MS) {
+          arm(end - performance.now());
+          return;
+        }
+        off();
+        resolve();
+      }, timerDelay(wait));
     };
-    const timer = setTimeout(() => {
-      signal.removeEventListener("abort", onAbort);
-      resolve();
-    }, ms);
-    signal.addEventListener("abort", onAbort, { once: true });
+    const onAbort = (reason: unknown) => {
+      clearTimeout(timer);
+      reject(reason);
+    };
+    let off: () => void;
+    if (signal instanceof AbortSignal) {
+      const listener = () => onAbort(signal.reason);
+      signal.addEventListener("abort", listener, { once: true });
+      off = () => signal.removeEventListener("abort", listener);
+    } else {
+      off = signal.onAbort(onAbort);
+    }
+    arm(ms);
   });
 }

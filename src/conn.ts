@@ -4,9 +4,9 @@
  * @module
  */
 
-import { answerServerRequest, type Approvals } from "./approvals.ts";
-import { backoffDelay, type BackoffOptions } from "./_backoff.ts";
-import { abortable, createScope, DeadlineClock, delay, type Scope } from "./_deadline.ts";
+import type { Approvals } from "./approvals.ts";
+import type { BackoffOptions } from "./_backoff.ts";
+import { abortable, createScope, type Scope } from "./_deadline.ts";
 import { probeRefusal } from "./_dial_probe.ts";
 import {
   ConnectionClosedError,
@@ -17,20 +17,13 @@ import {
 } from "./errors.ts";
 import { ConnCloseEvent, NotificationEvent, ServerRequestEvent } from "./events.ts";
 import { openWebSocket } from "./_websocket.ts";
-import {
-  type ClientInfo,
-  ITEM_COMPLETED,
-  type JsonRpcErrorObject,
-  OVERLOADED_CODE,
-  type RequestId,
-  type ServerRequest,
-  type ThreadItem,
-  type ThreadStartParams,
-  type Turn,
-  TURN_COMPLETED,
-  type TurnParams,
-} from "./protocol.ts";
+import type { ClientInfo, ThreadStartParams, Turn, TurnParams } from "./protocol.ts";
+import { type ActiveTurn, ActiveTurns } from "./_active_turns.ts";
+import { LruSet } from "./_lru.ts";
+import { type ConnStats, isObject, RpcSession, type WireCall } from "./_rpc_session.ts";
 import { ThreadLanes } from "./_thread_lanes.ts";
+
+export type { ConnStats, DroppedFrames } from "./_rpc_session.ts";
 
 /** Options for {@linkcode Conn.dial}. */
 export interface DialOptions {
@@ -55,6 +48,12 @@ export interface DialOptions {
   interruptTimeoutMs?: number;
   /** Backoff between retries of overloaded (-32001) calls. */
   retry?: BackoffOptions;
+  /**
+   * How many threads the connection remembers having attached (started or resumed), so it
+   * sends `thread/resume` only before the first turn on a thread. The least recently used
+   * is forgotten first and simply resumed again before its next turn. Defaults to 10,000.
+   */
+  maxAttachedThreads?: number;
 }
 
 /** Options for {@linkcode Conn.request}, {@linkcode Conn.startThread} and {@linkcode Conn.interrupt}. */
@@ -84,104 +83,13 @@ export interface TurnOptions {
   onNotification?: (method: string, params: Record<string, unknown>) => void;
 }
 
-/** Frames the read loop dropped, by kind. */
-export interface DroppedFrames {
-  /** Binary frames: codex only sends text. */
-  binary: number;
-  /** Frames over `maxMessageBytes`. */
-  oversized: number;
-  /** Text that is not JSON. */
-  invalidJson: number;
-  /** JSON that is not a JSON-RPC message. */
-  invalidMessage: number;
-  /** Responses to ids with no pending call (late, duplicate or foreign). */
-  unknownId: number;
-  /** Turn notifications for turns no caller is waiting for. */
-  unknownTurn: number;
-}
-
-/** Counters of a connection, for metrics. */
-export interface ConnStats {
-  /** Frames received. */
-  framesIn: number;
-  /** Frames sent. */
-  framesOut: number;
-  /** Frames dropped by the read loop, by kind. */
-  dropped: DroppedFrames;
-}
-
 const DEFAULT_CLIENT_INFO: ClientInfo = {
   name: "codex_broker",
   title: "codex-broker",
   version: "0.1.0",
 };
 const DEFAULT_TURN_TIMEOUT_MS = 5 * 60_000;
-const DRAINING_CODE = -32600;
-
-/** A request on the wire. */
-interface WireCall {
-  readonly id: RequestId;
-  readonly promise: Promise<unknown>;
-}
-
-/** The last overloaded answer of a call that is being retried. */
-interface RetryState {
-  overload: RpcError | undefined;
-}
-
-function isOverloaded(error: unknown): error is RpcError {
-  return error instanceof RpcError && error.code === OVERLOADED_CODE;
-}
-
-interface Pending {
-  readonly method: string;
-  readonly ErrorClass: typeof RpcError;
-  readonly resolve: (result: unknown) => void;
-  readonly reject: (error: unknown) => void;
-}
-
-/** What the connection knows of the one turn it runs on a thread. */
-interface ActiveTurn {
-  readonly threadId: string;
-  turnId: string | null;
-  readonly items: ThreadItem[];
-  /**
-   * The thread's notifications that arrived before the turn/start response told us the
-   * turn id (codex does not order the two).
-   */
-  early: { method: string; turnId: unknown; params: Record<string, unknown> }[];
-  /** The caller's {@linkcode TurnOptions.onNotification}, until it gives up. */
-  onNotification: ((method: string, params: Record<string, unknown>) => void) | undefined;
-  readonly completed: PromiseWithResolvers<Turn>;
-  /** True once turn/completed was applied. */
-  done: boolean;
-  /** Set once the caller gave up: runs when codex has stopped the turn (or gave up on it). */
-  onFinished: (() => void) | undefined;
-}
-
-function isObject(value: unknown): value is Record<string, unknown> {
-  return typeof value === "object" && value !== null && !Array.isArray(value);
-}
-
-/** The turn a notification names: `turnId`, or `turn.id` (turn/started, turn/completed). */
-function turnIdOf(method: string, params: Record<string, unknown>): unknown {
-  if (method !== TURN_COMPLETED && params.turnId !== undefined) return params.turnId;
-  return isObject(params.turn) ? params.turn.id : undefined;
-}
-
-function utf8Length(text: string): number {
-  let bytes = 0;
-  for (let i = 0; i < text.length; i++) {
-    const c = text.charCodeAt(i);
-    if (c < 0x80) bytes += 1;
-    else if (c < 0x800) bytes += 2;
-    else if (c >= 0xd800 && c <= 0xdbff) {
-      bytes += 4;
-      i++;
-    } else bytes += 3;
-  }
-  return bytes;
-}
+const DEFAULT_MAX_ATTACHED_THREADS = 10_000;
 
 function assertTimeout(name: string, value: number | undefined): void {
   if (value !== undefined && (!Number.isFinite(value) || value <= 0)) {
@@ -213,35 +121,13 @@ function assertTimeout(name: string, value: number | undefined): void {
  * ```
  */
 export class Conn extends EventTarget {
-  #ws: WebSocket;
-  #url: string;
-  #nextId = 0;
-  #pending = new Map<RequestId, Pending>();
-  #active = new Map<string, ActiveTurn>();
+  #session: RpcSession;
+  #turns: ActiveTurns;
   #lanes = new ThreadLanes();
-  #attached = new Set<string>();
+  #attached: LruSet<string>;
   #calls = 0;
-  #clock = new DeadlineClock();
-  #socketClosed = Promise.withResolvers<void>();
-  #closeError: ConnectionClosedError | undefined;
-  #lastActivity = Date.now();
-  #approvals: Approvals;
-  #maxMessageBytes: number;
   #requestTimeoutMs: number;
   #interruptTimeoutMs: number;
-  #retry: BackoffOptions;
-  #stats: ConnStats = {
-    framesIn: 0,
-    framesOut: 0,
-    dropped: {
-      binary: 0,
-      oversized: 0,
-      invalidJson: 0,
-      invalidMessage: 0,
-      unknownId: 0,
-      unknownTurn: 0,
-    },
-  };
 
   /**
    * Wraps an open socket. Use {@linkcode Conn.dial}, which also performs the handshake.
@@ -252,27 +138,27 @@ export class Conn extends EventTarget {
    */
   private constructor(ws: WebSocket, url: string, options: DialOptions) {
     super();
-    this.#ws = ws;
-    this.#url = url;
-    this.#approvals = options.approvals ?? "decline";
-    this.#maxMessageBytes = options.maxMessageBytes ?? 64 * 1024 * 1024;
     this.#requestTimeoutMs = options.requestTimeoutMs ?? 60_000;
     this.#interruptTimeoutMs = options.interruptTimeoutMs ?? 10_000;
-    this.#retry = options.retry ?? {};
-    ws.binaryType = "arraybuffer";
-    ws.onmessage = (event) => this.#onFrame(event.data);
-    ws.onclose = (event) => {
-      this.#socketClosed.resolve();
-      this.#shutdown(
-        `Connection to ${url} closed (code ${event.code}${
-          event.reason ? `: ${event.reason}` : ""
-        })`,
-      );
-    };
-    ws.onerror = (event) =>
-      this.#shutdown(
-        `Connection to ${url} failed: ${(event as ErrorEvent).message || "WebSocket error"}`,
-      );
+    this.#attached = new LruSet(options.maxAttachedThreads ?? DEFAULT_MAX_ATTACHED_THREADS);
+    this.#session = new RpcSession(ws, url, {
+      approvals: options.approvals ?? "decline",
+      maxMessageBytes: options.maxMessageBytes ?? 64 * 1024 * 1024,
+      retry: options.retry ?? {},
+    }, {
+      notification: (method, params) => {
+        this.#turns.route(method, params);
+        this.dispatchEvent(new NotificationEvent(method, params));
+      },
+      answered: (request, outcome) => {
+        this.dispatchEvent(new ServerRequestEvent(request, outcome));
+      },
+      closed: (error) => {
+        this.#turns.closeAll(error);
+        this.dispatchEvent(new ConnCloseEvent(error));
+      },
+    });
+    this.#turns = new ActiveTurns(this.#session.stats.dropped);
   }
 
   /**
@@ -291,6 +177,7 @@ export class Conn extends EventTarget {
    * @param options Headers, deadline, approval policy, limits.
    * @returns A connection ready for calls.
    * @throws {TypeError} If the URL is not a WebSocket URL.
+   * @throws {RangeError} If a timeout or `maxAttachedThreads` is not a positive number.
    * @throws {DialError} If the connection is refused, the upgrade is rejected (e.g. HTTP
    * 401), `initialize` fails, the socket closes during the handshake or the deadline passes.
    * @throws {unknown} `options.signal.reason` if the signal aborts.
@@ -303,6 +190,12 @@ export class Conn extends EventTarget {
     assertTimeout("handshakeTimeoutMs", options.handshakeTimeoutMs);
     assertTimeout("requestTimeoutMs", options.requestTimeoutMs);
     assertTimeout("interruptTimeoutMs", options.interruptTimeoutMs);
+    const maxAttached = options.maxAttachedThreads;
+    if (maxAttached !== undefined && (!Number.isSafeInteger(maxAttached) || maxAttached <= 0)) {
+      throw new RangeError(
+        `Invalid maxAttachedThreads: expected a positive integer, got ${maxAttached}`,
+      );
+    }
     const href = target.href;
     const timeoutMs = options.handshakeTimeoutMs ?? 10_000;
     const scope = createScope([options.signal], timeoutMs);
@@ -328,12 +221,12 @@ export class Conn extends EventTarget {
       }
       const conn = new Conn(ws, href, options);
       try {
-        await conn.#call(
+        await conn.#session.call(
           "initialize",
           { clientInfo: options.clientInfo ?? DEFAULT_CLIENT_INFO, capabilities: null },
-          scope.signal,
+          scope,
         );
-        conn.#send({ method: "initialized" });
+        conn.#session.notify("initialized");
       } catch (error) {
         conn.close();
         if (scope.timedOut) {
@@ -356,7 +249,7 @@ export class Conn extends EventTarget {
 
   /** True once the connection has closed; every call then rejects. */
   get closed(): boolean {
-    return this.#closeError !== undefined;
+    return this.#session.closeError !== undefined;
   }
 
   /**
@@ -370,32 +263,35 @@ export class Conn extends EventTarget {
    * ```
    */
   get finished(): Promise<void> {
-    return this.#socketClosed.promise;
+    return this.#session.finished;
   }
 
   /** Epoch ms of the last frame sent or received. */
   get lastActivity(): number {
-    return this.#lastActivity;
+    return this.#session.lastActivity;
   }
 
   /** Calls and turns in flight, including turns still being interrupted. */
   get inFlight(): number {
-    return this.#calls + this.#active.size;
+    return this.#calls + this.#turns.size;
   }
 
   /** The URL this connection is to. */
   get url(): string {
-    return this.#url;
+    return this.#session.url;
   }
 
   /** Frame counters, including dropped frames by kind. A snapshot. */
   get stats(): ConnStats {
-    return { ...this.#stats, dropped: { ...this.#stats.dropped } };
+    const stats = this.#session.stats;
+    return { ...stats, dropped: { ...stats.dropped } };
   }
 
   /**
    * Sends a request and resolves with its result. Overloaded (-32001) answers are retried
-   * with backoff while the deadline allows.
+   * with backoff while the deadline leaves room for another attempt; the overload surfaces
+   * when it does not, or when the deadline passes during the backoff. An attempt that gets
+   * no answer by the deadline is a timeout.
    *
    * @example Read a thread
    * ```ts ignore
@@ -420,19 +316,10 @@ export class Conn extends EventTarget {
     }
     assertTimeout("timeoutMs", options.timeoutMs);
     this.#assertOpen(`send ${method}`);
-    const scope = createScope(
-      [options.signal],
-      options.timeoutMs ?? this.#requestTimeoutMs,
-      this.#clock,
-    );
-    const retry: RetryState = { overload: undefined };
+    const scope = this.#session.scope(options.signal, options.timeoutMs ?? this.#requestTimeoutMs);
     this.#calls++;
     try {
-      return await this.#callWithRetry(method, params, scope, RpcError, retry) as T;
-    } catch (error) {
-      // A deadline that passes while overloaded calls are retried is an overload to the
-      // caller, who can back off; a timeout would suggest a hung server.
-      throw scope.timedOut && retry.overload ? retry.overload : error;
+      return await this.#session.call(method, params, scope) as T;
     } finally {
       this.#calls--;
       scope.dispose();
@@ -506,7 +393,7 @@ export class Conn extends EventTarget {
    *
    * @param threadId The thread to run on.
    * @param params `turn/start` parameters without `threadId`.
-   * @param options Signal and deadline (5 minutes by default).
+   * @param options Signal, deadline (5 minutes by default), `onStart`, `onNotification`.
    * @returns codex's `Turn`, untouched but for the collected items.
    * @throws {TypeError} If `params` is not an object with an `input` array, or holds `threadId`.
    * @throws {TimeoutError} If the deadline passes.
@@ -529,54 +416,33 @@ export class Conn extends EventTarget {
     }
     assertTimeout("timeoutMs", options.timeoutMs);
     this.#assertOpen("start turn");
-    const scope = createScope(
-      [options.signal],
-      options.timeoutMs ?? DEFAULT_TURN_TIMEOUT_MS,
-      this.#clock,
-    );
+    const session = this.#session;
+    const scope = session.scope(options.signal, options.timeoutMs ?? DEFAULT_TURN_TIMEOUT_MS);
     let turnId: string | null = null;
     let release: (() => void) | undefined;
     let handedOver = false;
-    const retry: RetryState = { overload: undefined };
     this.#calls++;
     try {
       release = await this.#lanes.acquire(threadId, scope.signal);
-      if (!this.#attached.has(threadId)) {
-        // Events of a thread started elsewhere (or on an earlier connection) go nowhere
-        // until this connection resumes it.
-        await this.#callWithRetry("thread/resume", { threadId }, scope, TurnRpcError, retry);
+      if (!this.#attached.touch(threadId)) {
+        // Events of a thread started elsewhere (or on an earlier connection, or forgotten
+        // by the LRU) go nowhere until this connection resumes it.
+        await session.call("thread/resume", { threadId }, scope, TurnRpcError);
         this.#attached.add(threadId);
       }
-      const active: ActiveTurn = {
-        threadId,
-        turnId: null,
-        items: [],
-        early: [],
-        completed: Promise.withResolvers<Turn>(),
-        done: false,
-        onFinished: undefined,
-        onNotification: options.onNotification,
-      };
-      // Swallow here: the caller may have given up, and the rejection is read below if not.
-      active.completed.promise.catch(() => {});
-      this.#active.set(threadId, active);
+      const active = this.#turns.open(threadId, options.onNotification);
       let wire: WireCall | undefined;
       try {
-        let result: unknown;
-        for (let attempt = 0;; attempt++) {
-          // The request outlives an abort on purpose: a late response still names the turn
-          // that has to be interrupted.
-          wire = this.#callRaw("turn/start", { ...params, threadId }, TurnRpcError);
-          try {
-            result = await abortable(wire.promise, scope);
-            break;
-          } catch (error) {
-            if (scope.signal.aborted || !isOverloaded(error)) throw error;
-            wire = undefined;
-            await this.#backoff(attempt, scope, error, retry);
-          }
-        }
-        turnId = this.#bindTurnId(active, result);
+        // The request outlives an abort on purpose: a late response still names the turn
+        // that has to be interrupted.
+        const result = await session.call(
+          "turn/start",
+          { ...params, threadId },
+          scope,
+          TurnRpcError,
+          (sent) => (wire = sent),
+        );
+        turnId = this.#turns.bind(active, result);
         options.onStart?.(turnId);
         return await abortable(active.completed.promise, scope);
       } catch (error) {
@@ -586,13 +452,12 @@ export class Conn extends EventTarget {
           // next turn/start into this one.
           handedOver = true;
           this.#abandon(active, wire, release);
-        } else if (this.#active.get(threadId) === active) {
-          this.#active.delete(threadId);
+        } else {
+          this.#turns.remove(active);
         }
         throw error;
       }
     } catch (error) {
-      if (scope.timedOut && retry.overload && turnId === null) throw retry.overload;
       throw this.#turnError(error, scope, options.signal, threadId, turnId);
     } finally {
       this.#calls--;
@@ -612,7 +477,7 @@ export class Conn extends EventTarget {
    * ```
    */
   close(): void {
-    this.#shutdown(`Connection to ${this.#url} was closed by the client`);
+    this.#session.close(`Connection to ${this.#session.url} was closed by the client`);
   }
 
   #turnError(
@@ -622,51 +487,44 @@ export class Conn extends EventTarget {
     threadId: string,
     turnId: string | null,
   ): unknown {
-    if (
-      this.#closeError && (error === this.#closeError || scope.signal.reason === this.#closeError)
-    ) {
-      return this.#closeError;
+    const closeError = this.#session.closeError;
+    if (closeError && (error === closeError || scope.signal.reason === closeError)) {
+      return closeError;
     }
     if (signal?.aborted && scope.signal.reason === signal.reason) return signal.reason;
+    // An overload (RpcError) that outlasted the deadline was already chosen over a timeout
+    // by the session's retry loop.
     if (scope.timedOut && !(error instanceof RpcError)) {
       return new TimeoutError(threadId, turnId, { cause: error });
     }
     return error;
   }
 
-  #bindTurnId(active: ActiveTurn, result: unknown): string {
-    const turn = isObject(result) ? result.turn : undefined;
-    if (!isObject(turn) || typeof turn.id !== "string") {
-      throw new TurnRpcError("turn/start", -32603, "Invalid turn/start result: no turn id", result);
-    }
-    const turnId = turn.id;
-    active.turnId = turnId;
-    const early = active.early;
-    active.early = [];
-    for (const entry of early) this.#routeToTurn(active, entry.method, entry.turnId, entry.params);
-    return turnId;
-  }
-
+  /** Interrupts a turn the caller gave up on, and frees its thread once it has stopped. */
   #abandon(active: ActiveTurn, wire: WireCall | undefined, release: () => void): void {
     active.onNotification = undefined;
     if (active.done) {
       release();
       return;
     }
-    let timer: ReturnType<typeof setTimeout> | undefined;
+    const session = this.#session;
+    const deadline = session.scope(undefined, this.#interruptTimeoutMs);
     let finished = false;
     const finish = () => {
       if (finished) return;
       finished = true;
-      if (timer !== undefined) clearTimeout(timer);
-      timer = undefined;
+      deadline.dispose();
       active.onFinished = undefined;
-      if (wire) this.#pending.delete(wire.id);
-      if (this.#active.get(active.threadId) === active) this.#active.delete(active.threadId);
+      if (wire) session.forget(wire.id);
+      this.#turns.remove(active);
       release();
     };
     active.onFinished = finish;
-    timer = setTimeout(finish, this.#interruptTimeoutMs);
+    deadline.onAbort(finish);
+    if (deadline.signal.aborted) {
+      finish();
+      return;
+    }
     const interrupt = (turnId: string) => {
       this.interrupt(active.threadId, turnId).catch(() => {
         // Best effort: the deadline above frees the thread either way.
@@ -679,7 +537,7 @@ export class Conn extends EventTarget {
         (result) => {
           if (finished) return;
           try {
-            const turnId = this.#bindTurnId(active, result);
+            const turnId = this.#turns.bind(active, result);
             if (!finished) interrupt(turnId);
           } catch {
             finish();
@@ -692,292 +550,14 @@ export class Conn extends EventTarget {
     }
   }
 
-  async #callWithRetry(
-    method: string,
-    params: unknown,
-    scope: Scope,
-    ErrorClass: typeof RpcError,
-    retry: RetryState,
-  ): Promise<unknown> {
-    for (let attempt = 0;; attempt++) {
-      try {
-        return await this.#call(method, params, scope.signal, ErrorClass);
-      } catch (error) {
-        if (!isOverloaded(error)) throw error;
-        await this.#backoff(attempt, scope, error, retry);
-      }
-    }
-  }
-
-  /** Waits before retrying an overloaded call, or rethrows when the deadline is too close. */
-  async #backoff(attempt: number, scope: Scope, error: unknown, retry: RetryState): Promise<void> {
-    retry.overload = error as RpcError;
-    const wait = backoffDelay(attempt, this.#retry);
-    if (performance.now() + wait >= scope.deadline) throw error;
-    await delay(wait, scope.signal);
-  }
-
-  /** Sends one request; the pending entry lives until the response or a close. */
-  #callRaw(method: string, params: unknown, ErrorClass: typeof RpcError = RpcError): WireCall {
-    const id = this.#nextId++;
-    if (this.#closeError) return { id, promise: Promise.reject(this.#closeError) };
-    const { promise, resolve, reject } = Promise.withResolvers<unknown>();
-    this.#pending.set(id, { method, ErrorClass, resolve, reject });
-    try {
-      this.#send(params === undefined ? { id, method } : { id, method, params });
-    } catch (error) {
-      this.#pending.delete(id);
-      reject(error);
-    }
-    return { id, promise };
-  }
-
-  /** Sends one request whose pending entry is dropped when `signal` aborts. */
-  #call(
-    method: string,
-    params: unknown,
-    signal: AbortSignal,
-    ErrorClass: typeof RpcError = RpcError,
-  ): Promise<unknown> {
-    if (signal.aborted) return Promise.reject(signal.reason);
-    const wire = this.#callRaw(method, params, ErrorClass);
-    const onAbort = () => {
-      this.#pending.delete(wire.id);
-    };
-    signal.addEventListener("abort", onAbort, { once: true });
-    return abortable(wire.promise, signal).finally(() =>
-      signal.removeEventListener("abort", onAbort)
-    );
-  }
-
-  #send(message: unknown): void {
-    if (this.#closeError) throw this.#closeError;
-    this.#ws.send(JSON.stringify(message));
-    this.#stats.framesOut++;
-    this.#lastActivity = Date.now();
-  }
-
   #assertOpen(what: string): void {
-    if (this.#closeError) {
+    const closeError = this.#session.closeError;
+    if (closeError) {
       throw new ConnectionClosedError(
-        this.#url,
+        this.#session.url,
         `Cannot ${what}: connection is closed`,
-        { cause: this.#closeError },
+        { cause: closeError },
       );
     }
-  }
-
-  // The read loop. It never awaits: codex disconnects clients that read too slowly.
-  #onFrame(data: unknown): void {
-    this.#lastActivity = Date.now();
-    this.#stats.framesIn++;
-    const dropped = this.#stats.dropped;
-    if (typeof data !== "string") {
-      dropped.binary++;
-      return;
-    }
-    const max = this.#maxMessageBytes;
-    if (data.length > max || (data.length * 3 > max && utf8Length(data) > max)) {
-      dropped.oversized++;
-      return;
-    }
-    let message: unknown;
-    try {
-      message = JSON.parse(data);
-    } catch {
-      dropped.invalidJson++;
-      return;
-    }
-    if (!isObject(message)) {
-      dropped.invalidMessage++;
-      return;
-    }
-    const { method, id } = message;
-    if (method !== undefined) {
-      if (typeof method !== "string") {
-        dropped.invalidMessage++;
-      } else if (typeof id === "number" || typeof id === "string") {
-        // Server request ids start at 0 like ours: only `method` tells them apart.
-        this.#onServerRequest({ id, method, params: message.params });
-      } else if (id === undefined || id === null) {
-        this.#onNotification(method, message.params);
-      } else {
-        dropped.invalidMessage++;
-      }
-      return;
-    }
-    if (typeof id !== "number" && typeof id !== "string") {
-      dropped.invalidMessage++;
-      return;
-    }
-    const pending = this.#pending.get(id);
-    if (!pending) {
-      dropped.unknownId++;
-      return;
-    }
-    this.#pending.delete(id);
-    if (isObject(message.error)) {
-      this.#onErrorResponse(pending, message.error as unknown as JsonRpcErrorObject);
-    } else if ("result" in message) {
-      pending.resolve(message.result);
-    } else {
-      pending.reject(
-        new pending.ErrorClass(
-          pending.method,
-          -32603,
-          "Invalid response: neither result nor error",
-          message,
-        ),
-      );
-    }
-  }
-
-  #onErrorResponse(pending: Pending, error: JsonRpcErrorObject): void {
-    const code = typeof error.code === "number" ? error.code : -32603;
-    const message = typeof error.message === "string" ? error.message : "Unknown error";
-    const rpcError = new pending.ErrorClass(pending.method, code, message, error.data);
-    const data = error.data;
-    if (code === DRAINING_CODE && isObject(data) && data.reason === "serverShuttingDown") {
-      // A draining server will not take more work on this connection; closing lets a pool
-      // redial (to a fresh process) instead of retrying into the drain.
-      this.#shutdown(`Connection to ${this.#url} closed: server is draining`, rpcError);
-      pending.reject(this.#closeError);
-      return;
-    }
-    pending.reject(rpcError);
-  }
-
-  #onNotification(method: string, params: unknown): void {
-    const active = isObject(params) && typeof params.threadId === "string"
-      ? this.#active.get(params.threadId)
-      : undefined;
-    if (active) {
-      this.#routeToTurn(
-        active,
-        method,
-        turnIdOf(method, params as Record<string, unknown>),
-        params as Record<string, unknown>,
-      );
-    } else if (method === TURN_COMPLETED || method === ITEM_COMPLETED) {
-      this.#stats.dropped.unknownTurn++;
-    }
-    this.dispatchEvent(new NotificationEvent(method, params));
-  }
-
-  /** Routes a notification of the thread an active turn runs on. */
-  #routeToTurn(
-    active: ActiveTurn,
-    method: string,
-    turnId: unknown,
-    params: Record<string, unknown>,
-  ): void {
-    if (active.turnId === null) {
-      // turn/completed (and the rest) can be processed before the turn/start response.
-      active.early.push({ method, turnId, params });
-    } else if (turnId === active.turnId) {
-      this.#deliver(active, method, params);
-      if (method === TURN_COMPLETED || method === ITEM_COMPLETED) {
-        this.#applyToTurn(active, method, params);
-      }
-    } else if (turnId === undefined && method !== TURN_COMPLETED && method !== ITEM_COMPLETED) {
-      this.#deliver(active, method, params);
-    } else if (method === TURN_COMPLETED || method === ITEM_COMPLETED) {
-      this.#stats.dropped.unknownTurn++;
-    }
-  }
-
-  #deliver(active: ActiveTurn, method: string, params: Record<string, unknown>): void {
-    const fn = active.onNotification;
-    if (!fn) return;
-    try {
-      fn(method, params);
-    } catch {
-      // The read loop must go on whatever a listener does.
-    }
-  }
-
-  #applyToTurn(active: ActiveTurn, method: string, params: Record<string, unknown>): void {
-    if (method === ITEM_COMPLETED) {
-      if (isObject(params.item)) active.items.push(params.item as ThreadItem);
-      return;
-    }
-    const turn = params.turn as Turn;
-    active.done = true;
-    if (this.#active.get(active.threadId) === active) this.#active.delete(active.threadId);
-    active.completed.resolve(
-      active.items.length > 0 ? { ...turn, items: active.items, itemsView: "full" } : turn,
-    );
-    active.onFinished?.();
-  }
-
-  #onServerRequest(request: ServerRequest): void {
-    const policy = this.#approvals;
-    if (typeof policy === "string") {
-      const answer = answerServerRequest(request, policy);
-      this.#answer(request, answer, "error" in answer ? "error" : policy);
-      return;
-    }
-    let outcome: unknown;
-    try {
-      outcome = policy(request);
-    } catch (error) {
-      this.#answerHandlerError(request, error);
-      return;
-    }
-    Promise.resolve(outcome).then(
-      (result) => {
-        if (result === undefined) {
-          this.#answerHandlerError(request, new Error("Approval handler returned no result"));
-        } else {
-          this.#answer(request, { result }, "custom");
-        }
-      },
-      (error) => this.#answerHandlerError(request, error),
-    );
-  }
-
-  #answerHandlerError(request: ServerRequest, error: unknown): void {
-    const message = error instanceof Error ? error.message : String(error);
-    this.#answer(
-      request,
-      { error: { code: -32603, message: `Approval handler failed: ${message}` } },
-      "error",
-    );
-  }
-
-  #answer(
-    request: ServerRequest,
-    answer: { result: unknown } | { error: { code: number; message: string } },
-    outcome: "accept" | "decline" | "custom" | "error",
-  ): void {
-    if (this.#closeError) return;
-    this.#send({ id: request.id, ...answer });
-    this.dispatchEvent(new ServerRequestEvent(request, outcome));
-  }
-
-  #shutdown(message: string, cause?: unknown): void {
-    if (this.#closeError) return;
-    const error = new ConnectionClosedError(this.#url, message, cause ? { cause } : undefined);
-    this.#closeError = error;
-    try {
-      this.#ws.close();
-    } catch {
-      // Already closing.
-    }
-    this.#ws.onmessage = null;
-    this.#ws.onerror = null;
-    if (this.#ws.readyState === WebSocket.CLOSED) this.#socketClosed.resolve();
-    else this.#ws.onclose = () => this.#socketClosed.resolve();
-    const pending = [...this.#pending.values()];
-    this.#pending.clear();
-    for (const entry of pending) entry.reject(error);
-    const active = [...this.#active.values()];
-    this.#active.clear();
-    for (const turn of active) {
-      turn.completed.reject(error);
-      turn.onFinished?.();
-    }
-    this.#clock.close(error);
-    this.dispatchEvent(new ConnCloseEvent(error));
   }
 }

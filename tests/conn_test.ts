@@ -1,5 +1,8 @@
 import { test } from "./_test.ts";
 import { waitFor } from "./_wait.ts";
+import { watchUnhandledRejections } from "./_unhandled.ts";
+import { trackTimers } from "./_timers.ts";
+import { MAX_TIMER_DELAY_MS } from "../src/_timer.ts";
 import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import {
@@ -17,6 +20,8 @@ import {
   agentMessage,
   codexLike,
   type FakePeer,
+  type Message,
+  type Req,
   startFakeAppServer,
   turnObject,
 } from "./_fake_app_server.ts";
@@ -30,6 +35,13 @@ async function freePort(): Promise<number> {
   const address = server.address();
   await new Promise<void>((resolve) => server.close(() => resolve()));
   return typeof address === "object" && address ? address.port : 0;
+}
+
+/** The turn a notification names, or "-" for a thread-level one. */
+function turnOf(params: Record<string, unknown>): string {
+  if (typeof params.turnId === "string") return params.turnId;
+  const turn = params.turn as { id?: unknown } | undefined;
+  return typeof turn?.id === "string" ? turn.id : "-";
 }
 
 function completeTurn(peer: FakePeer, threadId: string, turnId: string, items: unknown[] = []) {
@@ -903,6 +915,342 @@ test("Conn.finished resolves once the socket has closed, after close() or a peer
     await theirs.finished;
     assert.equal(theirs.closed, true);
   } finally {
+    await server.close();
+  }
+});
+
+test("Conn.turn() hands onNotification its own turn's notifications in order, early and thread-level ones included", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    const first = await peer.expect("turn/start");
+    peer.reply(first, { turn: turnObject("u1", "inProgress") });
+    peer.notify("turn/started", { threadId: "t1", turn: turnObject("u1", "inProgress") });
+    completeTurn(peer, "t1", "u1");
+    const second = await peer.expect("turn/start");
+    // Before the turn/start response: a late one of u1, then u2's own (codex does not order
+    // these and the response).
+    peer.notify("item/agentMessage/delta", { threadId: "t1", turnId: "u1", delta: "late" });
+    peer.notify("thread/status/changed", { threadId: "t1", status: { type: "active" } });
+    peer.notify("turn/started", { threadId: "t1", turn: turnObject("u2", "inProgress") });
+    peer.reply(second, { turn: turnObject("u2", "inProgress") });
+    peer.notify("item/agentMessage/delta", { threadId: "t1", turnId: "u2", delta: "a" });
+    peer.notify("item/agentMessage/delta", { threadId: "t1", turnId: "u1", delta: "later" });
+    peer.notify("item/agentMessage/delta", { threadId: "t2", turnId: "u2", delta: "elsewhere" });
+    peer.notify("item/completed", { threadId: "t1", turnId: "u2", item: agentMessage("m", "a") });
+    peer.notify("thread/status/changed", { threadId: "t1", status: { type: "idle" } });
+    completeTurn(peer, "t1", "u2");
+    peer.notify("thread/status/changed", { threadId: "t1", status: { type: "active" } });
+  });
+  const conn = await Conn.dial(server.url);
+  try {
+    const firstSeen: string[] = [];
+    await conn.turn("t1", { input }, {
+      onNotification: (method, params) => firstSeen.push(`${method} ${turnOf(params)}`),
+    });
+    const seen: string[] = [];
+    const turn = await conn.turn("t1", { input }, {
+      onNotification: (method, params) => seen.push(`${method} ${turnOf(params)}`),
+    });
+    assert.equal(turn.id, "u2");
+    assert.deepEqual(firstSeen, ["turn/started u1", "turn/completed u1"]);
+    assert.deepEqual(seen, [
+      "thread/status/changed -",
+      "turn/started u2",
+      "item/agentMessage/delta u2",
+      "item/completed u2",
+      "thread/status/changed -",
+      "turn/completed u2",
+    ]);
+    await server.scriptsDone();
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() hands a turn waiting in line none of the running turn's notifications", async () => {
+  const flood = 10_000;
+  const server = await startFakeAppServer(async (peer) => {
+    const first = await peer.expect("turn/start");
+    peer.reply(first, { turn: turnObject("u1", "inProgress") });
+    for (let i = 0; i < flood / 2; i++) {
+      peer.notify("item/agentMessage/delta", { threadId: "t1", turnId: "u1", delta: `${i}` });
+      peer.notify("thread/status/changed", { threadId: "t1", status: { type: "active" } });
+    }
+    completeTurn(peer, "t1", "u1");
+    const second = await peer.expect("turn/start");
+    peer.reply(second, { turn: turnObject("u2", "inProgress") });
+    peer.notify("turn/started", { threadId: "t1", turn: turnObject("u2", "inProgress") });
+    completeTurn(peer, "t1", "u2");
+  });
+  const conn = await Conn.dial(server.url);
+  try {
+    let firstCount = 0;
+    let secondCountWhileWaiting = -1;
+    const secondSeen: string[] = [];
+    const first = conn.turn("t1", { input }, {
+      onNotification: (method) => {
+        firstCount++;
+        if (method === "turn/completed") secondCountWhileWaiting = secondSeen.length;
+      },
+    });
+    const second = conn.turn("t1", { input }, {
+      onNotification: (method, params) => secondSeen.push(`${method} ${turnOf(params)}`),
+    });
+    assert.equal((await first).id, "u1");
+    assert.equal((await second).id, "u2");
+    assert.equal(firstCount, flood + 1);
+    assert.equal(secondCountWhileWaiting, 0);
+    // Nothing was held for it either: a held thread-level notification would show up here
+    // once its turn id was known.
+    assert.deepEqual(secondSeen, ["turn/started u2", "turn/completed u2"]);
+    await server.scriptsDone();
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn answers with an error when an approval policy's result cannot be sent as JSON", async () => {
+  const answers = new Map<string, Message>();
+  const methods = ["bigint", "circular", "function", "sync-bigint", "odd-throw", "ok"];
+  const server = await startFakeAppServer(async (peer) => {
+    for (const [i, method] of methods.entries()) {
+      answers.set(method, await peer.request(method, {}, i));
+    }
+  });
+  const rejections = watchUnhandledRejections();
+  const circular: Record<string, unknown> = { decision: "accept" };
+  circular.self = circular;
+  const conn = await Conn.dial(server.url, {
+    approvals: (request) => {
+      switch (request.method) {
+        case "bigint":
+          return Promise.resolve({ decision: "accept", n: 10n });
+        case "circular":
+          return Promise.resolve(circular);
+        case "function":
+          return Promise.resolve(() => "accept");
+        case "sync-bigint":
+          return { decision: "accept", n: 10n };
+        case "odd-throw":
+          throw Object.create(null); // no message, no toString
+        default:
+          return { decision: "accept" };
+      }
+    },
+  });
+  try {
+    const outcomes: string[] = [];
+    conn.addEventListener("serverrequest", (event) => {
+      const { request, outcome } = event as ServerRequestEvent;
+      outcomes.push(`${request.method}:${outcome}`);
+    });
+    await waitFor("every request answered", () => answers.size === methods.length, 2_000);
+    for (const method of ["bigint", "circular", "function", "sync-bigint"]) {
+      const answer = answers.get(method)!;
+      assert.equal(answer.result, undefined, method);
+      assert.equal(answer.error?.code, -32603, method);
+      assert.match(answer.error!.message, /cannot be sent as JSON/, method);
+    }
+    assert.equal(answers.get("odd-throw")!.error?.code, -32603);
+    assert.deepEqual(answers.get("ok")!.result, { decision: "accept" });
+    assert.deepEqual(outcomes, [
+      "bigint:error",
+      "circular:error",
+      "function:error",
+      "sync-bigint:error",
+      "odd-throw:error",
+      "ok:custom",
+    ]);
+    assert.deepEqual(rejections.reasons, []);
+    assert.equal(conn.closed, false);
+  } finally {
+    rejections.restore();
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn leaves no timer armed once 300 turns and requests with distinct timeouts have settled", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const conn = await Conn.dial(server.url);
+  const timers = trackTimers();
+  try {
+    const threads = await Promise.all(
+      Array.from({ length: 150 }, (_, i) => conn.startThread({}, { timeoutMs: 60_000 + i })),
+    );
+    await Promise.all(
+      threads.map((threadId, i) => conn.turn(threadId, { input }, { timeoutMs: 120_000 + i })),
+    );
+    assert.ok(timers.delays.length > 0, "the calls had deadlines");
+    assert.deepEqual(timers.live().map((timer) => timer.delay), []);
+  } finally {
+    timers.restore();
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn caps the timer of a deadline past the timer limit and does not time out early", async () => {
+  const server = await startFakeAppServer(() => {});
+  const conn = await Conn.dial(server.url);
+  const timers = trackTimers();
+  try {
+    const timeoutMs = 3_000 * 3_600_000;
+    let settled = false;
+    const call = conn.request("never/answered", {}, { timeoutMs });
+    call.catch(() => {}).finally(() => (settled = true));
+    await new Promise((resolve) => setTimeout(resolve, 30));
+    assert.equal(settled, false);
+    assert.ok(timers.delays.length > 0);
+    assert.ok(Math.max(...timers.delays) <= MAX_TIMER_DELAY_MS, `${Math.max(...timers.delays)}`);
+    conn.close();
+    await assert.rejects(call, ConnectionClosedError);
+  } finally {
+    timers.restore();
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() keeps the thread of an abandoned turn busy for an interruptTimeoutMs past the timer limit", async () => {
+  const controller = new AbortController();
+  const server = await startFakeAppServer(async (peer) => {
+    peer.reply(await peer.expect("turn/start"), { turn: turnObject("u1", "inProgress") });
+    controller.abort(new Error("caller left"));
+    await peer.expect("turn/interrupt"); // never answered, and u1 never stops
+  });
+  const conn = await Conn.dial(server.url, { interruptTimeoutMs: 3_000 * 3_600_000 });
+  const timers = trackTimers();
+  try {
+    await assert.rejects(conn.turn("t1", { input }, { signal: controller.signal }), /caller left/);
+    await server.scriptsDone();
+    // The lane stays held: a second turn/start now would be merged into u1 by codex.
+    await assert.rejects(conn.turn("t1", { input }, { timeoutMs: 40 }), (error: unknown) => {
+      assert.ok(error instanceof TimeoutError);
+      assert.equal(error.turnId, null);
+      return true;
+    });
+    assert.equal(server.peers[0]!.received.filter((m) => m.method === "turn/start").length, 1);
+    assert.ok(Math.max(...timers.delays) <= MAX_TIMER_DELAY_MS, `${Math.max(...timers.delays)}`);
+  } finally {
+    timers.restore();
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() resumes a thread again once maxAttachedThreads has forgotten it", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const conn = await Conn.dial(server.url, { maxAttachedThreads: 2 });
+  try {
+    for (const threadId of ["a", "b", "a", "c", "a", "b"]) await conn.turn(threadId, { input });
+    const resumed = server.peers[0]!.received
+      .filter((m) => m.method === "thread/resume")
+      .map((m) => m.params.threadId);
+    // a and b are attached; a's use keeps it while c pushes b out; b comes back.
+    assert.deepEqual(resumed, ["a", "b", "c", "b"]);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn remembers at most 10,000 attached threads by default", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const conn = await Conn.dial(server.url);
+  try {
+    const threads: string[] = [];
+    for (let batch = 0; batch < 10; batch++) {
+      threads.push(...await Promise.all(Array.from({ length: 1_000 }, () => conn.startThread())));
+    }
+    await conn.turn(threads[0]!, { input }); // still attached: the 10,000th
+    threads.push(await conn.startThread()); // the 10,001st pushes out the least recent, thr-2
+    await conn.turn(threads[1]!, { input });
+    await conn.turn(threads[0]!, { input });
+    const resumed = server.peers[0]!.received
+      .filter((m) => m.method === "thread/resume")
+      .map((m) => m.params.threadId);
+    assert.deepEqual(resumed, [threads[1]]);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.dial() refuses a maxAttachedThreads that is not a positive integer", async () => {
+  for (const maxAttachedThreads of [0, 1.5, -3]) {
+    await assert.rejects(Conn.dial("ws://127.0.0.1:1", { maxAttachedThreads }), RangeError);
+  }
+});
+
+test("Conn.turn() times out, not with a stale overload, when turn/start gets no answer after thread/resume was retried", async () => {
+  let resumes = 0;
+  const server = await startFakeAppServer((peer) => {
+    peer.handle((m) => {
+      if (m.method === "thread/resume") {
+        if (resumes++ === 0) peer.replyError(m as Req, -32001, "Server overloaded; retry later.");
+        else peer.reply(m as Req, { thread: { id: "t1" } });
+        return true;
+      }
+      return m.method === "turn/start"; // never answered
+    });
+  }, { autoResume: false });
+  const conn = await Conn.dial(server.url, { retry: fastRetry, interruptTimeoutMs: 20 });
+  try {
+    await assert.rejects(conn.turn("t1", { input }, { timeoutMs: 150 }), (error: unknown) => {
+      assert.ok(error instanceof TimeoutError, `got ${String(error)}`);
+      assert.equal(error.turnId, null);
+      return true;
+    });
+    assert.equal(resumes, 2);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.turn() times out, not with the overload, when the retry of an overloaded turn/start gets no answer", async () => {
+  let starts = 0;
+  const server = await startFakeAppServer((peer) => {
+    peer.handle((m) => {
+      if (m.method !== "turn/start") return false;
+      if (starts++ === 0) peer.replyError(m as Req, -32001, "Server overloaded; retry later.");
+      return true; // the retry is never answered
+    });
+  });
+  const conn = await Conn.dial(server.url, { retry: fastRetry, interruptTimeoutMs: 20 });
+  try {
+    await assert.rejects(conn.turn("t1", { input }, { timeoutMs: 150 }), (error: unknown) => {
+      assert.ok(error instanceof TimeoutError, `got ${String(error)}`);
+      return true;
+    });
+    assert.equal(starts, 2);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.request() times out, not with the overload, when the retry of an overloaded call gets no answer", async () => {
+  let calls = 0;
+  const server = await startFakeAppServer((peer) => {
+    peer.handle((m) => {
+      if (m.method !== "thread/list") return false;
+      if (calls++ === 0) peer.replyError(m as Req, -32001, "Server overloaded; retry later.");
+      return true; // the retry is never answered
+    });
+  });
+  const conn = await Conn.dial(server.url, { retry: fastRetry });
+  try {
+    await assert.rejects(conn.request("thread/list", {}, { timeoutMs: 150 }), (error: unknown) => {
+      assert.ok(!(error instanceof RpcError), `got ${String(error)}`);
+      assert.equal((error as Error).name, "TimeoutError");
+      return true;
+    });
+    assert.equal(calls, 2);
+  } finally {
+    conn.close();
     await server.close();
   }
 });

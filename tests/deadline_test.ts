@@ -1,6 +1,10 @@
 import { test } from "./_test.ts";
 import assert from "node:assert/strict";
-import { abortable, createScope, DeadlineClock } from "../src/_deadline.ts";
+import { abortable, createScope, DeadlineClock, delay } from "../src/_deadline.ts";
+import { MAX_TIMER_DELAY_MS } from "../src/_timer.ts";
+import { trackTimers } from "./_timers.ts";
+
+const HOURS_3000 = 3_000 * 3_600_000;
 
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
@@ -67,5 +71,110 @@ test("a scope created in an expiring scope's abort hook still gets its own deadl
   assert.equal(second.signal.aborted, false);
   await sleep(20);
   assert.equal(second.timedOut, true);
+  clock.close(new Error("done"));
+});
+
+test("DeadlineClock leaves no timer armed once its scopes have settled", () => {
+  const timers = trackTimers();
+  const clock = new DeadlineClock();
+  try {
+    const scopes = Array.from({ length: 300 }, (_, i) => createScope([], 60_000 + i, clock));
+    assert.ok(timers.live().length <= 1, `${timers.live().length} timers for 300 scopes`);
+    for (const scope of scopes) scope.dispose();
+    assert.equal(timers.live().length, 0);
+    // Settling in another order (latest deadline first) leaves none either.
+    const more = Array.from({ length: 300 }, (_, i) => createScope([], 90_000 - i, clock));
+    for (const scope of more.reverse()) scope.dispose();
+    assert.equal(timers.live().length, 0);
+    assert.equal(clock.size, 0);
+  } finally {
+    timers.restore();
+    clock.close(new Error("done"));
+  }
+});
+
+test("DeadlineClock expires scopes of many distinct timeouts each at its own deadline", async () => {
+  const clock = new DeadlineClock();
+  const scopes = [40, 10, 30, 20, 50].map((ms) => createScope([], ms, clock));
+  const order: number[] = [];
+  scopes.forEach((scope, i) => scope.onAbort(() => order.push(i)));
+  scopes[2]!.dispose(); // settled: never expires
+  await sleep(80);
+  assert.deepEqual(order, [1, 3, 0, 4]);
+  assert.ok(scopes.every((scope, i) => i === 2 ? !scope.signal.aborted : scope.timedOut));
+  clock.close(new Error("done"));
+});
+
+test("DeadlineClock caps a deadline past the timer limit and re-arms until it", async () => {
+  const timers = trackTimers();
+  const clock = new DeadlineClock();
+  try {
+    const scope = createScope([], HOURS_3000, clock);
+    await sleep(20);
+    assert.equal(scope.signal.aborted, false);
+    const [timer] = timers.live();
+    assert.ok(timer);
+    assert.ok(timer.delay <= MAX_TIMER_DELAY_MS, `delay ${timer.delay}`);
+    timer.fire(); // what the capped timer does after 24.8 days
+    assert.equal(scope.signal.aborted, false);
+    assert.equal(timers.live().length, 1);
+    assert.ok(timers.live()[0]!.delay <= MAX_TIMER_DELAY_MS);
+    scope.dispose();
+    assert.equal(timers.live().length, 0);
+  } finally {
+    timers.restore();
+    clock.close(new Error("done"));
+  }
+});
+
+test("a scope without a clock caps a deadline past the timer limit and re-arms until it", async () => {
+  const timers = trackTimers();
+  try {
+    const scope = createScope([], HOURS_3000);
+    await sleep(20);
+    assert.equal(scope.signal.aborted, false);
+    const [timer] = timers.live();
+    assert.ok(timer && timer.delay <= MAX_TIMER_DELAY_MS, `delay ${timer?.delay}`);
+    timer.fire();
+    assert.equal(scope.signal.aborted, false);
+    assert.ok(timers.live()[0]!.delay <= MAX_TIMER_DELAY_MS);
+    scope.dispose();
+    assert.equal(timers.live().length, 0);
+  } finally {
+    timers.restore();
+  }
+});
+
+test("delay() waits out a delay past the timer limit in capped timers", async () => {
+  const timers = trackTimers();
+  const controller = new AbortController();
+  try {
+    let resolved = false;
+    const waiting = delay(HOURS_3000, controller.signal).then(() => (resolved = true));
+    await sleep(20);
+    const [timer] = timers.live();
+    assert.ok(timer && timer.delay <= MAX_TIMER_DELAY_MS, `delay ${timer?.delay}`);
+    timer.fire();
+    await sleep(0);
+    assert.equal(resolved, false);
+    assert.equal(timers.live().length, 1);
+    controller.abort(new Error("stop"));
+    await assert.rejects(waiting, /stop/);
+    assert.equal(timers.live().length, 0);
+  } finally {
+    timers.restore();
+  }
+});
+
+test("delay() with a scope resolves after the delay and rejects when the scope aborts", async () => {
+  const clock = new DeadlineClock();
+  const scope = createScope([], 1_000, clock);
+  await delay(5, scope);
+  const parent = new AbortController();
+  const child = createScope([parent.signal], 1_000, clock);
+  const waiting = delay(1_000, child);
+  parent.abort(new Error("left"));
+  await assert.rejects(waiting, /left/);
+  scope.dispose();
   clock.close(new Error("done"));
 });

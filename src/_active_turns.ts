@@ -1,0 +1,220 @@
+/**
+ * The turns a connection runs, one per thread, and the routing of each thread's
+ * notifications to its running turn: its own notifications to the caller, its items
+ * collected, its `turn/completed` resolving it. A turn waiting in line for its thread is
+ * not registered here, so it holds nothing.
+ *
+ * @module
+ */
+
+import { TurnRpcError } from "./errors.ts";
+import { ITEM_COMPLETED, type ThreadItem, type Turn, TURN_COMPLETED } from "./protocol.ts";
+import { type DroppedFrames, isObject } from "./_rpc_session.ts";
+
+/** Receives a turn's own notifications. */
+export type TurnNotificationCallback = (method: string, params: Record<string, unknown>) => void;
+
+/** A notification of the thread that arrived before the turn id was known. */
+interface EarlyNotification {
+  readonly method: string;
+  readonly turnId: unknown;
+  readonly params: Record<string, unknown>;
+}
+
+/** What the connection knows of the one turn it runs on a thread. */
+export interface ActiveTurn {
+  /** The thread the turn runs on. */
+  readonly threadId: string;
+  /** Set from the turn/start response. */
+  turnId: string | null;
+  /** Every item/completed of the turn, in order. */
+  readonly items: ThreadItem[];
+  /**
+   * The thread's notifications that arrived before the turn/start response told us the
+   * turn id (codex does not order the two).
+   */
+  early: EarlyNotification[];
+  /** The caller's notification callback, until it gives up. */
+  onNotification: TurnNotificationCallback | undefined;
+  /** Settles with the turn of the matching turn/completed, or the close error. */
+  readonly completed: PromiseWithResolvers<Turn>;
+  /** True once turn/completed was applied. */
+  done: boolean;
+  /** Set once the caller gave up: runs when codex has stopped the turn (or gave up on it). */
+  onFinished: (() => void) | undefined;
+}
+
+/** The turn a notification names: `turnId`, or `turn.id` (turn/started, turn/completed). */
+function turnIdOf(method: string, params: Record<string, unknown>): unknown {
+  if (method !== TURN_COMPLETED && params.turnId !== undefined) return params.turnId;
+  return isObject(params.turn) ? params.turn.id : undefined;
+}
+
+/** The running turns of one connection, by thread. */
+export class ActiveTurns {
+  #turns = new Map<string, ActiveTurn>();
+  readonly #dropped: DroppedFrames;
+
+  /**
+   * Creates an empty registry.
+   *
+   * @param dropped Counters; `unknownTurn` counts turn notifications nobody waits for.
+   */
+  constructor(dropped: DroppedFrames) {
+    this.#dropped = dropped;
+  }
+
+  /** Running turns, including turns still being interrupted. */
+  get size(): number {
+    return this.#turns.size;
+  }
+
+  /** Notifications held for turns whose turn/start response has not come yet. */
+  get buffered(): number {
+    let count = 0;
+    for (const active of this.#turns.values()) count += active.early.length;
+    return count;
+  }
+
+  /**
+   * Registers the turn about to start on a thread. The caller holds the thread's lane, so
+   * no other turn runs there.
+   *
+   * @param threadId The thread.
+   * @param onNotification Receives the turn's own notifications.
+   * @returns The turn's record.
+   */
+  open(threadId: string, onNotification: TurnNotificationCallback | undefined): ActiveTurn {
+    const active: ActiveTurn = {
+      threadId,
+      turnId: null,
+      items: [],
+      early: [],
+      onNotification,
+      completed: Promise.withResolvers<Turn>(),
+      done: false,
+      onFinished: undefined,
+    };
+    // Swallow here: the caller may have given up, and the rejection is read there if not.
+    active.completed.promise.catch(() => {});
+    this.#turns.set(threadId, active);
+    return active;
+  }
+
+  /**
+   * Sets the turn id from the turn/start result and replays what arrived before it.
+   *
+   * @param active The turn.
+   * @param result The turn/start result.
+   * @returns The turn id.
+   * @throws {TurnRpcError} If the result names no turn.
+   */
+  bind(active: ActiveTurn, result: unknown): string {
+    const turn = isObject(result) ? result.turn : undefined;
+    if (!isObject(turn) || typeof turn.id !== "string") {
+      throw new TurnRpcError("turn/start", -32603, "Invalid turn/start result: no turn id", result);
+    }
+    const turnId = turn.id;
+    active.turnId = turnId;
+    const early = active.early;
+    active.early = [];
+    for (const entry of early) {
+      if (active.done) {
+        // What came after the turn's turn/completed is no longer the turn's, as if routed
+        // live once the turn had left the thread.
+        this.#dropIfTurnNotification(entry.method);
+      } else {
+        this.#routeTo(active, entry.method, entry.turnId, entry.params);
+      }
+    }
+    return turnId;
+  }
+
+  /**
+   * Forgets a turn, if it is still the one registered for its thread.
+   *
+   * @param active The turn.
+   */
+  remove(active: ActiveTurn): void {
+    if (this.#turns.get(active.threadId) === active) this.#turns.delete(active.threadId);
+  }
+
+  /**
+   * Routes one notification to the turn running on its thread, if any. Called from the read
+   * loop for every notification.
+   *
+   * @param method The notification's method.
+   * @param params Its params.
+   */
+  route(method: string, params: unknown): void {
+    let active: ActiveTurn | undefined;
+    if (isObject(params) && typeof params.threadId === "string") {
+      active = this.#turns.get(params.threadId);
+      if (active) {
+        this.#routeTo(active, method, turnIdOf(method, params), params);
+        return;
+      }
+    }
+    this.#dropIfTurnNotification(method);
+  }
+
+  #dropIfTurnNotification(method: string): void {
+    if (method === TURN_COMPLETED || method === ITEM_COMPLETED) this.#dropped.unknownTurn++;
+  }
+
+  /**
+   * Rejects every running turn with `error` and runs what waits for their end.
+   *
+   * @param error The close error.
+   */
+  closeAll(error: unknown): void {
+    const turns = [...this.#turns.values()];
+    this.#turns.clear();
+    for (const active of turns) {
+      active.completed.reject(error);
+      active.onFinished?.();
+    }
+  }
+
+  #routeTo(
+    active: ActiveTurn,
+    method: string,
+    turnId: unknown,
+    params: Record<string, unknown>,
+  ): void {
+    if (active.turnId === null) {
+      // turn/completed (and the rest) can be processed before the turn/start response.
+      active.early.push({ method, turnId, params });
+    } else if (turnId === active.turnId) {
+      this.#deliver(active, method, params);
+      if (method === ITEM_COMPLETED) {
+        if (isObject(params.item)) active.items.push(params.item as ThreadItem);
+      } else if (method === TURN_COMPLETED) {
+        this.#complete(active, params.turn as Turn);
+      }
+    } else if (turnId === undefined && method !== TURN_COMPLETED && method !== ITEM_COMPLETED) {
+      this.#deliver(active, method, params);
+    } else {
+      this.#dropIfTurnNotification(method);
+    }
+  }
+
+  #deliver(active: ActiveTurn, method: string, params: Record<string, unknown>): void {
+    const fn = active.onNotification;
+    if (!fn) return;
+    try {
+      fn(method, params);
+    } catch {
+      // The read loop must go on whatever a callback does.
+    }
+  }
+
+  #complete(active: ActiveTurn, turn: Turn): void {
+    active.done = true;
+    this.remove(active);
+    active.completed.resolve(
+      active.items.length > 0 ? { ...turn, items: active.items, itemsView: "full" } : turn,
+    );
+    active.onFinished?.();
+  }
+}
