@@ -6,6 +6,7 @@
 
 import { Conn, type DialOptions, type TurnOptions } from "./conn.ts";
 import { abortable, createScope } from "./_deadline.ts";
+import { timerDelay } from "./_timer.ts";
 import { PoolClosedError, PoolFullError, WorkspaceUnavailableError } from "./errors.ts";
 import type { ThreadStartParams, Turn, TurnParams } from "./protocol.ts";
 import type { Endpoint, Resolver, WsUrlResolver } from "./resolver.ts";
@@ -14,7 +15,11 @@ import type { Endpoint, Resolver, WsUrlResolver } from "./resolver.ts";
 export interface PoolOptions {
   /** A connection with no frame and no call for this long is closed. Defaults to 5 minutes. */
   idleTtlMs?: number;
-  /** How often idle connections are looked for. Defaults to `idleTtlMs / 4`. */
+  /**
+   * How often idle connections are looked for. Defaults to `idleTtlMs / 4`. Timers cannot
+   * wait longer than about 24.8 days, so a longer interval sweeps that often instead; the
+   * reap itself always waits the full `idleTtlMs`.
+   */
   sweepIntervalMs?: number;
   /** Options for every {@linkcode Conn.dial}; the resolver's headers are added to `headers`. */
   dial?: DialOptions;
@@ -51,6 +56,7 @@ export type PoolEventType = "dial" | "reap" | "evict" | "close";
  * Dispatched by a {@linkcode Pool}: `dial` (a connection was opened), `reap` (an idle one
  * was closed), `evict` (an idle one made room under `maxConnections`) and `close` (a
  * pooled connection closed on its own: the peer crashed, drained or the network failed).
+ * After `reap`, `evict` and `close` the pool releases the workspace through its resolver.
  *
  * @example Log the pool's life
  * ```ts ignore
@@ -83,6 +89,10 @@ interface Entry {
   conn: Conn | undefined;
   dialing: Promise<Conn> | undefined;
   lastUsed: number;
+  /** The resolver handed out an endpoint for this entry, so one release is owed for it. */
+  resolved: boolean;
+  /** The pool no longer uses this entry; whoever retired it owns its release. */
+  retired: boolean;
 }
 
 const DEFAULT_IDLE_TTL_MS = 5 * 60_000;
@@ -119,6 +129,11 @@ function unref(timer: unknown): void {
  * failures are not cached, a closed connection is never handed out, and connections with
  * no traffic and no call in flight for `idleTtlMs` are closed and released.
  *
+ * Every successful resolve is paired with one call of the resolver's `release` as soon as
+ * its connection is gone, whatever ended it: a reap, an eviction, the peer closing it, a
+ * dial that failed after the resolve, or {@linkcode Pool.close}. A workspace is not
+ * resolved again until its release has settled.
+ *
  * @example Run turns in a workspace
  * ```ts ignore
  * const pool = new Pool(async (workspaceId) => `ws://127.0.0.1:4500/${workspaceId}`);
@@ -140,8 +155,10 @@ export class Pool extends EventTarget {
   #maxConnections: number;
   #sweeper: ReturnType<typeof setInterval> | undefined;
   #closing = new AbortController();
-  /** Releases and socket closes started by reaps and evictions; close() waits for them. */
+  /** Releases and socket closes started before close(); close() waits for them. */
   #dropping = new Set<Promise<unknown>>();
+  /** The release under way per workspace: the next resolve of it waits for it to settle. */
+  #releasing = new Map<string, Promise<void>>();
   #closed: Promise<void> | undefined;
 
   /**
@@ -213,7 +230,8 @@ export class Pool extends EventTarget {
     if (signal?.aborted) return Promise.reject(signal.reason);
     let entry = this.#entries.get(workspaceId);
     if (entry?.conn?.closed) {
-      this.#entries.delete(workspaceId);
+      // Closed, and its close event has not reached the pool yet.
+      this.#retire(workspaceId, entry);
       entry = undefined;
     }
     if (entry) {
@@ -224,7 +242,13 @@ export class Pool extends EventTarget {
     if (this.#entries.size >= this.#maxConnections && !this.#evictOne()) {
       return Promise.reject(new PoolFullError(workspaceId, this.#maxConnections));
     }
-    const created: Entry = { conn: undefined, dialing: undefined, lastUsed: Date.now() };
+    const created: Entry = {
+      conn: undefined,
+      dialing: undefined,
+      lastUsed: Date.now(),
+      resolved: false,
+      retired: false,
+    };
     // In the map before the dial starts: a resolver that throws at once must find it there
     // to remove it, or the failure would be cached.
     this.#entries.set(workspaceId, created);
@@ -346,16 +370,20 @@ export class Pool extends EventTarget {
     this.#closed ??= (async () => {
       this.#stopSweeping();
       this.#closing.abort(new PoolClosedError("Cannot connect: pool is closed"));
-      const ids = [...this.#entries.keys()];
-      const entries = [...this.#entries.values()];
+      const entries = [...this.#entries];
       this.#entries.clear();
-      for (const entry of entries) entry.conn?.close();
-      await Promise.allSettled(entries.map((entry) => entry.dialing));
+      // Released below, once their sockets have closed and their dials have settled: a dial
+      // under way may still turn out to have resolved.
+      for (const [, entry] of entries) entry.retired = true;
+      for (const [, entry] of entries) entry.conn?.close();
+      await Promise.allSettled(entries.map(([, entry]) => entry.dialing));
       await settleWithin(
-        [...entries.map((entry) => entry.conn?.finished), ...this.#dropping],
+        [...entries.map(([, entry]) => entry.conn?.finished), ...this.#dropping],
         CLOSE_WAIT_MS,
       );
-      await Promise.allSettled(ids.map((id) => this.#releaseWorkspace(id)));
+      await Promise.allSettled(
+        entries.filter(([, entry]) => entry.resolved).map(([id]) => this.#releaseWorkspace(id)),
+      );
       await Promise.allSettled(this.#dropping);
     })();
     return this.#closed;
@@ -365,7 +393,12 @@ export class Pool extends EventTarget {
     const scope = createScope([this.#closing.signal], DEFAULT_GET_TIMEOUT_MS);
     let conn: Conn;
     try {
+      // A release under way may be stopping the very app-server a resolve would hand out,
+      // or a resolve would start a second one beside it.
+      const releasing = this.#releasing.get(workspaceId);
+      if (releasing) await abortable(releasing, scope.signal);
       const resolved: string | Endpoint = await this.#resolve(workspaceId, scope.signal);
+      entry.resolved = true;
       const endpoint = typeof resolved === "string" ? { url: resolved } : resolved;
       conn = await Conn.dial(endpoint.url, {
         ...this.#dial,
@@ -375,8 +408,9 @@ export class Pool extends EventTarget {
           : scope.signal,
       });
     } catch (error) {
-      if (this.#entries.get(workspaceId) === entry) this.#entries.delete(workspaceId);
-      this.#stopSweepingIfEmpty();
+      // Releases the workspace if the resolve succeeded and the dial did not (HTTP 401, a
+      // handshake timeout), unless close() retired the entry first and releases it itself.
+      this.#retire(workspaceId, entry);
       if (this.#closing.signal.aborted) {
         throw new PoolClosedError(
           `Cannot connect workspace ${workspaceId}: pool is closed`,
@@ -387,17 +421,17 @@ export class Pool extends EventTarget {
     } finally {
       scope.dispose();
     }
-    if (this.#entries.get(workspaceId) !== entry) {
-      // The pool closed (or dropped the workspace) while dialing.
+    if (entry.retired) {
+      // The pool closed while dialing; close() releases the workspace.
       conn.close();
       throw new PoolClosedError(`Cannot connect workspace ${workspaceId}: pool is closed`);
     }
     entry.conn = conn;
     entry.dialing = undefined;
     conn.addEventListener("close", () => {
-      if (this.#entries.get(workspaceId) !== entry) return;
-      this.#entries.delete(workspaceId);
-      this.#stopSweepingIfEmpty();
+      // A close the pool did not ask for: the peer crashed or drained, or the network failed.
+      if (entry.retired) return;
+      this.#retire(workspaceId, entry);
       this.dispatchEvent(new PoolEvent("close", workspaceId, conn));
     }, { once: true });
     this.dispatchEvent(new PoolEvent("dial", workspaceId, conn));
@@ -436,12 +470,35 @@ export class Pool extends EventTarget {
   #drop(workspaceId: string, reason: "reap" | "evict"): void {
     const entry = this.#entries.get(workspaceId);
     if (!entry) return;
-    this.#entries.delete(workspaceId);
-    entry.conn?.close();
-    this.#stopSweepingIfEmpty();
+    this.#retire(workspaceId, entry);
     this.dispatchEvent(new PoolEvent(reason, workspaceId, entry.conn));
-    const dropping = Promise.allSettled([entry.conn?.finished, this.#releaseWorkspace(workspaceId)])
-      // The resolver owns its errors; a failed release must not break the sweep.
+  }
+
+  /**
+   * Takes an entry out of service, once: forgets it, closes its connection and, if its
+   * resolve succeeded, releases the workspace. close() retires its entries on its own.
+   */
+  #retire(workspaceId: string, entry: Entry): void {
+    if (entry.retired) return;
+    entry.retired = true;
+    if (this.#entries.get(workspaceId) === entry) this.#entries.delete(workspaceId);
+    this.#stopSweepingIfEmpty();
+    entry.conn?.close();
+    if (!entry.resolved) return;
+    const previous = this.#releasing.get(workspaceId);
+    // Called at once when nothing is pending, so the resolver learns of it before any
+    // later resolve could reach it.
+    const releasing: Promise<void> =
+      (previous
+        ? previous.then(() => this.#releaseWorkspace(workspaceId))
+        : this.#releaseWorkspace(workspaceId))
+        // The resolver owns its errors; a failed release must not break the pool.
+        .catch(() => {})
+        .finally(() => {
+          if (this.#releasing.get(workspaceId) === releasing) this.#releasing.delete(workspaceId);
+        });
+    this.#releasing.set(workspaceId, releasing);
+    const dropping = Promise.allSettled([entry.conn?.finished, releasing])
       .finally(() => this.#dropping.delete(dropping));
     this.#dropping.add(dropping);
   }
@@ -452,7 +509,9 @@ export class Pool extends EventTarget {
 
   #startSweeping(): void {
     if (this.#sweeper !== undefined) return;
-    this.#sweeper = setInterval(() => this.#sweep(), this.#sweepIntervalMs);
+    // Capped: a longer delay fires after 1 ms. Sweeping early is harmless, since a reap
+    // compares real idle time with idleTtlMs.
+    this.#sweeper = setInterval(() => this.#sweep(), timerDelay(this.#sweepIntervalMs));
     unref(this.#sweeper);
   }
 

@@ -24,12 +24,18 @@ export type WsUrlResolver = (
 
 /**
  * A resolver with an optional hook the pool calls when it drops a workspace (reaped,
- * evicted, closed), so the owner of the subprocess can stop it.
+ * evicted, closed by either side, or a dial that failed after the resolve), so the owner of
+ * the subprocess can stop it.
  */
 export interface Resolver {
   /** Resolves a workspace id to its app-server endpoint. */
   resolve: WsUrlResolver;
-  /** Called once the pool no longer holds a connection for the workspace. */
+  /**
+   * Called once for every successful `resolve`, as soon as the pool no longer holds the
+   * connection it dialed with that endpoint: reaped, evicted, closed by the peer, never
+   * opened (the dial failed), or the pool closed. The pool does not resolve the workspace
+   * again until the returned promise settles; a rejection is ignored.
+   */
   release?(workspaceId: string): void | Promise<void>;
   /**
    * Whether the workspace's app-server process died on its own (crashed, killed) since it

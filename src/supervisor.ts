@@ -24,6 +24,8 @@ import { chmod, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve as resolvePath } from "node:path";
 import process from "node:process";
+import { abortable, delay } from "./_deadline.ts";
+import { MAX_TIMER_DELAY_MS, timerDelay } from "./_timer.ts";
 import { assertWorkspaceId } from "./_workspace_id.ts";
 import type { Endpoint, Resolver } from "./resolver.ts";
 
@@ -40,6 +42,7 @@ export type { Endpoint, Resolver, WsUrlResolver } from "./resolver.ts";
  *   codexHome: (id) => `/srv/codex-homes/${id}`,
  *   args: ["-c", 'model="gpt-5"'],
  *   readyTimeoutMs: 30_000,
+ *   onError: (error) => console.error(`codex-broker: ${error.message}`),
  * };
  * ```
  */
@@ -68,6 +71,12 @@ export interface CodexResolverOptions {
   readyTimeoutMs?: number;
   /** How long a stopping process gets between SIGTERM and SIGKILL. Defaults to 3 seconds. */
   stopTimeoutMs?: number;
+  /**
+   * Called with a failure that happens in the background, where no caller can catch it: a
+   * token directory that cannot be removed once its codex has exited. The resolver goes on
+   * working. Defaults to `console.error`, which also gets the error if `onError` throws.
+   */
+  onError?: (error: Error) => void;
 }
 
 /**
@@ -222,7 +231,8 @@ export class SpawnError extends Error {
  *
  * @param options Command, arguments, environment, directories and timeouts.
  * @returns A resolver to hand to a `Pool`; call its `close()` when done.
- * @throws {RangeError} If `readyTimeoutMs` or `stopTimeoutMs` is not a positive number.
+ * @throws {RangeError} If `readyTimeoutMs` or `stopTimeoutMs` is not a positive number of
+ * milliseconds a timer can wait (at most 2³¹ − 1, about 24.8 days).
  */
 export function createCodexResolver(options: CodexResolverOptions = {}): CodexResolver {
   const supervisor = new Supervisor(options);
@@ -253,6 +263,7 @@ interface ProcessSettings {
   readonly codexHome: string | undefined;
   readonly readyTimeoutMs: number;
   readonly stopTimeoutMs: number;
+  readonly report: (error: Error) => void;
 }
 
 class Supervisor {
@@ -263,8 +274,8 @@ class Supervisor {
   // The current process per workspace (starting or running).
   #current = new Map<string, CodexProcess>();
   // Processes being stopped, so a resolve for that workspace waits instead of running two
-  // app-servers on the same directories.
-  #stopping = new Map<string, Promise<void>>();
+  // app-servers on the same directories, and crashed() can still tell how one ended.
+  #stopping = new Map<string, { child: CodexProcess; stopped: Promise<void> }>();
   #all = new Set<CodexProcess>();
   // Workspaces whose ready app-server died without being stopped, until the next spawn.
   #crashed = new Set<string>();
@@ -284,9 +295,9 @@ class Supervisor {
     for (;;) {
       if (this.#closing) throw closedError(workspaceId);
       signal?.throwIfAborted();
-      const stopping = this.#stopping.get(workspaceId);
-      if (stopping) {
-        await abortable(stopping, signal);
+      const stopped = this.#stopping.get(workspaceId)?.stopped;
+      if (stopped) {
+        await (signal ? abortable(stopped, signal) : stopped);
         continue;
       }
       const existing = this.#current.get(workspaceId);
@@ -314,7 +325,7 @@ class Supervisor {
     assertWorkspaceId(workspaceId);
     const child = this.#current.get(workspaceId);
     if (child) await this.#discard(child, "released before it was ready");
-    else await this.#stopping.get(workspaceId);
+    else await this.#stopping.get(workspaceId)?.stopped;
   }
 
   close(): Promise<void> {
@@ -328,10 +339,14 @@ class Supervisor {
 
   async crashed(workspaceId: string, withinMs: number): Promise<boolean> {
     if (this.#crashed.has(workspaceId)) return true;
-    const child = this.#current.get(workspaceId);
+    // A process being stopped counts too: a pool releases a workspace as soon as its
+    // connection drops, and a crash drops it, possibly before the exit is reported.
+    const child = this.#current.get(workspaceId) ?? this.#stopping.get(workspaceId)?.child;
     if (!child?.isReady) return false;
     let timer: ReturnType<typeof setTimeout> | undefined;
-    const late = new Promise<void>((resolve) => (timer = setTimeout(resolve, withinMs)));
+    const late = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, timerDelay(withinMs));
+    });
     try {
       await Promise.race([child.gone, late]);
     } finally {
@@ -346,7 +361,7 @@ class Supervisor {
     await Promise.all(
       children.map((child) => child.stop("the resolver closed before it was ready")),
     );
-    await Promise.all(this.#stopping.values());
+    await Promise.all([...this.#stopping.values()].map((stopping) => stopping.stopped));
     if (this.#exitHook) process.off("exit", this.#exitHook);
     this.#exitHook = undefined;
   }
@@ -367,12 +382,12 @@ class Supervisor {
   async #discard(child: CodexProcess, reason: string): Promise<void> {
     const id = child.workspaceId;
     if (this.#current.get(id) === child) this.#current.delete(id);
-    const stopped = child.stop(reason);
-    this.#stopping.set(id, stopped);
+    const stopping = { child, stopped: child.stop(reason) };
+    this.#stopping.set(id, stopping);
     try {
-      await stopped;
+      await stopping.stopped;
     } finally {
-      if (this.#stopping.get(id) === stopped) this.#stopping.delete(id);
+      if (this.#stopping.get(id) === stopping) this.#stopping.delete(id);
     }
   }
 
@@ -403,7 +418,21 @@ class Supervisor {
       codexHome,
       readyTimeoutMs: this.#readyTimeoutMs,
       stopTimeoutMs: this.#stopTimeoutMs,
+      report: (error) => this.#report(error),
     };
+  }
+
+  #report(error: Error): void {
+    const onError = this.#options.onError;
+    if (onError) {
+      try {
+        onError(error);
+        return;
+      } catch {
+        // A throwing reporter must not crash the process either; stderr still gets it.
+      }
+    }
+    console.error(error);
   }
 
   #installExitHook(): void {
@@ -431,6 +460,8 @@ class CodexProcess {
   #exit: { code: number | null; signal: string | null } | undefined;
   #isReady = false;
   #waiters = 0;
+  // Signals sent to stop the process: an exit by any other signal was not ours.
+  #signalled = new Set<string>();
   // Aborted to make a start in progress give up, with the error waiters should see.
   #startAbort = new AbortController();
   #stopping: Promise<void> | undefined;
@@ -453,9 +484,15 @@ class CodexProcess {
     return this.#isReady;
   }
 
-  /** True once a ready process has exited without being asked to stop. */
+  /**
+   * True once a ready process has exited without being asked to stop, or was ended by a
+   * signal the stop did not send (it was killed just before, and its exit came late).
+   */
   get diedOnItsOwn(): boolean {
-    return this.#isReady && this.#exit !== undefined && this.#stopping === undefined;
+    const exit = this.#exit;
+    if (!this.#isReady || exit === undefined) return false;
+    if (this.#stopping === undefined) return true;
+    return exit.signal !== null && !this.#signalled.has(exit.signal);
   }
 
   /** Resolves once the process has exited and its token is gone. */
@@ -481,7 +518,7 @@ class CodexProcess {
   async join(signal?: AbortSignal): Promise<Endpoint> {
     this.#waiters++;
     try {
-      await abortable(this.#ready, signal);
+      await (signal ? abortable(this.#ready, signal) : this.#ready);
       return this.endpoint();
     } finally {
       this.#waiters--;
@@ -503,8 +540,18 @@ class CodexProcess {
 
   /** Synchronous last resort for a host that is exiting. */
   killNow(): void {
-    if (this.#child && this.#exit === undefined) sendSignal(this.#child, "SIGTERM");
-    if (this.#tokenDir) rmSync(this.#tokenDir, { recursive: true, force: true });
+    if (this.#child && this.#exit === undefined) this.#signal(this.#child, "SIGTERM");
+    try {
+      if (this.#tokenDir) rmSync(this.#tokenDir, { recursive: true, force: true });
+    } catch (error) {
+      // Thrown here it would end the exit hook before the other processes are signalled.
+      this.#settings.report(this.#cleanUpError(error));
+    }
+  }
+
+  #signal(child: ChildProcess, name: "SIGTERM" | "SIGKILL"): void {
+    this.#signalled.add(name);
+    sendSignal(child, name);
   }
 
   async #stop(reason: string): Promise<void> {
@@ -514,10 +561,10 @@ class CodexProcess {
     const child = this.#child;
     if (child?.pid !== undefined && this.#exit === undefined) {
       const escalate = setTimeout(() => {
-        if (this.#exit === undefined) sendSignal(child, "SIGKILL");
-      }, this.#settings.stopTimeoutMs);
+        if (this.#exit === undefined) this.#signal(child, "SIGKILL");
+      }, timerDelay(this.#settings.stopTimeoutMs));
       unrefTimer(escalate);
-      sendSignal(child, "SIGTERM");
+      this.#signal(child, "SIGTERM");
       await this.#gone.promise;
       clearTimeout(escalate);
     }
@@ -584,7 +631,7 @@ class CodexProcess {
       this.#startAbort.abort(
         this.#error(`did not become ready within ${settings.readyTimeoutMs} ms (${what})`),
       );
-    }, settings.readyTimeoutMs);
+    }, timerDelay(settings.readyTimeoutMs));
     unrefTimer(deadline);
     try {
       this.#url = await abortable(listening.promise, cancel);
@@ -658,14 +705,26 @@ class CodexProcess {
     });
   }
 
+  /** Never rejects: it also runs on its own once the process has exited. */
   async #cleanUp(): Promise<void> {
     try {
       if (this.#tokenDir) await rm(this.#tokenDir, { recursive: true, force: true });
+    } catch (error) {
+      this.#settings.report(this.#cleanUpError(error));
     } finally {
       this.#tokenDir = undefined;
       this.#onGone();
       this.#gone.resolve();
     }
+  }
+
+  #cleanUpError(error: unknown): Error {
+    return new Error(
+      `Cannot remove the token directory ${this.#tokenDir} of workspace ${this.workspaceId}: ${
+        messageOf(error)
+      }`,
+      { cause: error },
+    );
   }
 
   #spawnFailure(error: unknown): SpawnError {
@@ -790,7 +849,7 @@ async function probeReadyz(
   const attempt = new AbortController();
   const onAbort = () => attempt.abort(signal?.reason);
   signal?.addEventListener("abort", onAbort, { once: true });
-  const timer = setTimeout(() => attempt.abort(), timeoutMs);
+  const timer = setTimeout(() => attempt.abort(), timerDelay(timeoutMs));
   unrefTimer(timer);
   try {
     const response = await fetch(url, { signal: attempt.signal });
@@ -806,31 +865,6 @@ async function probeReadyz(
   }
 }
 
-function abortable<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
-  if (!signal) return promise;
-  if (signal.aborted) return Promise.reject(signal.reason);
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = () => reject(signal.reason);
-    signal.addEventListener("abort", onAbort, { once: true });
-    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
-  });
-}
-
-function delay(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise<void>((resolve, reject) => {
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(signal.reason);
-    };
-    const timer = setTimeout(() => {
-      signal.removeEventListener("abort", onAbort);
-      resolve();
-    }, ms);
-    unrefTimer(timer);
-    signal.addEventListener("abort", onAbort, { once: true });
-  });
-}
-
 /** Lets a timer not keep the process alive, on every runtime. */
 function unrefTimer(timer: ReturnType<typeof setTimeout>): void {
   if (typeof timer === "object" && timer !== null && "unref" in timer) {
@@ -844,8 +878,12 @@ function unrefTimer(timer: ReturnType<typeof setTimeout>): void {
 
 function positive(name: string, value: number | undefined): number | undefined {
   if (value === undefined) return undefined;
-  if (!(value > 0) || !Number.isFinite(value)) {
-    throw new RangeError(`Invalid ${name}: expected a positive number of milliseconds`);
+  // A timer cannot wait longer: Node and Deno would fire at once, so refuse rather than
+  // time out early.
+  if (!(value > 0) || !(value <= MAX_TIMER_DELAY_MS)) {
+    throw new RangeError(
+      `Invalid ${name}: expected a positive number of milliseconds up to ${MAX_TIMER_DELAY_MS} (about 24.8 days), got ${value}`,
+    );
   }
   return value;
 }

@@ -16,6 +16,7 @@ import { isAlive, waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { realpath } from "node:fs/promises";
+import { type AddressInfo, connect, createServer, type Socket } from "node:net";
 import { join } from "node:path";
 import process from "node:process";
 import {
@@ -136,6 +137,42 @@ function processesIn(dir: string): Proc[] {
     }
   }
   return found;
+}
+
+interface TcpProxy {
+  readonly port: number;
+  /** Destroys every proxied connection, as a failing network would. */
+  cut(): void;
+  close(): Promise<void>;
+}
+
+/** Forwards 127.0.0.1:<port> to a loopback port, so a test can cut the line. */
+async function startTcpProxy(targetPort: number): Promise<TcpProxy> {
+  const sockets = new Set<Socket>();
+  const server = createServer((client) => {
+    const upstream = connect(targetPort, "127.0.0.1");
+    for (const [socket, other] of [[client, upstream], [upstream, client]] as const) {
+      sockets.add(socket);
+      socket.on("error", () => other.destroy());
+      socket.on("close", () => {
+        sockets.delete(socket);
+        other.destroy();
+      });
+    }
+    client.pipe(upstream).pipe(client);
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const cut = () => {
+    for (const socket of sockets) socket.destroy();
+  };
+  return {
+    port: (server.address() as AddressInfo).port,
+    cut,
+    close: () => {
+      cut();
+      return new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
 }
 
 function settle<T>(promise: Promise<T>): Promise<T | unknown> {
@@ -313,6 +350,37 @@ test("Pool.turn() rejects with ConnectionClosedError within 1 s when codex is ki
     }
     assert.equal(pidOf(workspaceId), newPid);
   });
+});
+
+test("Pool releases a workspace whose connection the peer side dropped, and its codex exits", async () => {
+  const { resolver } = h();
+  const workspaceId = "ws-cut";
+  let proxy: TcpProxy | undefined;
+  // The pool reaches codex through a proxy, whose line the test cuts: the broker sees its
+  // connection close under it while codex itself lives on.
+  const throughProxy: Resolver = {
+    resolve: async (id, signal) => {
+      const endpoint = await resolver.resolve(id, signal);
+      proxy ??= await startTcpProxy(Number(new URL(endpoint.url).port));
+      return { ...endpoint, url: `ws://127.0.0.1:${proxy.port}` };
+    },
+    release: (id) => resolver.release(id),
+  };
+  try {
+    await withPool(throughProxy, {}, async (pool, events) => {
+      const conn = await pool.get(workspaceId);
+      const pid = pidOf(workspaceId);
+      assert.ok(isAlive(pid));
+      proxy!.cut();
+      await waitFor("the connection to close", () => conn.closed, 2_000);
+      await waitFor("the released codex to exit", () => !isAlive(pid), 2_000);
+      assert.equal(resolver.pid(workspaceId), undefined);
+      assert.deepEqual(eventsOf(events, workspaceId), ["dial", "close"]);
+      assert.equal(await pool.crashed(workspaceId, 0), false, "stopped, not crashed");
+    });
+  } finally {
+    await proxy?.close();
+  }
 });
 
 test("Pool reaps an idle workspace after idleTtlMs and its codex exits; a later get() brings both back", async () => {

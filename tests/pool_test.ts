@@ -401,3 +401,163 @@ test("Pool.get() does not cache the failure of a resolver that throws synchronou
     await server.close();
   }
 });
+
+test("Pool calls release once when the app-server closes the connection on its own", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const resolver = countingResolver(server);
+  const pool = new Pool(resolver);
+  const seen = events(pool);
+  try {
+    const conn = await pool.get("ws-1");
+    server.peers[0]!.close(1001, "draining");
+    await waitFor("the release", () => resolver.released.length > 0, 1_000);
+    assert.equal(conn.closed, true);
+    assert.deepEqual(seen, ["dial:ws-1", "close:ws-1"]);
+    await pool.close();
+    assert.deepEqual(resolver.released, ["ws-1"], "not released a second time by close()");
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool calls release when the dial fails after the resolve succeeded (HTTP 401)", async () => {
+  const server = await startFakeAppServer(() => {}, { token: "t" });
+  const released: string[] = [];
+  const pool = new Pool({
+    resolve: () => Promise.resolve({ url: server.url, headers: { Authorization: "Bearer x" } }),
+    release: (workspaceId) => {
+      released.push(workspaceId);
+    },
+  });
+  try {
+    await assert.rejects(pool.get("ws-1"), WorkspaceUnavailableError);
+    assert.deepEqual(released, ["ws-1"]);
+    await pool.close();
+    assert.deepEqual(released, ["ws-1"]);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool calls release when the dial fails after the resolve succeeded (handshake timeout)", async () => {
+  // Accepts the WebSocket, never answers initialize.
+  const server = await startFakeAppServer(() => {}, { handshake: false });
+  const released: string[] = [];
+  const pool = new Pool({
+    resolve: () => Promise.resolve(server.url),
+    release: (workspaceId) => {
+      released.push(workspaceId);
+    },
+  }, { dial: { handshakeTimeoutMs: 30 } });
+  try {
+    await assert.rejects(pool.get("ws-1"), WorkspaceUnavailableError);
+    assert.deepEqual(released, ["ws-1"]);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool does not call release for a resolve that failed", async () => {
+  const released: string[] = [];
+  const pool = new Pool({
+    resolve: () => Promise.reject(new Error("no app-server for you")),
+    release: (workspaceId) => {
+      released.push(workspaceId);
+    },
+  });
+  try {
+    await assert.rejects(pool.get("ws-1"), WorkspaceUnavailableError);
+    await pool.close();
+    assert.deepEqual(released, []);
+  } finally {
+    await pool.close();
+  }
+});
+
+test("Pool.get() does not resolve a workspace again until its release has settled", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  const log: string[] = [];
+  let finishRelease!: () => void;
+  const gate = new Promise<void>((resolve) => (finishRelease = resolve));
+  const pool = new Pool({
+    resolve: () => {
+      log.push("resolve");
+      return Promise.resolve(server.url);
+    },
+    release: async () => {
+      log.push("release");
+      await gate;
+      log.push("released");
+    },
+  });
+  try {
+    const first = await pool.get("ws-1");
+    server.peers[0]!.close();
+    await waitFor("the release to start", () => log.includes("release"), 1_000);
+    const second = pool.get("ws-1");
+    // Long enough for a resolve and a dial on loopback, had the get not waited.
+    await new Promise((resolve) => setTimeout(resolve, 30));
+    assert.deepEqual(log, ["resolve", "release"]);
+    assert.equal(server.peers.length, 1);
+    finishRelease();
+    const conn = await second;
+    assert.notEqual(conn, first);
+    assert.equal(conn.closed, false);
+    assert.deepEqual(log, ["resolve", "release", "released", "resolve"]);
+  } finally {
+    finishRelease();
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool.close() waits for the release of a connection the app-server closed", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  let started = false;
+  let released = false;
+  const pool = new Pool({
+    resolve: () => Promise.resolve(server.url),
+    release: async () => {
+      started = true;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      released = true;
+    },
+  });
+  try {
+    await pool.get("ws-1");
+    server.peers[0]!.terminate();
+    await waitFor("the release to start", () => started, 1_000);
+    await pool.close();
+    assert.equal(released, true);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool with an idleTtlMs of 3000 hours neither spins its sweep nor reaps", async () => {
+  const server = await startFakeAppServer((peer) => codexLike(peer));
+  // The default sweep interval, idleTtlMs / 4, is past what a timer can wait (2^31 - 1 ms).
+  const pool = new Pool(countingResolver(server), { idleTtlMs: 3_000 * 3_600_000 });
+  try {
+    const conn = await pool.get("ws-1");
+    // Every sweep asks each connection whether a call is in flight: count the questions.
+    let sweeps = 0;
+    Object.defineProperty(conn, "inFlight", {
+      configurable: true,
+      get: () => {
+        sweeps++;
+        return 0;
+      },
+    });
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(sweeps, 0, "an overflowed interval fires every millisecond");
+    assert.equal(conn.closed, false);
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});

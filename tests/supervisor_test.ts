@@ -3,7 +3,18 @@ import { isAlive, waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
-import { chmod, mkdtemp, readFile, realpath, rm, stat, writeFile } from "node:fs/promises";
+import {
+  chmod,
+  mkdir,
+  mkdtemp,
+  readFile,
+  realpath,
+  rename,
+  rm,
+  stat,
+  symlink,
+  writeFile,
+} from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
@@ -225,6 +236,24 @@ test("createCodexResolver() crashed() tells a killed codex from a live or releas
   }
 });
 
+test("createCodexResolver() crashed() is true for a codex killed just before its release", async () => {
+  const box = await sandbox();
+  const resolver = createCodexResolver(box.options());
+  try {
+    await resolver.resolve("ws-1");
+    const pid = resolver.pid("ws-1")!;
+    // What a pool does when the crash drops its connection: release at once, before the
+    // runtime has reported the exit.
+    process.kill(pid, "SIGKILL");
+    await resolver.release("ws-1");
+    assert.equal(isAlive(pid), false);
+    assert.equal(await resolver.crashed("ws-1", 0), true);
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
 test("createCodexResolver() runs each codex in a process group of its own", async () => {
   const box = await sandbox();
   const resolver = createCodexResolver(box.options());
@@ -397,6 +426,64 @@ test("createCodexResolver() release() stops the process and deletes its private 
     await resolver.close();
     await box.cleanup();
   }
+});
+
+test("createCodexResolver() reports a token directory it cannot remove to onError, and release() still resolves", async () => {
+  const box = await sandbox();
+  // The token directory goes under os.tmpdir(), which follows TMPDIR.
+  const tmp = join(box.dir, "tmp");
+  await mkdir(tmp);
+  const savedTmpdir = process.env.TMPDIR;
+  const restoreTmpdir = () => {
+    if (savedTmpdir === undefined) delete process.env.TMPDIR;
+    else process.env.TMPDIR = savedTmpdir;
+  };
+  process.env.TMPDIR = tmp;
+  const errors: Error[] = [];
+  const resolver = createCodexResolver(box.options({
+    env: { TMPDIR: savedTmpdir },
+    onError: (error) => errors.push(error),
+  }));
+  try {
+    await resolver.resolve("ws-1");
+    restoreTmpdir();
+    const pid = resolver.pid("ws-1")!;
+    // Root may remove anything, but not through a symlink loop: every path under `tmp`
+    // now fails with ELOOP.
+    await rename(tmp, `${tmp}.moved`);
+    await symlink(tmp, tmp);
+    await resolver.release("ws-1");
+    assert.equal(isAlive(pid), false);
+    assert.equal(resolver.pid("ws-1"), undefined);
+    assert.equal(errors.length, 1);
+    assert.match(
+      errors[0]!.message,
+      /^Cannot remove the token directory \S+\/codex-broker-\S+ of workspace ws-1: /,
+    );
+    assert.equal((errors[0]!.cause as { code?: string }).code, "ELOOP");
+    // Released is not broken: the workspace comes back.
+    await resolver.resolve("ws-1");
+    assert.ok(resolver.pid("ws-1") !== undefined);
+  } finally {
+    restoreTmpdir();
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() rejects a readyTimeoutMs or stopTimeoutMs no timer can wait for with a RangeError", async () => {
+  for (const name of ["readyTimeoutMs", "stopTimeoutMs"]) {
+    assert.throws(
+      () => createCodexResolver({ [name]: 3_000 * 3_600_000 }),
+      (error: unknown) => {
+        assert.ok(error instanceof RangeError);
+        assert.match(error.message, new RegExp(`^Invalid ${name}: .*up to 2147483647`));
+        return true;
+      },
+    );
+  }
+  // The largest delay a timer honours is still accepted.
+  await createCodexResolver({ readyTimeoutMs: 2 ** 31 - 1, stopTimeoutMs: 2 ** 31 - 1 }).close();
 });
 
 test("createCodexResolver() close() leaves no child behind and refuses later resolves", async () => {
