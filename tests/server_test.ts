@@ -137,13 +137,8 @@ function responseHeads(text: string): { status: number; headers: Map<string, str
 
 const BODY_BYTES = 300_000;
 
-/** Sends a POST and its body, as Content-Length or chunked, and at once a GET /healthz. */
-function sendPostThenHealthz(
-  client: RawClient,
-  head: string,
-  size: number,
-  chunked: boolean,
-): void {
+/** Sends a POST and its whole body, as Content-Length or chunked. */
+function sendPost(client: RawClient, head: string, size: number, chunked: boolean): void {
   const framing = chunked ? "Transfer-Encoding: chunked" : `Content-Length: ${size}`;
   client.socket.write(`${head}Host: broker.test\r\n${framing}\r\n\r\n`);
   const piece = "x".repeat(16 * 1024);
@@ -152,7 +147,6 @@ function sendPostThenHealthz(
     client.socket.write(chunked ? `${part.length.toString(16)}\r\n${part}\r\n` : part);
   }
   if (chunked) client.socket.write("0\r\n\r\n");
-  client.socket.write("GET /healthz HTTP/1.1\r\nHost: broker.test\r\n\r\n");
 }
 
 const earlyAnswers: [number, string, string, number][] = [
@@ -187,7 +181,18 @@ for (const [status, reason, head, size] of earlyAnswers) {
           const framing = chunked ? "chunked" : "Content-Length";
           const client = await rawClient(port);
           try {
-            sendPostThenHealthz(client, head, size, chunked);
+            sendPost(client, head, size, chunked);
+            await client.until(
+              () => responseHeads(client.received).length > 0 || client.closed,
+              5_000,
+              `the POST's answer (${framing})`,
+            );
+            // The next request on the same connection, once the answer is in: keep-alive, not
+            // pipelining (Bun 1.4 answers nothing on a connection that pipelines requests to
+            // an async handler).
+            if (!client.closed) {
+              client.socket.write("GET /healthz HTTP/1.1\r\nHost: b.test\r\n\r\n");
+            }
             const healthz = () => /"status":"ok"/.test(client.received);
             await client.until(
               () => healthz() || client.closed,
