@@ -58,9 +58,9 @@ export function sseEvent(event: string, data: unknown): string {
 /**
  * Opens an event stream. Events wait in the stream's own buffer until the server pulls, and
  * a pull takes all of them as one chunk: a burst of small notifications costs the server
- * one write, not one per event (Deno writes a chunk at a time, slower than codex floods
- * deltas). What waits there is counted, so a client that stops reading costs at most
- * `maxBufferBytes` here, plus the last chunk the server took and the socket's buffers.
+ * one write, not one per event. What waits there is counted, so a client that stops
+ * reading costs at most `maxBufferBytes` here, plus the last chunk the server took and the
+ * socket's buffers.
  *
  * @param options Heartbeat, bound, and the hooks for cancel, overflow and end.
  * @returns The stream.

@@ -56,8 +56,9 @@ export interface TurnsHandlerOptions {
    * The most bytes of events a streaming answer holds for a client that has not read them
    * yet. A client that falls that far behind gets a last `result` event with the error
    * `slowReader`, its turn is interrupted, and `codex_broker_slow_readers_total` counts it.
-   * Defaults to 8 MiB: with the server's and the kernel's own socket buffers on top, a client
-   * that stops reading costs the broker well under 64 MB.
+   * Defaults to 8 MiB. A client that stops reading costs the broker at most about twice this
+   * (what waits, and the last chunk the server took), plus the socket's buffers: well under
+   * 64 MB.
    */
   maxStreamBufferBytes?: number;
   /** Answered by `GET /healthz`. Defaults to {@linkcode VERSION}. */
