@@ -34,21 +34,26 @@
  * @module
  */
 
-import { existsSync, realpathSync } from "node:fs";
+import { realpathSync } from "node:fs";
 import { mkdir } from "node:fs/promises";
 import { join, resolve as resolvePath } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
-import { serve, type Server, type ServerRequest } from "srvx";
+import { serve, type Server } from "srvx";
 import { createTurnsHandler, VERSION } from "./handler.ts";
 import { Metrics } from "./metrics.ts";
 import { Pool, type PoolEvent } from "./pool.ts";
 import { PoolClosedError } from "./errors.ts";
 import { createCodexResolver } from "./supervisor.ts";
 import type { ApprovalDecision } from "./approvals.ts";
+import { type ParsedFlags, parseFlags, USAGE, UsageError } from "./_flags.ts";
+import { timerDelay } from "./_timer.ts";
 
 // Re-exported so this entry point documents every type its API mentions.
 export type { ApprovalDecision } from "./approvals.ts";
+// The command line lives in its own module; it stays part of this entry point's API.
+export { parseDuration, parseFlags, USAGE, UsageError } from "./_flags.ts";
+export type { ParsedFlags } from "./_flags.ts";
 
 /** Severity of a {@linkcode LogEntry}. */
 export type LogLevel = "info" | "warn" | "error";
@@ -107,11 +112,6 @@ export interface Broker {
   hurry(): void;
 }
 
-/** What {@linkcode parseFlags} found: a request for help, or the options to start with. */
-export type ParsedFlags =
-  | { help: true }
-  | { help: false; options: BrokerOptions; secretSource: "flag" | "env" | "generated" };
-
 /** Options for {@linkcode main}; the defaults are the real process's. */
 export interface MainOptions {
   /** Environment to read `BROKER_SECRET` from. Defaults to `process.env`. */
@@ -125,60 +125,6 @@ export interface MainOptions {
   /** Listen for SIGINT, SIGTERM and SIGHUP. Defaults to `true`. */
   handleSignals?: boolean;
 }
-
-/**
- * Thrown by {@linkcode parseFlags} for an unknown flag, a missing value or a bad value.
- *
- * @example Tell a usage error from a crash
- * ```ts ignore
- * try {
- *   parseFlags(["--port", "http"]);
- * } catch (error) {
- *   if (error instanceof UsageError) console.error(error.message); // exit 2
- * }
- * ```
- */
-export class UsageError extends Error {
-  /**
-   * Creates the error.
-   *
-   * @param message What is wrong with the command line.
-   */
-  constructor(message: string) {
-    super(message);
-    this.name = "UsageError";
-  }
-}
-
-/** The text `--help` prints. */
-export const USAGE = `Usage: codex-broker [flags]
-
-Runs codex turns over REST: POST /api/turns, GET /healthz, GET /metrics.
-Start it with: deno run -A src/main.ts | bun src/main.ts | node src/main.ts
-
-Flags (a value may follow a space or "="; the last of a repeated flag wins):
-  --host <address>          Address to listen on (default 127.0.0.1)
-  --port <port>             Port to listen on, 0 for any free one (default 8787)
-  --secret <secret>         X-Internal-Secret that POST /api/turns must carry; prefer the
-                            BROKER_SECRET environment variable, which ps does not show.
-                            With neither, one is generated and printed once to stderr
-  --idle-ttl <duration>     Stop a workspace's codex after this long idle (default 5m)
-  --workspaces-dir <dir>    Each workspace's codex runs in <dir>/<workspaceId>, created on
-                            demand (default ./workspaces)
-  --codex-home <dir>        CODEX_HOME for every codex (default: inherited, i.e. ~/.codex)
-  --codex <path>            The codex binary (default: node_modules, then codex on PATH)
-  --approvals <decision>    Answer codex's approval requests with accept or decline
-                            (default decline)
-  --grace <duration>        On SIGINT, SIGTERM or SIGHUP, let turns in flight finish this
-                            long before interrupting them (default 10s); a second signal
-                            cuts it short
-  -h, --help                Print this help and exit
-
-Durations are milliseconds ("1500") or a number with a unit: ms, s, m, h ("30s", "5m").
-Environment: BROKER_SECRET (see --secret). codex itself uses the user's login or
-OPENAI_API_KEY. Logs are JSON lines on stderr. Exit codes: 0 after a clean shutdown,
-1 if the server cannot start, 2 for a bad flag.
-`;
 
 const DEFAULT_HOST = "127.0.0.1";
 const DEFAULT_PORT = 8787;
@@ -196,158 +142,6 @@ const SWEEP_MS = 50;
 // the broker, which then stops them.
 const SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
 
-const VALUE_FLAGS = new Set([
-  "host",
-  "port",
-  "secret",
-  "idle-ttl",
-  "workspaces-dir",
-  "codex-home",
-  "codex",
-  "approvals",
-  "grace",
-]);
-
-/**
- * Parses a duration: milliseconds (`"1500"`) or a number with a unit `ms`, `s`, `m` or `h`
- * (`"30s"`, `"1.5m"`).
- *
- * @example Durations
- * ```ts ignore
- * parseDuration("5m", "--idle-ttl"); // 300000
- * parseDuration("250", "--grace"); // 250
- * ```
- *
- * @param text The value.
- * @param flag The flag it came with, for the error message.
- * @returns Whole milliseconds.
- * @throws {UsageError} If `text` is not a duration.
- */
-export function parseDuration(text: string, flag: string): number {
-  const match = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(text.trim());
-  const unit = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000 }[match?.[2] ?? "ms"] ?? 1;
-  const ms = match ? Math.round(Number(match[1]) * unit) : NaN;
-  if (!Number.isSafeInteger(ms)) {
-    throw new UsageError(
-      `Invalid ${flag} ${JSON.stringify(text)}: expected milliseconds or a number with a ` +
-        `unit (ms, s, m, h), e.g. 30s or 5m`,
-    );
-  }
-  return ms;
-}
-
-/**
- * Parses the command line (see {@linkcode USAGE}). `--secret` wins over `BROKER_SECRET`;
- * with neither, a secret of 32 random bytes (base64url) is generated.
- *
- * @example Parse flags
- * ```ts ignore
- * const parsed = parseFlags(["--port", "0", "--idle-ttl", "30s"], { BROKER_SECRET: "s3cret" });
- * if (!parsed.help) console.log(parsed.options.port, parsed.options.idleTtlMs); // 0 30000
- * ```
- *
- * @param args The arguments after the script, e.g. `process.argv.slice(2)`.
- * @param env The environment to read `BROKER_SECRET` from.
- * @returns `{ help: true }` for `--help`, else the options and where the secret came from.
- * @throws {UsageError} If a flag is unknown, lacks its value, or has a bad value.
- */
-export function parseFlags(
-  args: readonly string[],
-  env: Record<string, string | undefined> = {},
-): ParsedFlags {
-  const values = new Map<string, string>();
-  for (let i = 0; i < args.length; i++) {
-    const arg = args[i]!;
-    if (arg === "--help" || arg === "-h") return { help: true };
-    if (!arg.startsWith("--")) {
-      throw new UsageError(
-        arg.startsWith("-")
-          ? `Unknown flag ${arg}`
-          : `Unexpected argument ${JSON.stringify(arg)}: every value follows its flag`,
-      );
-    }
-    const eq = arg.indexOf("=");
-    const name = arg.slice(2, eq === -1 ? undefined : eq);
-    if (!VALUE_FLAGS.has(name)) throw new UsageError(`Unknown flag --${name}`);
-    let value: string | undefined;
-    if (eq !== -1) {
-      value = arg.slice(eq + 1);
-    } else {
-      value = args[++i];
-      if (value === undefined || value.startsWith("--")) {
-        throw new UsageError(`Missing value for --${name}`);
-      }
-    }
-    values.set(name, value);
-  }
-
-  const options: BrokerOptions = { secret: "" };
-  const host = values.get("host");
-  if (host !== undefined) {
-    if (host.trim() === "") throw new UsageError("Invalid --host: expected an address");
-    options.host = host;
-  }
-  const port = values.get("port");
-  if (port !== undefined) {
-    if (!/^\d{1,5}$/.test(port) || Number(port) > 65535) {
-      throw new UsageError(
-        `Invalid --port ${JSON.stringify(port)}: expected an integer from 0 to 65535`,
-      );
-    }
-    options.port = Number(port);
-  }
-  const idleTtl = values.get("idle-ttl");
-  if (idleTtl !== undefined) {
-    options.idleTtlMs = parseDuration(idleTtl, "--idle-ttl");
-    if (options.idleTtlMs <= 0) {
-      throw new UsageError(`Invalid --idle-ttl ${JSON.stringify(idleTtl)}: must be positive`);
-    }
-  }
-  const grace = values.get("grace");
-  if (grace !== undefined) options.graceMs = parseDuration(grace, "--grace");
-  for (
-    const [flag, key] of [["workspaces-dir", "workspacesDir"], ["codex-home", "codexHome"]] as const
-  ) {
-    const dir = values.get(flag);
-    if (dir === undefined) continue;
-    if (dir === "") throw new UsageError(`Invalid --${flag}: expected a directory`);
-    options[key] = resolvePath(dir);
-  }
-  const codex = values.get("codex");
-  if (codex !== undefined) {
-    if (codex === "") throw new UsageError("Invalid --codex: expected the path of the binary");
-    // codex is spawned in the workspace directory: a relative path must not be read there.
-    options.codex = codex.includes("/") ? resolvePath(codex) : codex;
-    if (codex.includes("/") && !existsSync(options.codex)) {
-      throw new UsageError(`Invalid --codex ${JSON.stringify(codex)}: no such file`);
-    }
-  }
-  const approvals = values.get("approvals");
-  if (approvals !== undefined) {
-    if (approvals !== "accept" && approvals !== "decline") {
-      throw new UsageError(
-        `Invalid --approvals ${JSON.stringify(approvals)}: expected accept or decline`,
-      );
-    }
-    options.approvals = approvals;
-  }
-
-  let secretSource: "flag" | "env" | "generated";
-  const flagSecret = values.get("secret");
-  if (flagSecret !== undefined) {
-    if (flagSecret === "") throw new UsageError("Invalid --secret: expected a non-empty value");
-    options.secret = flagSecret;
-    secretSource = "flag";
-  } else if (env.BROKER_SECRET) {
-    options.secret = env.BROKER_SECRET;
-    secretSource = "env";
-  } else {
-    options.secret = generateSecret();
-    secretSource = "generated";
-  }
-  return { help: false, options, secretSource };
-}
-
 /**
  * Starts a broker: a codex supervisor, a pool over it, the REST handler, and an HTTP server
  * (srvx) in front. It does not install signal handlers; {@linkcode main} does.
@@ -362,6 +156,7 @@ export function parseFlags(
  * @param options Secret, address, directories, codex, approvals, durations, log sink.
  * @returns The running broker; `close()` it to stop every codex.
  * @throws {TypeError} If the secret is empty.
+ * @throws {RangeError} If `graceMs` is negative or not a number.
  * @throws {Error} If the workspaces directory cannot be created or the port cannot be bound.
  */
 export async function startBroker(options: BrokerOptions): Promise<Broker> {
@@ -370,6 +165,9 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   }
   const log = options.log ?? (() => {});
   const graceMs = options.graceMs ?? DEFAULT_GRACE_MS;
+  if (!(graceMs >= 0)) {
+    throw new RangeError(`Invalid graceMs: expected a non-negative number, got ${graceMs}`);
+  }
   const workspacesDir = resolvePath(options.workspacesDir ?? DEFAULT_WORKSPACES_DIR);
   const codexHome = options.codexHome === undefined ? undefined : resolvePath(options.codexHome);
   await mkdir(workspacesDir, { recursive: true });
@@ -395,11 +193,21 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   };
   for (const type of ["dial", "reap", "evict", "close"]) pool.addEventListener(type, onPoolEvent);
 
+  // Aborted once the grace period is over: the handler interrupts every turn in flight with
+  // its reason, so Conn sends turn/interrupt and codex stops working for a broker that is
+  // going away.
+  const stopping = new AbortController();
+  // A request counts from the moment the server hands it over until the handler is done
+  // with it (an event stream until its end). What is left to send after that is the
+  // listener's close() to wait for, on every runtime alike.
+  const inFlight = new InFlight();
   const metrics = new Metrics();
   const handler = createTurnsHandler(pool, {
     secret: options.secret,
     version: VERSION,
     metrics,
+    shutdownSignal: stopping.signal,
+    onRequestEnd: () => inFlight.leave(),
     log: (entry) => {
       const level: LogLevel = entry.msg === "internal error"
         ? "error"
@@ -409,11 +217,6 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
       log({ ...entry, level, msg: String(entry.msg) });
     },
   });
-
-  // Aborted once the grace period is over: every turn's signal follows it, so Conn sends
-  // turn/interrupt and codex stops working for a broker that is going away.
-  const stopping = new AbortController();
-  const inFlight = new InFlight();
 
   let server: Server | undefined;
   let url: string;
@@ -425,34 +228,9 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
       // main() owns the signals and the log; srvx would print to stdout and exit on its own.
       silent: true,
       gracefulShutdown: false,
-      fetch: async (request: ServerRequest) => {
-        // A request counts until its answer is out. Node says when through the response's
-        // 'close'; on Deno and Bun, whose close() waits for answers being sent anyway, the end
-        // of the handler (or of an event stream) is near enough.
-        const nodeResponse = request.runtime?.node?.res;
-        let left = false;
-        const leave = () => {
-          if (left) return;
-          left = true;
-          inFlight.leave();
-        };
+      fetch: (request: Request) => {
         inFlight.enter();
-        nodeResponse?.once("close", leave);
-        let response: Response;
-        try {
-          response = await handler(
-            request.method === "POST" ? withSignal(request, stopping.signal) : request,
-          );
-        } catch (error) {
-          leave();
-          throw error;
-        }
-        if (nodeResponse) return response;
-        if (response.body === null || !isEventStream(response)) {
-          leave();
-          return response;
-        }
-        return onBodyEnd(response, leave);
+        return handler(request);
       },
     });
     await server.ready();
@@ -482,18 +260,21 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
         // Node keeps a connection open after its last answer, and its server.close() waits
         // for every connection; closing the idle ones as answers finish lets it end. Deno and
         // Bun close them on their own.
-        const sweep = setInterval(() => nodeServer?.closeIdleConnections?.(), SWEEP_MS);
+        const sweep = setInterval(
+          () => nodeServer?.closeIdleConnections?.(),
+          timerDelay(SWEEP_MS),
+        );
         if (!await inFlight.idle(graceMs, hurry.signal)) {
           log({ level: "warn", msg: "interrupting turns", inFlight: inFlight.count, graceMs });
           stopping.abort(new PoolClosedError("Cannot run turn: broker is shutting down"));
           await inFlight.idle(INTERRUPT_WAIT_MS);
         }
+        // Answers handed to the server may still be on their way out; close() ends once they
+        // are, and Node's idle connections are swept meanwhile.
+        await timeout(closed, LISTENER_CLOSE_MS);
         clearInterval(sweep);
-        // On Node every answer has been sent by now, and a connection a client keeps open
-        // (idle, or half-closed after an abort) would hold close() for good. Deno and Bun
-        // finish sending what is left first.
-        if (!nodeServer) await timeout(closed, LISTENER_CLOSE_MS);
-        // Whatever is still open now (a client that ignored the interrupt) is cut.
+        // Whatever is still open now (a client that does not read, or ignored the interrupt)
+        // is cut.
         await timeout(listener.close(true).catch(() => {}), LISTENER_CLOSE_MS);
         await pool.close();
         await resolver.close();
@@ -639,84 +420,40 @@ class InFlight {
     if (signal?.aborted) return Promise.resolve(false);
     return new Promise<boolean>((resolve) => {
       const settle = (idle: boolean) => {
-        clearTimeout(timer);
+        timer.cancel();
         this.#waiters.delete(wake);
         signal?.removeEventListener("abort", onAbort);
         resolve(idle);
       };
       const wake = () => settle(true);
       const onAbort = () => settle(false);
-      const timer = setTimeout(() => settle(false), ms);
+      const timer = after(ms, () => settle(false));
       this.#waiters.add(wake);
       signal?.addEventListener("abort", onAbort, { once: true });
     });
   }
 }
 
-/** The same request, aborted also when `signal` aborts. */
-function withSignal(request: Request, signal: AbortSignal): Request {
-  // Built from parts: srvx's Node request is not a native Request, so `new Request(request,
-  // init)` cannot copy it there. `duplex` is required by Node for a streamed body.
-  const init: RequestInit & { duplex: "half" } = {
-    method: request.method,
-    headers: request.headers,
-    body: request.body,
-    signal: AbortSignal.any([request.signal, signal]),
-    duplex: "half",
+/**
+ * Calls `fn` once `ms` have passed, however long that is: a delay past what timers honour
+ * (24.8 days, see timerDelay) is waited in steps instead of firing after 1 ms.
+ */
+function after(ms: number, fn: () => void): { cancel(): void } {
+  const deadline = performance.now() + ms;
+  let timer: ReturnType<typeof setTimeout>;
+  const arm = () => {
+    const left = deadline - performance.now();
+    if (left <= 0) fn();
+    else timer = setTimeout(arm, timerDelay(left));
   };
-  return new Request(request.url, init);
-}
-
-function isEventStream(response: Response): boolean {
-  return response.headers.get("content-type")?.startsWith("text/event-stream") ?? false;
-}
-
-/** The same response, calling `onEnd` once when its body ends, fails or is cancelled. */
-function onBodyEnd(response: Response, onEnd: () => void): Response {
-  const reader = response.body!.getReader();
-  let ended = false;
-  const end = () => {
-    if (ended) return;
-    ended = true;
-    onEnd();
-  };
-  const body = new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      try {
-        const { done, value } = await reader.read();
-        if (done) {
-          end();
-          controller.close();
-        } else {
-          controller.enqueue(value);
-        }
-      } catch (error) {
-        end();
-        controller.error(error);
-      }
-    },
-    async cancel(reason) {
-      end();
-      await reader.cancel(reason);
-    },
-  });
-  return new Response(body, {
-    status: response.status,
-    statusText: response.statusText,
-    headers: response.headers,
-  });
+  timer = setTimeout(arm, timerDelay(ms));
+  return { cancel: () => clearTimeout(timer) };
 }
 
 async function timeout(promise: Promise<unknown>, ms: number): Promise<void> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  await Promise.race([promise, new Promise((resolve) => timer = setTimeout(resolve, ms))]);
-  clearTimeout(timer);
-}
-
-function generateSecret(): string {
-  const bytes = crypto.getRandomValues(new Uint8Array(32));
-  return btoa(String.fromCharCode(...bytes)).replaceAll("+", "-").replaceAll("/", "_")
-    .replace(/=+$/, "");
+  let timer: { cancel(): void } | undefined;
+  await Promise.race([promise, new Promise<void>((resolve) => timer = after(ms, resolve))]);
+  timer?.cancel();
 }
 
 function runtime(): string {

@@ -1,7 +1,8 @@
 /**
  * The broker's metrics, rendered in the Prometheus text exposition format 0.0.4: turns by
  * outcome, turn durations, open connections, dials, reaps, evictions, closes, server
- * requests by method and decision, and bad requests by status. Web-standard.
+ * requests by method and decision, bad requests by status, and event streams ended for a
+ * slow reader. Web-standard.
  *
  * @module
  */
@@ -49,6 +50,7 @@ const KNOWN_OUTCOMES = [
   "unavailable",
   "internal",
   "cancelled",
+  "slowReader",
 ];
 
 const PREFIX = "codex_broker_";
@@ -86,10 +88,10 @@ interface Observed {
 }
 
 /**
- * A registry of the broker's metrics. The REST handler records turns and bad requests; a
- * pool passed to {@linkcode Metrics.observePool} contributes its connections, dials, reaps,
- * evictions, closes and the server requests of its connections. One instance can be shared
- * by several handlers over the same pool.
+ * A registry of the broker's metrics. The REST handler records turns, bad requests and slow
+ * readers; a pool passed to {@linkcode Metrics.observePool} contributes its connections,
+ * dials, reaps, evictions, closes and the server requests of its connections. One instance
+ * can be shared by several handlers over the same pool.
  *
  * @example Serve metrics next to the handler
  * ```ts ignore
@@ -110,6 +112,7 @@ export class Metrics {
   #closes = 0;
   #serverRequests = new Map<string, { method: string; decision: string; count: number }>();
   #badRequests = new Map<number, number>();
+  #slowReaders = 0;
   #pools = new Map<Pool, Observed>();
 
   /**
@@ -122,7 +125,7 @@ export class Metrics {
    *
    * @param outcome codex's turn status (`completed`, `interrupted`, `failed`) or what went
    * wrong instead (`brokerTimeout`, `subprocessCrash`, `wsDisconnect`, `rpcError`,
-   * `overloaded`, `unavailable`, `internal`, `cancelled`).
+   * `overloaded`, `unavailable`, `internal`, `cancelled`, `slowReader`).
    * @param durationMs How long the turn took, from the request to the answer.
    * @throws {RangeError} If `durationMs` is negative or not finite.
    */
@@ -154,6 +157,18 @@ export class Metrics {
    */
   observeBadRequest(status: number): void {
     this.#badRequests.set(status, (this.#badRequests.get(status) ?? 0) + 1);
+  }
+
+  /**
+   * Counts one event stream ended because its client fell too far behind.
+   *
+   * @example Record a slow reader
+   * ```ts ignore
+   * metrics.observeSlowReader();
+   * ```
+   */
+  observeSlowReader(): void {
+    this.#slowReaders++;
   }
 
   /**
@@ -288,6 +303,14 @@ export class Metrics {
     for (const [status, count] of [...this.#badRequests].sort(([a], [b]) => a - b)) {
       sample(lines, "bad_requests_total", { status: String(status) }, count);
     }
+
+    header(
+      lines,
+      "slow_readers_total",
+      "counter",
+      "Event streams ended, and their turns interrupted, because the client read too slowly.",
+    );
+    sample(lines, "slow_readers_total", {}, this.#slowReaders);
     return lines.join("\n") + "\n";
   }
 }

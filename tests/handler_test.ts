@@ -402,12 +402,13 @@ test("POST /api/turns answers 415 unless the Content-Type is application/json", 
   }
 });
 
-test("POST /api/turns answers 413 on a Content-Length over maxBodyBytes without reading the body", async () => {
+test("POST /api/turns answers 413 with Connection: close on a Content-Length over maxBodyBytes without reading the body", async () => {
   const h = await harness((peer) => codexLike(peer), { handler: { maxBodyBytes: 1024 } });
   try {
     const request = post("x".repeat(2048), { headers: { "content-length": "2048" } });
     const response = await h.handler(request);
     assert.equal(response.status, 413);
+    assert.equal(response.headers.get("connection"), "close", "the rest of the body is not read");
     assert.equal((await errorOf(response)).code, "bodyTooLarge");
     assert.equal(request.bodyUsed, false, "the body was not read");
     assertNothingReachedCodex(h);
@@ -416,7 +417,7 @@ test("POST /api/turns answers 413 on a Content-Length over maxBodyBytes without 
   }
 });
 
-test("POST /api/turns answers 413 on an endless body without Content-Length, and stops reading it", async () => {
+test("POST /api/turns answers 413 with Connection: close on an endless body without Content-Length, and stops reading it", async () => {
   const h = await harness((peer) => codexLike(peer), { handler: { maxBodyBytes: 4096 } });
   try {
     let pulled = 0;
@@ -436,6 +437,7 @@ test("POST /api/turns answers 413 on an endless body without Content-Length, and
     // Endless: a handler that kept reading would never answer.
     const response = await within(h.handler(request), 5_000, "the 413 answer");
     assert.equal(response.status, 413);
+    assert.equal(response.headers.get("connection"), "close", "the rest of the body is not read");
     assert.equal((await errorOf(response)).code, "bodyTooLarge");
     assert.ok(pulled < 10, `read about the limit only (${pulled} chunks of 1000 bytes)`);
     assertNothingReachedCodex(h);
@@ -842,7 +844,171 @@ test("POST /api/turns answers a bad streaming request as a plain JSON error", as
   }
 });
 
+// --- a client that does not read --------------------------------------------------------
+
+/**
+ * A codex whose first turn floods `count` deltas of `size` bytes and then hangs until it is
+ * interrupted; later turns complete at once.
+ */
+function floodingCodex(count: number, size: number) {
+  const interrupted = Promise.withResolvers<Message>();
+  return {
+    interrupted: () => within(interrupted.promise, 5_000, "turn/interrupt"),
+    script(peer: FakePeer) {
+      let turns = 0;
+      peer.handle((m) => {
+        if (m.method === "thread/start") {
+          peer.reply(m as Req, { thread: { id: "thr-1" } });
+          return true;
+        }
+        if (m.method === "turn/interrupt") {
+          interrupted.resolve(m);
+          peer.reply(m as Req, {});
+          peer.notify("turn/completed", {
+            threadId: m.params.threadId,
+            turn: turnObject(m.params.turnId, "interrupted"),
+          });
+          return true;
+        }
+        if (m.method !== "turn/start") return false;
+        const threadId = m.params.threadId as string;
+        const turnId = `turn-${++turns}`;
+        peer.reply(m as Req, { turn: turnObject(turnId, "inProgress") });
+        peer.notify("turn/started", { threadId, turn: turnObject(turnId, "inProgress") });
+        if (turns === 1) {
+          const delta = "x".repeat(size);
+          for (let i = 0; i < count; i++) {
+            peer.notify("item/agentMessage/delta", { threadId, turnId, itemId: "m1", delta });
+          }
+        } else {
+          const item = agentMessage(`msg-${turnId}`, "after the flood");
+          peer.notify("item/completed", { threadId, turnId, item });
+          peer.notify("turn/completed", {
+            threadId,
+            turn: turnObject(turnId, "completed", [item]),
+          });
+        }
+        return true;
+      });
+    },
+  };
+}
+
+test("a streaming client that does not read while codex floods is cut off at maxStreamBufferBytes with a slowReader result, its turn interrupted and counted, and the thread serves its next turn", async () => {
+  const budget = 64 * 1024;
+  const codex = floodingCodex(3_000, 1024);
+  const h = await harness(codex.script, { handler: { maxStreamBufferBytes: budget } });
+  try {
+    const response = await h.handler(
+      post({ workspaceId: "ws-1", params: { input } }, {
+        headers: { accept: "text/event-stream" },
+      }),
+    );
+    // Nobody reads the body while codex floods.
+    const sent = await codex.interrupted();
+    assert.deepEqual(sent.params, { threadId: "thr-1", turnId: "turn-1" });
+    const entry = await within(h.logged((e) => e.msg === "turn"), 5_000, "the turn's log entry");
+    assert.equal(entry.outcome, "slowReader");
+
+    // Read afterwards: what was held, then the reason it ended.
+    const bytes = new Uint8Array(await response.arrayBuffer());
+    assert.ok(bytes.byteLength < budget + 4096, `held ${bytes.byteLength} bytes`);
+    const events = await readEvents(new Response(bytes));
+    const named = events.filter((e) => e.event !== ":");
+    assert.equal(named[0]!.event, "thread");
+    const deltas = named.filter((e) => e.event === "item/agentMessage/delta").length;
+    assert.ok(deltas > 10 && deltas < 3_000, `${deltas} deltas were streamed`);
+    const last = named.at(-1)!;
+    assert.equal(last.event, "result");
+    const error = (last.data as { error: { code: string; message: string } }).error;
+    assert.equal(error.code, "slowReader");
+    assert.match(error.message, /fell 65536 bytes behind/);
+
+    const metrics = await (await h.handler(new Request("http://broker.test/metrics"))).text();
+    assert.ok(metrics.split("\n").includes("codex_broker_slow_readers_total 1"), metrics);
+    assert.ok(metrics.includes('codex_broker_turns_total{outcome="slowReader"} 1'), metrics);
+
+    const next = await h.handler(
+      post({ workspaceId: "ws-1", threadId: "thr-1", params: { input }, timeoutMs: 5_000 }),
+    );
+    const body = await next.json();
+    assert.equal(body.turn.status, "completed");
+    assert.equal(body.turn.items.at(-1).text, "after the flood");
+  } finally {
+    await h.close();
+  }
+});
+
+test("heartbeats do not pile up for a streaming client that does not read", async () => {
+  const codex = hangingCodex();
+  const h = await harness(codex.script, { handler: { heartbeatMs: 10 } });
+  try {
+    const controller = new AbortController();
+    const response = await h.handler(
+      post({ workspaceId: "ws-1", params: { input } }, {
+        headers: { accept: "text/event-stream" },
+        signal: controller.signal,
+      }),
+    );
+    await codex.started;
+    // Twenty heartbeat intervals pass while the client reads nothing.
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    const reader = response.body!.getReader();
+    const decoder = new TextDecoder();
+    let held = "";
+    // What the stream holds comes out of read() at once; a new chunk needs a timer to fire.
+    for (;;) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const late = new Promise<undefined>((resolve) =>
+        timer = setTimeout(() => resolve(undefined), 0)
+      );
+      const chunk = await Promise.race([reader.read(), late]);
+      clearTimeout(timer);
+      if (chunk === undefined || chunk.done) break;
+      held += decoder.decode(chunk.value, { stream: true });
+    }
+    assert.match(held, /event: thread\n/);
+    const pings = held.split(": ping\n\n").length - 1;
+    assert.ok(pings <= 1, `${pings} heartbeats were held for the client`);
+    controller.abort();
+    await reader.cancel();
+    await codex.interrupted();
+  } finally {
+    await h.close();
+  }
+});
+
+test("a heartbeatMs past 2^31 ms is capped, not turned into a heartbeat every millisecond", async () => {
+  const codex = hangingCodex();
+  const h = await harness(codex.script, { handler: { heartbeatMs: 3_000_000_000 } });
+  try {
+    const response = await h.handler(
+      post({ workspaceId: "ws-1", params: { input } }, {
+        headers: { accept: "text/event-stream" },
+      }),
+    );
+    const reader = response.body!.getReader();
+    const decoder = new TextDecoder();
+    let seen = "";
+    while (!seen.includes("event: turn/started\n")) {
+      seen += decoder.decode((await reader.read()).value, { stream: true });
+    }
+    // The turn hangs now: within 50 ms only a heartbeat could come.
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const quiet = new Promise<"quiet">((resolve) => timer = setTimeout(() => resolve("quiet"), 50));
+    const next = await Promise.race([reader.read(), quiet]);
+    clearTimeout(timer);
+    if (next !== "quiet") seen += decoder.decode(next.value);
+    assert.ok(!seen.includes(": ping"), `a heartbeat was sent:\n${seen}`);
+    await reader.cancel();
+    await codex.interrupted();
+  } finally {
+    await h.close();
+  }
+});
+
 // --- the client goes away ---------------------------------------------------------------
+
 test("a turn aborted with a PoolClosedError (the server's grace period ended) answers 503 unavailable, not 499", async () => {
   const codex = hangingCodex();
   const h = await harness(codex.script);
@@ -912,6 +1078,149 @@ test("a client that cancels the event stream gets its turn interrupted and the h
     assert.equal(intervals.live, 0, "the heartbeat stopped with the stream");
   } finally {
     intervals.restore();
+    await h.close();
+  }
+});
+
+// --- the server shuts down --------------------------------------------------------------
+
+test("shutdownSignal interrupts a running JSON turn and answers 503 unavailable with Retry-After", async () => {
+  const codex = hangingCodex();
+  const shutdown = new AbortController();
+  const h = await harness(codex.script, { handler: { shutdownSignal: shutdown.signal } });
+  try {
+    const answer = h.handler(post({ workspaceId: "ws-1", params: { input } }));
+    await codex.started;
+    shutdown.abort(new PoolClosedError("Cannot run turn: broker is shutting down"));
+    const sent = await codex.interrupted();
+    assert.deepEqual(sent.params, { threadId: "thr-1", turnId: "turn-1" });
+    const response = await within(answer, 5_000, "the answer");
+    assert.equal(response.status, 503);
+    assert.equal(response.headers.get("retry-after"), "1");
+    assert.equal((await errorOf(response)).code, "unavailable");
+    assert.equal(h.logs.at(-1)!.outcome, "unavailable");
+  } finally {
+    await h.close();
+  }
+});
+
+test("shutdownSignal interrupts a streamed turn, whose stream ends with an unavailable result", async () => {
+  const codex = hangingCodex();
+  const shutdown = new AbortController();
+  const h = await harness(codex.script, { handler: { shutdownSignal: shutdown.signal } });
+  try {
+    const response = await h.handler(
+      post({ workspaceId: "ws-1", params: { input } }, {
+        headers: { accept: "text/event-stream" },
+      }),
+    );
+    await codex.started;
+    shutdown.abort(new PoolClosedError("Cannot run turn: broker is shutting down"));
+    await codex.interrupted();
+    const named = (await within(readEvents(response), 5_000, "the stream to end"))
+      .filter((e) => e.event !== ":");
+    const result = named.at(-1)!;
+    assert.equal(result.event, "result");
+    assert.equal((result.data as { error: { code: string } }).error.code, "unavailable");
+  } finally {
+    await h.close();
+  }
+});
+
+test("a request that arrives after shutdownSignal aborted is answered 503 at once", async () => {
+  const shutdown = new AbortController();
+  shutdown.abort(new PoolClosedError("Cannot run turn: broker is shutting down"));
+  const h = await harness((peer) => codexLike(peer), {
+    handler: { shutdownSignal: shutdown.signal },
+  });
+  try {
+    const response = await h.handler(post({ workspaceId: "ws-1", params: { input } }));
+    assert.equal(response.status, 503);
+    assert.equal((await errorOf(response)).code, "unavailable");
+    assert.ok(
+      !(h.server.peers[0]?.received ?? []).some((m) => m.method === "turn/start"),
+      "no turn was started",
+    );
+  } finally {
+    await h.close();
+  }
+});
+
+test("the handler listens to shutdownSignal only while a turn runs: 1,000 refused POSTs and finished turns leave no listener and build no AbortSignal.any on it", async () => {
+  const shutdown = new AbortController();
+  const signal = shutdown.signal;
+  let live = 0;
+  let added = 0;
+  const add = signal.addEventListener.bind(signal);
+  const remove = signal.removeEventListener.bind(signal);
+  signal.addEventListener = ((...args: Parameters<AbortSignal["addEventListener"]>) => {
+    added++;
+    live++;
+    add(...args);
+  }) as AbortSignal["addEventListener"];
+  signal.removeEventListener = ((...args: Parameters<AbortSignal["removeEventListener"]>) => {
+    live--;
+    remove(...args);
+  }) as AbortSignal["removeEventListener"];
+  const any = AbortSignal.any;
+  let dependents = 0;
+  AbortSignal.any = (signals: Iterable<AbortSignal>) => {
+    const list = [...signals];
+    if (list.includes(signal)) dependents++;
+    return any.call(AbortSignal, list);
+  };
+  const h = await harness((peer) => codexLike(peer), { handler: { shutdownSignal: signal } });
+  try {
+    for (let i = 0; i < 1_000; i++) {
+      const response = await h.handler(
+        post({ workspaceId: "ws-1", params: { input } }, {
+          headers: { "x-internal-secret": "wrong" },
+        }),
+      );
+      assert.equal(response.status, 401);
+      await response.body?.cancel();
+    }
+    assert.equal(added, 0, "refused requests never listen to the shutdown signal");
+    for (let i = 0; i < 3; i++) {
+      const plain = await h.handler(post({ workspaceId: "ws-1", params: { input } }));
+      assert.equal((await plain.json()).turn.status, "completed");
+      const streamed = await h.handler(
+        post({ workspaceId: "ws-1", params: { input } }, {
+          headers: { accept: "text/event-stream" },
+        }),
+      );
+      assert.equal((await readEvents(streamed)).at(-1)!.event, "result");
+    }
+    assert.equal(added, 6, "one listener per turn");
+    assert.equal(live, 0, "every turn removed its listener");
+    assert.equal(dependents, 0, "no AbortSignal.any depends on the shutdown signal");
+  } finally {
+    AbortSignal.any = any;
+    await h.close();
+  }
+});
+
+test("onRequestEnd reports each request once: a refused or JSON answer as it returns, an event stream at its end", async () => {
+  const codex = hangingCodex();
+  const ended: string[] = [];
+  const h = await harness(codex.script, {
+    handler: { onRequestEnd: (request) => ended.push(new URL(request.url).pathname) },
+  });
+  try {
+    await (await h.handler(new Request("http://broker.test/healthz"))).body?.cancel();
+    await (await h.handler(post("{", { headers: { "x-internal-secret": "x" } }))).body?.cancel();
+    assert.deepEqual(ended, ["/healthz", "/api/turns"]);
+    const response = await h.handler(
+      post({ workspaceId: "ws-1", params: { input } }, {
+        headers: { accept: "text/event-stream" },
+      }),
+    );
+    await codex.started;
+    assert.equal(ended.length, 2, "a stream that goes on has not ended");
+    await response.body!.cancel();
+    assert.deepEqual(ended, ["/healthz", "/api/turns", "/api/turns"]);
+    await codex.interrupted();
+  } finally {
     await h.close();
   }
 });

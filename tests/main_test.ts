@@ -14,7 +14,7 @@ import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
-import { parseDuration, parseFlags, UsageError } from "../src/main.ts";
+import { parseDuration, parseFlags, USAGE, UsageError } from "../src/main.ts";
 import { makeCodexHome, type TempCodexHome } from "./_codex_home.ts";
 import { type MockModel, type MockResponder, reply, startMockModel } from "./_mock_model.ts";
 
@@ -521,6 +521,7 @@ test("src/main.ts exits 2 with a message on stderr for a bad flag or value", TIM
     [["--port", "70000"], /Invalid --port "70000"/],
     [["--approvals", "maybe"], /Invalid --approvals "maybe": expected accept or decline/],
     [["--idle-ttl", "soon"], /Invalid --idle-ttl "soon"/],
+    [["--idle-ttl", "3000h"], /Invalid --idle-ttl "3000h": at most 576h \(24 days\)/],
     [["--host"], /Missing value for --host/],
   ];
   await Promise.all(cases.map(async ([args, message]) => {
@@ -583,4 +584,33 @@ test("parseFlags() generates a different 32-byte base64url secret when none is g
   assert.match(a.options.secret, /^[A-Za-z0-9_-]{43}$/);
   assert.notEqual(a.options.secret, b.options.secret);
   assert.equal(a.secretSource, "generated");
+});
+
+test("parseFlags() refuses an --idle-ttl or --grace past 24 days, which timers cannot wait", () => {
+  for (
+    const [flag, value] of [["--idle-ttl", "3000h"], ["--grace", "600h"], ["--grace", "2147483648"]]
+  ) {
+    assert.throws(
+      () => parseFlags([flag!, value!]),
+      (error: unknown) =>
+        error instanceof UsageError &&
+        error.message === `Invalid ${flag} ${JSON.stringify(value)}: at most 576h (24 days), ` +
+            "the longest a timer can wait",
+      `${flag} ${value}`,
+    );
+  }
+  const longest = parseFlags(["--idle-ttl", "576h", "--grace=576h"], { BROKER_SECRET: "s" });
+  assert.ok(!longest.help);
+  assert.equal(longest.options.idleTtlMs, 24 * 24 * 3_600_000);
+  assert.equal(longest.options.graceMs, 24 * 24 * 3_600_000);
+  assert.equal(parseDuration("0", "--grace"), 0);
+});
+
+test("USAGE lists every flag parseFlags() takes, and the duration limit", () => {
+  for (const flag of USAGE.matchAll(/^ {2}(--[a-z-]+)/gm)) {
+    if (flag[1] === "--help") continue;
+    // A flag parseFlags() did not know would be a UsageError "Unknown flag".
+    assert.throws(() => parseFlags([flag[1]!]), /Missing value/, flag[1]);
+  }
+  assert.match(USAGE, /at most 24 days/);
 });

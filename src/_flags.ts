@@ -1,0 +1,307 @@
+/**
+ * The command line of the broker: its flags, their parsing and the usage text. Every flag is
+ * one row of {@linkcode FLAGS}, which the parser and the usage text both read, so adding a
+ * flag is adding a row. Runtime-specific (`node:fs`, `node:path`); re-exported by
+ * `src/main.ts`.
+ *
+ * @module
+ */
+
+import { existsSync } from "node:fs";
+import { resolve as resolvePath } from "node:path";
+import type { BrokerOptions } from "./main.ts";
+
+/** What {@linkcode parseFlags} found: a request for help, or the options to start with. */
+export type ParsedFlags =
+  | { help: true }
+  | { help: false; options: BrokerOptions; secretSource: "flag" | "env" | "generated" };
+
+/**
+ * Thrown by {@linkcode parseFlags} for an unknown flag, a missing value or a bad value.
+ *
+ * @example Tell a usage error from a crash
+ * ```ts ignore
+ * try {
+ *   parseFlags(["--port", "http"]);
+ * } catch (error) {
+ *   if (error instanceof UsageError) console.error(error.message); // exit 2
+ * }
+ * ```
+ */
+export class UsageError extends Error {
+  /**
+   * Creates the error.
+   *
+   * @param message What is wrong with the command line.
+   */
+  constructor(message: string) {
+    super(message);
+    this.name = "UsageError";
+  }
+}
+
+/**
+ * The longest duration a flag takes: 24 days. Timers cannot wait longer than 2³¹-1 ms
+ * (24.8 days; Node and Deno fire a longer one after 1 ms), and no duration of the broker is
+ * meaningful beyond it, so a longer one is refused rather than silently cut: the pool's
+ * sweep runs every idle TTL / 4, the grace period is one timer.
+ */
+const MAX_DURATION_MS = 24 * 24 * 3_600_000;
+
+/** One flag: the parser checks and stores its value, the usage text prints its help. */
+interface Flag {
+  /** The name without the leading `--`. */
+  name: string;
+  /** Placeholder of the value in the usage text, e.g. `<duration>`. */
+  value: string;
+  /** Help lines; the first follows the flag, the others are indented under it. */
+  help: readonly string[];
+  /** Checks `value` and sets it on `options`; throws a {@linkcode UsageError} if bad. */
+  apply(value: string, options: BrokerOptions): void;
+}
+
+function directory(flag: string, key: "workspacesDir" | "codexHome"): Flag["apply"] {
+  return (dir, options) => {
+    if (dir === "") throw new UsageError(`Invalid --${flag}: expected a directory`);
+    options[key] = resolvePath(dir);
+  };
+}
+
+const FLAGS: readonly Flag[] = [
+  {
+    name: "host",
+    value: "<address>",
+    help: ["Address to listen on (default 127.0.0.1)"],
+    apply(host, options) {
+      if (host.trim() === "") throw new UsageError("Invalid --host: expected an address");
+      options.host = host;
+    },
+  },
+  {
+    name: "port",
+    value: "<port>",
+    help: ["Port to listen on, 0 for any free one (default 8787)"],
+    apply(port, options) {
+      if (!/^\d{1,5}$/.test(port) || Number(port) > 65535) {
+        throw new UsageError(
+          `Invalid --port ${JSON.stringify(port)}: expected an integer from 0 to 65535`,
+        );
+      }
+      options.port = Number(port);
+    },
+  },
+  {
+    name: "secret",
+    value: "<secret>",
+    help: [
+      "X-Internal-Secret that POST /api/turns must carry; prefer the",
+      "BROKER_SECRET environment variable, which ps does not show.",
+      "With neither, one is generated and printed once to stderr",
+    ],
+    apply(secret, options) {
+      if (secret === "") throw new UsageError("Invalid --secret: expected a non-empty value");
+      options.secret = secret;
+    },
+  },
+  {
+    name: "idle-ttl",
+    value: "<duration>",
+    help: ["Stop a workspace's codex after this long idle (default 5m)"],
+    apply(text, options) {
+      const ms = parseDuration(text, "--idle-ttl");
+      if (ms <= 0) {
+        throw new UsageError(`Invalid --idle-ttl ${JSON.stringify(text)}: must be positive`);
+      }
+      options.idleTtlMs = ms;
+    },
+  },
+  {
+    name: "workspaces-dir",
+    value: "<dir>",
+    help: [
+      "Each workspace's codex runs in <dir>/<workspaceId>, created on",
+      "demand (default ./workspaces)",
+    ],
+    apply: directory("workspaces-dir", "workspacesDir"),
+  },
+  {
+    name: "codex-home",
+    value: "<dir>",
+    help: ["CODEX_HOME for every codex (default: inherited, i.e. ~/.codex)"],
+    apply: directory("codex-home", "codexHome"),
+  },
+  {
+    name: "codex",
+    value: "<path>",
+    help: ["The codex binary (default: node_modules, then codex on PATH)"],
+    apply(codex, options) {
+      if (codex === "") throw new UsageError("Invalid --codex: expected the path of the binary");
+      // codex is spawned in the workspace directory: a relative path must not be read there.
+      options.codex = codex.includes("/") ? resolvePath(codex) : codex;
+      if (codex.includes("/") && !existsSync(options.codex)) {
+        throw new UsageError(`Invalid --codex ${JSON.stringify(codex)}: no such file`);
+      }
+    },
+  },
+  {
+    name: "approvals",
+    value: "<decision>",
+    help: ["Answer codex's approval requests with accept or decline", "(default decline)"],
+    apply(approvals, options) {
+      if (approvals !== "accept" && approvals !== "decline") {
+        throw new UsageError(
+          `Invalid --approvals ${JSON.stringify(approvals)}: expected accept or decline`,
+        );
+      }
+      options.approvals = approvals;
+    },
+  },
+  {
+    name: "grace",
+    value: "<duration>",
+    help: [
+      "On SIGINT, SIGTERM or SIGHUP, let turns in flight finish this",
+      "long before interrupting them (default 10s); a second signal",
+      "cuts it short",
+    ],
+    apply(text, options) {
+      options.graceMs = parseDuration(text, "--grace");
+    },
+  },
+];
+
+const FLAG_COLUMN = 28;
+
+function usageLines(): string {
+  const lines: string[] = [];
+  for (const flag of FLAGS) {
+    const [first = "", ...rest] = flag.help;
+    lines.push(`  --${flag.name} ${flag.value}`.padEnd(FLAG_COLUMN) + first);
+    for (const line of rest) lines.push(" ".repeat(FLAG_COLUMN) + line);
+  }
+  lines.push("  -h, --help".padEnd(FLAG_COLUMN) + "Print this help and exit");
+  return lines.join("\n");
+}
+
+/** The text `--help` prints. */
+export const USAGE: string = `Usage: codex-broker [flags]
+
+Runs codex turns over REST: POST /api/turns, GET /healthz, GET /metrics.
+Start it with: deno run -A src/main.ts | bun src/main.ts | node src/main.ts
+
+Flags (a value may follow a space or "="; the last of a repeated flag wins):
+${usageLines()}
+
+Durations are milliseconds ("1500") or a number with a unit: ms, s, m, h ("30s", "5m"),
+at most 24 days (576h).
+Environment: BROKER_SECRET (see --secret). codex itself uses the user's login or
+OPENAI_API_KEY. Logs are JSON lines on stderr. Exit codes: 0 after a clean shutdown,
+1 if the server cannot start, 2 for a bad flag.
+`;
+
+/**
+ * Parses a duration: milliseconds (`"1500"`) or a number with a unit `ms`, `s`, `m` or `h`
+ * (`"30s"`, `"1.5m"`), at most 24 days. Longer ones are refused: timers cannot wait past
+ * 2³¹-1 ms (24.8 days), and no duration of the broker is meaningful beyond a few days.
+ *
+ * @example Durations
+ * ```ts ignore
+ * parseDuration("5m", "--idle-ttl"); // 300000
+ * parseDuration("250", "--grace"); // 250
+ * parseDuration("3000h", "--idle-ttl"); // throws UsageError: at most 576h (24 days)
+ * ```
+ *
+ * @param text The value.
+ * @param flag The flag it came with, for the error message.
+ * @returns Whole milliseconds, from 0 to 24 days.
+ * @throws {UsageError} If `text` is not a duration, or is longer than 24 days.
+ */
+export function parseDuration(text: string, flag: string): number {
+  const match = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(text.trim());
+  const unit = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000 }[match?.[2] ?? "ms"] ?? 1;
+  const ms = match ? Math.round(Number(match[1]) * unit) : NaN;
+  if (!Number.isSafeInteger(ms)) {
+    throw new UsageError(
+      `Invalid ${flag} ${JSON.stringify(text)}: expected milliseconds or a number with a ` +
+        `unit (ms, s, m, h), e.g. 30s or 5m`,
+    );
+  }
+  if (ms > MAX_DURATION_MS) {
+    throw new UsageError(
+      `Invalid ${flag} ${JSON.stringify(text)}: at most 576h (24 days), the longest a timer ` +
+        `can wait`,
+    );
+  }
+  return ms;
+}
+
+/**
+ * Parses the command line (see {@linkcode USAGE}). `--secret` wins over `BROKER_SECRET`;
+ * with neither, a secret of 32 random bytes (base64url) is generated.
+ *
+ * @example Parse flags
+ * ```ts ignore
+ * const parsed = parseFlags(["--port", "0", "--idle-ttl", "30s"], { BROKER_SECRET: "s3cret" });
+ * if (!parsed.help) console.log(parsed.options.port, parsed.options.idleTtlMs); // 0 30000
+ * ```
+ *
+ * @param args The arguments after the script, e.g. `process.argv.slice(2)`.
+ * @param env The environment to read `BROKER_SECRET` from.
+ * @returns `{ help: true }` for `--help`, else the options and where the secret came from.
+ * @throws {UsageError} If a flag is unknown, lacks its value, or has a bad value.
+ */
+export function parseFlags(
+  args: readonly string[],
+  env: Record<string, string | undefined> = {},
+): ParsedFlags {
+  const values = new Map<Flag, string>();
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    if (arg === "--help" || arg === "-h") return { help: true };
+    if (!arg.startsWith("--")) {
+      throw new UsageError(
+        arg.startsWith("-")
+          ? `Unknown flag ${arg}`
+          : `Unexpected argument ${JSON.stringify(arg)}: every value follows its flag`,
+      );
+    }
+    const eq = arg.indexOf("=");
+    const name = arg.slice(2, eq === -1 ? undefined : eq);
+    const flag = FLAGS.find((f) => f.name === name);
+    if (!flag) throw new UsageError(`Unknown flag --${name}`);
+    let value: string | undefined;
+    if (eq !== -1) {
+      value = arg.slice(eq + 1);
+    } else {
+      value = args[++i];
+      if (value === undefined || value.startsWith("--")) {
+        throw new UsageError(`Missing value for --${name}`);
+      }
+    }
+    values.set(flag, value);
+  }
+
+  const options: BrokerOptions = { secret: "" };
+  // In the table's order, so that errors come in the order of the usage text.
+  for (const flag of FLAGS) {
+    const value = values.get(flag);
+    if (value !== undefined) flag.apply(value, options);
+  }
+  let secretSource: "flag" | "env" | "generated";
+  if (options.secret !== "") {
+    secretSource = "flag";
+  } else if (env.BROKER_SECRET) {
+    options.secret = env.BROKER_SECRET;
+    secretSource = "env";
+  } else {
+    options.secret = generateSecret();
+    secretSource = "generated";
+  }
+  return { help: false, options, secretSource };
+}
+
+function generateSecret(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(32));
+  return btoa(String.fromCharCode(...bytes)).replaceAll("+", "-").replaceAll("/", "_")
+    .replace(/=+$/, "");
+}

@@ -1,0 +1,241 @@
+/**
+ * Request validation for the REST handler: content type, body size, JSON, and the fields of
+ * a turn request. Everything here is decided before anything reaches codex. Web-standard.
+ *
+ * @module
+ */
+
+import type { ErrorCode, TurnRequest } from "./handler.ts";
+import type { ThreadStartParams, TurnParams } from "./protocol.ts";
+import { isValidWorkspaceId } from "./_workspace_id.ts";
+
+/** A request the handler refuses: the status and error it is answered with. */
+export interface Refusal {
+  ok: false;
+  status: number;
+  code: ErrorCode;
+  message: string;
+  /** Extra answer headers, e.g. `connection: close` after a body left unread. */
+  headers?: Record<string, string>;
+}
+
+/** A turn request that passed validation, its deadline filled in. */
+export type ValidTurnRequest = TurnRequest & { timeoutMs: number };
+
+/** The limits a turn request is checked against. */
+export interface TurnRequestLimits {
+  /** Larger bodies are refused with 413. */
+  maxBodyBytes: number;
+  /** The deadline of a request without `timeoutMs`. */
+  defaultTimeoutMs: number;
+  /** The largest `timeoutMs` accepted. */
+  maxTimeoutMs: number;
+}
+
+// Node has no use for a cancel (see releaseBody), and is the one runtime where it does harm.
+const IS_NODE = (globalThis as { navigator?: { userAgent?: string } }).navigator?.userAgent
+  ?.startsWith("Node.js") ?? false;
+
+/** Headers of an answer given while the client may still be sending its body. */
+const CLOSE: Readonly<Record<string, string>> = Object.freeze({ connection: "close" });
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+function refusal(
+  status: number,
+  code: ErrorCode,
+  message: string,
+  headers?: Record<string, string>,
+): Refusal {
+  return headers
+    ? { ok: false, status, code, message, headers }
+    : { ok: false, status, code, message };
+}
+
+/**
+ * Whether a `Content-Type` is JSON; parameters such as `; charset=utf-8` are fine.
+ *
+ * @param value The header's value.
+ * @returns `true` for `application/json`.
+ */
+export function isJsonContentType(value: string | null): boolean {
+  return value !== null && value.split(";")[0]!.trim().toLowerCase() === "application/json";
+}
+
+/**
+ * Whether an `Accept` header asks for Server-Sent Events.
+ *
+ * @param value The header's value.
+ * @returns `true` if one of its ranges is `text/event-stream`.
+ */
+export function acceptsEventStream(value: string | null): boolean {
+  if (value === null) return false;
+  return value.split(",").some((range) =>
+    range.split(";")[0]!.trim().toLowerCase() === "text/event-stream"
+  );
+}
+
+/**
+ * Lets go of a body that was read in part, so the connection can end or go on.
+ *
+ * Deno leaves such a connection open, neither reading the rest nor closing it, until the
+ * body is cancelled; cancelled, it drains the rest and serves the next request. On Node the
+ * body is `Readable.toWeb(req)` (srvx, like every Node adapter): cancelling it destroys the
+ * socket before the answer is out, and data still arriving then throws an uncaught
+ * ERR_INVALID_STATE that ends the process (nodejs/node#54205, #64529). There the answer's
+ * `Connection: close` makes Node close the connection once the answer is sent, which is all
+ * that is needed. Bun closes it in either case.
+ */
+function releaseBody(reader: ReadableStreamDefaultReader<Uint8Array>): void {
+  if (IS_NODE) reader.releaseLock();
+  else reader.cancel().catch(() => {});
+}
+
+/**
+ * Reads at most `max` bytes of the body. Returns `undefined` as soon as the body turns out
+ * larger, and reads no more of it: an oversized body is never buffered whole.
+ */
+async function readBody(request: Request, max: number): Promise<Uint8Array | undefined> {
+  if (request.body === null) return new Uint8Array(0);
+  const reader = request.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for (;;) {
+    let result: ReadableStreamReadResult<Uint8Array>;
+    try {
+      result = await reader.read();
+    } catch (error) {
+      reader.releaseLock();
+      throw error;
+    }
+    if (result.done) break;
+    size += result.value.byteLength;
+    if (size > max) {
+      releaseBody(reader);
+      return undefined;
+    }
+    chunks.push(result.value);
+  }
+  reader.releaseLock();
+  if (chunks.length === 1) return chunks[0]!;
+  const bytes = new Uint8Array(size);
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  return bytes;
+}
+
+/**
+ * Checks the fields of a parsed turn request.
+ *
+ * @param body The parsed JSON body.
+ * @param limits `defaultTimeoutMs` and `maxTimeoutMs` for `timeoutMs`.
+ * @returns The request, or why it is refused (400).
+ */
+export function validateTurnRequest(
+  body: unknown,
+  limits: Pick<TurnRequestLimits, "defaultTimeoutMs" | "maxTimeoutMs">,
+): { ok: true; value: ValidTurnRequest } | Refusal {
+  const fail = (code: ErrorCode, message: string) => refusal(400, code, message);
+  if (!isObject(body)) return fail("invalidBody", "Invalid request body: expected a JSON object");
+  const { workspaceId, threadId, params, timeoutMs, threadParams } = body;
+  if (!isValidWorkspaceId(workspaceId)) {
+    return fail(
+      "invalidWorkspaceId",
+      workspaceId === undefined
+        ? "Missing workspaceId"
+        : 'Invalid workspaceId: expected 1 to 128 characters from A-Z, a-z, 0-9, ".", "_" and ' +
+          '"-", other than "." and ".."',
+    );
+  }
+  if (threadId !== undefined && threadId !== null && (typeof threadId !== "string" || !threadId)) {
+    return fail("invalidThreadId", "Invalid threadId: expected null or a non-empty string");
+  }
+  if (!isObject(params)) {
+    return fail("invalidParams", "Invalid params: expected an object of turn/start parameters");
+  }
+  if (!Array.isArray(params.input)) {
+    return fail("invalidInput", "Invalid params.input: expected an array of user inputs");
+  }
+  if ("threadId" in params) {
+    return fail(
+      "threadIdInParams",
+      "Invalid params: threadId must not be in params, pass it at the top level",
+    );
+  }
+  if (
+    timeoutMs !== undefined &&
+    (!Number.isInteger(timeoutMs) || (timeoutMs as number) < 1 ||
+      (timeoutMs as number) > limits.maxTimeoutMs)
+  ) {
+    return fail(
+      "invalidTimeout",
+      `Invalid timeoutMs: expected an integer from 1 to ${limits.maxTimeoutMs}`,
+    );
+  }
+  if (threadParams !== undefined && !isObject(threadParams)) {
+    return fail("invalidThreadParams", "Invalid threadParams: expected an object");
+  }
+  const value: ValidTurnRequest = {
+    workspaceId,
+    threadId: typeof threadId === "string" ? threadId : null,
+    params: params as TurnParams,
+    timeoutMs: (timeoutMs as number | undefined) ?? limits.defaultTimeoutMs,
+  };
+  if (threadParams !== undefined) value.threadParams = threadParams as ThreadStartParams;
+  return { ok: true, value };
+}
+
+/**
+ * Reads and checks the body of an authenticated `POST` turn request, in this order:
+ * content type (415), size (413), JSON (400), fields (400). An answer given before the body
+ * was read to its end (413, or a body that failed mid-way) carries `Connection: close`: the
+ * client may still be sending, and the connection cannot carry another request until that
+ * body has passed.
+ *
+ * @param request The request.
+ * @param limits Body size and deadline limits.
+ * @returns The request, or why it is refused.
+ */
+export async function readTurnRequest(
+  request: Request,
+  limits: TurnRequestLimits,
+): Promise<{ ok: true; value: ValidTurnRequest } | Refusal> {
+  if (!isJsonContentType(request.headers.get("content-type"))) {
+    return refusal(
+      415,
+      "unsupportedMediaType",
+      "Unsupported Content-Type: expected application/json",
+    );
+  }
+  const tooLarge = refusal(
+    413,
+    "bodyTooLarge",
+    `Request body too large: the limit is ${limits.maxBodyBytes} bytes`,
+    CLOSE,
+  );
+  const declared = request.headers.get("content-length");
+  if (
+    declared !== null && /^\d+$/.test(declared.trim()) && Number(declared) > limits.maxBodyBytes
+  ) {
+    return tooLarge;
+  }
+  let bytes: Uint8Array | undefined;
+  try {
+    bytes = await readBody(request, limits.maxBodyBytes);
+  } catch {
+    return refusal(400, "invalidBody", "Cannot read request body", CLOSE);
+  }
+  if (bytes === undefined) return tooLarge;
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+  } catch (error) {
+    return refusal(400, "invalidJson", `Invalid JSON body: ${(error as Error).message}`);
+  }
+  return validateTurnRequest(parsed, limits);
+}
