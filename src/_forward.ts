@@ -73,7 +73,7 @@ export async function forwardTurn(
     response = await fetch(url, {
       method: "POST",
       headers,
-      body: parts.body,
+      body: parts.body as Uint8Array<ArrayBuffer>,
       signal: options.signal,
     });
   } catch (error) {

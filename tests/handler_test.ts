@@ -969,7 +969,9 @@ test("heartbeats do not pile up for a streaming client that does not read", asyn
     }
     assert.match(held, /event: thread\n/);
     const pings = held.split(": ping\n\n").length - 1;
-    assert.ok(pings <= 1, `${pings} heartbeats were held for the client`);
+    // One ping may wait for the client, and another may fire while the loop above reads on
+    // a busy machine; twenty would be the old pile-up.
+    assert.ok(pings <= 2, `${pings} heartbeats were held for the client`);
     controller.abort();
     await reader.cancel();
     await codex.interrupted();
