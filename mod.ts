@@ -42,6 +42,7 @@ export type {
   PoolOptions,
   PoolTurnOptions,
   PoolTurnResult,
+  ReleaseOptions,
 } from "./src/pool.ts";
 export {
   ConnectionClosedError,
@@ -51,6 +52,7 @@ export {
   RpcError,
   TimeoutError,
   TurnRpcError,
+  WorkspaceOwnedError,
   WorkspaceUnavailableError,
 } from "./src/errors.ts";
 export { ConnCloseEvent, NotificationEvent, ServerRequestEvent } from "./src/events.ts";
@@ -64,6 +66,10 @@ export type {
 } from "./src/approvals.ts";
 export type { BackoffOptions } from "./src/_backoff.ts";
 export type { Endpoint, Resolver, WsUrlResolver } from "./src/resolver.ts";
+export { Ownership } from "./src/ownership.ts";
+export type { Claim, OwnershipOptions } from "./src/ownership.ts";
+export { isLive } from "./src/lease.ts";
+export type { AcquireResult, LeaseHolder, LeaseRecord, LeaseStore } from "./src/lease.ts";
 export type {
   ClientInfo,
   JsonRpcErrorObject,

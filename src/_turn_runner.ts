@@ -78,7 +78,6 @@ function transportFailure(error: unknown): TransportFailure | undefined {
   ) {
     return { code: "brokerTimeout", message: error.message };
   }
-  if (error instanceof PoolFullError) return { code: "overloaded", message: error.message };
   if (error instanceof RpcError) {
     const code = error.code === OVERLOADED_CODE ? "overloaded" : "rpcError";
     return { code, message: error.message, data: { code: error.code, data: error.data ?? null } };
@@ -194,6 +193,19 @@ export function createTurnRunner(
           status: 200,
           headers: transport.code === "overloaded" ? { "retry-after": RETRY_AFTER_SECONDS } : {},
           body: { threadId, transport },
+        };
+      } else if (error instanceof PoolFullError) {
+        // Every codex this broker may run is busy: another broker, or a later try, can.
+        outcome = "atCapacity";
+        result = {
+          status: 503,
+          headers: { "retry-after": RETRY_AFTER_SECONDS },
+          body: {
+            error: {
+              code: "atCapacity",
+              message: `Cannot run turn: all ${error.maxConnections} workspaces are busy`,
+            },
+          },
         };
       } else if (error instanceof PoolClosedError) {
         // Also the shutdown signal's reason: the server's grace period ended.

@@ -39,6 +39,10 @@ const IS_NODE = (globalThis as { navigator?: { userAgent?: string } }).navigator
 /** Headers of an answer given while the client may still be sending its body. */
 const CLOSE: Readonly<Record<string, string>> = Object.freeze({ connection: "close" });
 
+const INVALID_WORKSPACE_ID =
+  'Invalid workspaceId: expected 1 to 128 characters from A-Z, a-z, 0-9, ".", "_" and "-", ' +
+  'other than "." and ".."';
+
 function isObject(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
 }
@@ -146,10 +150,7 @@ export function validateTurnRequest(
   if (!isValidWorkspaceId(workspaceId)) {
     return fail(
       "invalidWorkspaceId",
-      workspaceId === undefined
-        ? "Missing workspaceId"
-        : 'Invalid workspaceId: expected 1 to 128 characters from A-Z, a-z, 0-9, ".", "_" and ' +
-          '"-", other than "." and ".."',
+      workspaceId === undefined ? "Missing workspaceId" : INVALID_WORKSPACE_ID,
     );
   }
   if (threadId !== undefined && threadId !== null && (typeof threadId !== "string" || !threadId)) {
@@ -204,7 +205,15 @@ export function validateTurnRequest(
 export async function readTurnRequest(
   request: Request,
   limits: TurnRequestLimits,
-): Promise<{ ok: true; value: ValidTurnRequest } | Refusal> {
+  pathWorkspaceId?: string,
+): Promise<{ ok: true; value: ValidTurnRequest; bytes: Uint8Array } | Refusal> {
+  if (pathWorkspaceId !== undefined && !isValidWorkspaceId(pathWorkspaceId)) {
+    return refusal(
+      400,
+      "invalidWorkspaceId",
+      INVALID_WORKSPACE_ID.replace("Invalid workspaceId", "Invalid workspace id in the path"),
+    );
+  }
   if (!isJsonContentType(request.headers.get("content-type"))) {
     return refusal(
       415,
@@ -237,5 +246,32 @@ export async function readTurnRequest(
   } catch (error) {
     return refusal(400, "invalidJson", `Invalid JSON body: ${(error as Error).message}`);
   }
-  return validateTurnRequest(parsed, limits);
+  if (pathWorkspaceId !== undefined && isObject(parsed)) {
+    // The path is the routing key a load balancer saw; the body may repeat it, not contradict it.
+    if (parsed.workspaceId === undefined) parsed = { ...parsed, workspaceId: pathWorkspaceId };
+    else if (parsed.workspaceId !== pathWorkspaceId) {
+      return refusal(
+        400,
+        "workspaceMismatch",
+        `Invalid workspaceId: the body names ${
+          JSON.stringify(parsed.workspaceId)
+        } but the path names ${JSON.stringify(pathWorkspaceId)}`,
+      );
+    }
+  }
+  const validated = validateTurnRequest(parsed, limits);
+  if (!validated.ok) return validated;
+  const header = request.headers.get("x-workspace-id");
+  if (header !== null && header !== validated.value.workspaceId) {
+    // A load balancer routed by this header: running the body's workspace here would run
+    // it on a broker that is not its owner's pick.
+    return refusal(
+      400,
+      "workspaceMismatch",
+      `Invalid X-Workspace-Id header: ${JSON.stringify(header)} differs from the workspaceId ${
+        JSON.stringify(validated.value.workspaceId)
+      }`,
+    );
+  }
+  return { ok: true, value: validated.value, bytes };
 }

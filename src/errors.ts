@@ -283,3 +283,37 @@ export class PoolClosedError extends Error {
     this.name = "PoolClosedError";
   }
 }
+
+/**
+ * Thrown when a broker may not run a workspace because another broker holds its lease. The
+ * pool reports it as the cause of a {@linkcode WorkspaceUnavailableError}.
+ *
+ * @example Find the owner
+ * ```ts ignore
+ * if (error.cause instanceof WorkspaceOwnedError) console.log(error.cause.owner, error.cause.url);
+ * ```
+ */
+export class WorkspaceOwnedError extends Error {
+  /** The workspace. */
+  readonly workspaceId: string;
+  /** The broker id of the owner. */
+  readonly owner: string;
+  /** Where the owner is reached. */
+  readonly url: string;
+
+  /**
+   * Creates the error.
+   *
+   * @param workspaceId The workspace.
+   * @param owner The owner's broker id.
+   * @param url The owner's advertised URL.
+   * @param options Standard error options.
+   */
+  constructor(workspaceId: string, owner: string, url: string, options?: ErrorOptions) {
+    super(`Cannot run workspace ${workspaceId}: broker ${owner} owns it`, options);
+    this.name = "WorkspaceOwnedError";
+    this.workspaceId = workspaceId;
+    this.owner = owner;
+    this.url = url;
+  }
+}

@@ -18,8 +18,10 @@
  */
 
 import { Metrics, METRICS_CONTENT_TYPE } from "./metrics.ts";
+import type { Ownership } from "./ownership.ts";
 import type { Pool } from "./pool.ts";
 import type { ThreadStartParams, Turn, TurnParams } from "./protocol.ts";
+import { placeTurn } from "./_placement.ts";
 import { createRouter, type Route } from "./_router.ts";
 import { secretChecker } from "./_secret.ts";
 import { openEventStream } from "./_sse.ts";
@@ -27,6 +29,9 @@ import { createTurnRunner, SlowReaderError } from "./_turn_runner.ts";
 import { acceptsEventStream, readTurnRequest, type ValidTurnRequest } from "./_validate.ts";
 
 export { Metrics, METRICS_CONTENT_TYPE, TURN_DURATION_BUCKETS } from "./metrics.ts";
+export { Ownership } from "./ownership.ts";
+export type { Claim, OwnershipOptions } from "./ownership.ts";
+export type { AcquireResult, LeaseHolder, LeaseRecord, LeaseStore } from "./lease.ts";
 
 /** The broker's version, answered by `GET /healthz` unless the options say otherwise. */
 export const VERSION = "0.1.0"; // keep in sync with deno.json
@@ -84,6 +89,15 @@ export interface TurnsHandlerOptions {
    * graceful shutdown. A hook that throws is ignored.
    */
   onRequestEnd?: (request: Request) => void;
+  /** This broker's id: every answer the handler gives carries it as `X-Broker-Id`. */
+  brokerId?: string;
+  /**
+   * For several brokers on one shared workspaces volume: the workspace leases. A turn runs
+   * here only while this broker holds (or can take) its workspace's lease; otherwise the
+   * request is forwarded to the owner and its answer relayed, and if the owner cannot be
+   * reached before its lease expires the answer is 503 `workspaceBusy` with `Retry-After`.
+   */
+  ownership?: Ownership;
 }
 
 /** The body of `POST /api/turns`, once validated. */
@@ -142,15 +156,19 @@ export type ErrorCode =
   | "unavailable"
   | "internal"
   | "cancelled"
-  | "slowReader";
+  | "slowReader"
+  | "workspaceMismatch"
+  | "workspaceBusy"
+  | "atCapacity"
+  | "notOwner";
 
 /**
  * The answer to a refused or failed request (status 4xx or 5xx), and the last event of an
  * event stream that ended without its turn's answer (`slowReader`).
  */
 export interface ErrorAnswer {
-  /** What is wrong. */
-  error: { code: ErrorCode; message: string };
+  /** What is wrong; `owner` names the broker that owns the workspace (`workspaceBusy`). */
+  error: { code: ErrorCode; message: string; owner?: string };
 }
 
 /** A fetch handler: one `Request` in, one `Response` out. */
@@ -273,25 +291,39 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     log,
     shutdownSignal: options.shutdownSignal,
   });
+  const { ownership, brokerId } = options;
 
   function refuse(
     status: number,
     code: ErrorCode,
     message: string,
     headers: Record<string, string> = {},
+    owner?: string,
   ): Response {
     metrics.observeBadRequest(status);
     log({ msg: "bad request", status, code });
-    return json(status, { error: { code, message } } satisfies ErrorAnswer, headers);
+    const error: ErrorAnswer["error"] = { code, message };
+    if (owner !== undefined) error.owner = owner;
+    return json(status, { error } satisfies ErrorAnswer, headers);
   }
 
-  async function answerJson(turn: ValidTurnRequest, request: Request): Promise<Response> {
+  async function answerJson(
+    turn: ValidTurnRequest,
+    request: Request,
+    served: () => void,
+  ): Promise<Response> {
     // request.signal aborts when the client disconnects: the pool then interrupts the turn.
     const result = await runTurn(turn, { stream: false, signals: [request.signal] });
+    served();
     return json(result.status, result.body, result.headers);
   }
 
-  function answerStream(turn: ValidTurnRequest, request: Request, onEnd: () => void): Response {
+  function answerStream(
+    turn: ValidTurnRequest,
+    request: Request,
+    onEnd: () => void,
+    served: () => void,
+  ): Response {
     // Aborted when the handler gives up on the turn: the client cancelled the stream, or
     // fell too far behind.
     const giveUp = new AbortController();
@@ -327,11 +359,18 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
       signals: [request.signal, giveUp.signal],
       onThread: sendThread,
       onNotification: (method, params) => stream.send(method, params),
-    }).then((result) => stream.end("result", result.body));
+    }).then((result) => {
+      served();
+      stream.end("result", result.body);
+    });
     return stream.response;
   }
 
-  async function postTurn(request: Request, exchange: Exchange): Promise<Response> {
+  async function postTurn(
+    request: Request,
+    exchange: Exchange,
+    pathWorkspaceId?: string,
+  ): Promise<Response> {
     // Authentication comes before anything about the body, so an unauthenticated caller
     // learns nothing about the contract. The body is not touched on the way: an answer that
     // leaves it unread leaves the connection to the server, which drains or closes it.
@@ -340,11 +379,37 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     if (!(await checkSecret(secret))) {
       return refuse(401, "unauthorized", "Wrong X-Internal-Secret header");
     }
-    const read = await readTurnRequest(request, limits);
+    const read = await readTurnRequest(request, limits, pathWorkspaceId);
     if (!read.ok) return refuse(read.status, read.code, read.message, read.headers);
+    const turn = read.value;
+    let served = () => {};
+    if (ownership) {
+      let placement;
+      try {
+        placement = await placeTurn(ownership, request, {
+          workspaceId: turn.workspaceId,
+          body: read.bytes,
+        });
+      } catch (error) {
+        if (!request.signal.aborted) throw error;
+        return json(
+          499,
+          {
+            error: { code: "cancelled", message: "Client closed the request" },
+          } satisfies ErrorAnswer,
+        );
+      }
+      if (placement.kind === "relayed") return placement.response;
+      if (placement.kind === "refused") {
+        const { status, code, message, headers, owner } = placement.refusal;
+        return refuse(status, code, message, headers, owner);
+      }
+      const forwarded = placement.forwarded;
+      served = () => ownership.turnServed(turn.workspaceId, forwarded);
+    }
     return acceptsEventStream(request.headers.get("accept"))
-      ? answerStream(read.value, request, exchange.takeEnd())
-      : await answerJson(read.value, request);
+      ? answerStream(turn, request, exchange.takeEnd(), served)
+      : await answerJson(turn, request, served);
   }
 
   // The routing table: a new route is a new row.
@@ -352,6 +417,13 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     {
       path: "/api/turns",
       methods: { POST: (request, _params, exchange) => postTurn(request, exchange) },
+    },
+    {
+      // The workspace in the path is a routing key a load balancer can hash on.
+      path: "/api/workspaces/{workspaceId}/turns",
+      methods: {
+        POST: (request, params, exchange) => postTurn(request, exchange, params.workspaceId),
+      },
     },
     {
       path: "/healthz",
@@ -396,12 +468,17 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
       }
     };
     try {
-      return await route(request, {
+      const response = await route(request, {
         takeEnd: () => {
           deferred = true;
           return end;
         },
       });
+      // A relayed answer names the owner that ran the turn.
+      if (brokerId !== undefined && !response.headers.has("x-broker-id")) {
+        response.headers.set("x-broker-id", brokerId);
+      }
+      return response;
     } catch (error) {
       // Whoever took the end over never got to answer.
       deferred = false;
@@ -414,6 +491,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
         {
           error: { code: "internal", message: "Cannot answer request: internal error" },
         } satisfies ErrorAnswer,
+        brokerId === undefined ? {} : { "x-broker-id": brokerId },
       );
     } finally {
       if (!deferred) end();

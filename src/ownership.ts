@@ -32,8 +32,12 @@ export interface OwnershipOptions {
    * turns. Defaults to 2.
    */
   handOverAfter?: number;
-  /** Called when a workspace should be handed over; the caller stops it when idle. */
-  onHandOver?: (workspaceId: string) => void;
+  /**
+   * Called when a workspace should be handed over: the caller stops it if it is idle (its
+   * release ends with {@linkcode Ownership.release}) and resolves `true`, or resolves
+   * `false` to keep it. Meanwhile {@linkcode Ownership.handingOver} is true for it.
+   */
+  onHandOver?: (workspaceId: string) => Promise<boolean>;
 }
 
 /** The answer of {@linkcode Ownership.claim}. */
@@ -62,7 +66,8 @@ export class Ownership {
   #store: LeaseStore;
   #holder: LeaseHolder;
   #onLost: ((workspaceId: string) => void) | undefined;
-  #onHandOver: ((workspaceId: string) => void) | undefined;
+  #onHandOver: ((workspaceId: string) => Promise<boolean>) | undefined;
+  #handingOver = new Set<string>();
   #renewIntervalMs: number;
   #handOverAfter: number;
   #held = new Map<string, LeaseRecord>();
@@ -72,6 +77,7 @@ export class Ownership {
   #timer: ReturnType<typeof setInterval> | undefined;
   #renewing: Promise<void> | undefined;
   #closed = false;
+  #draining = false;
 
   /**
    * Creates the registry; nothing is read or written until the first claim.
@@ -136,6 +142,9 @@ export class Ownership {
         throw new Error(`Cannot claim workspace ${workspaceId}: the broker is shutting down`);
       }
       if (this.#held.has(workspaceId)) return { local: true };
+      if (this.#draining) {
+        throw new Error(`Cannot claim workspace ${workspaceId}: the broker is draining`);
+      }
       const releasing = this.#releasing.get(workspaceId);
       if (releasing) {
         await releasing.catch(() => {});
@@ -167,6 +176,7 @@ export class Ownership {
     if (claiming) await claiming.catch(() => {});
     const lease = this.#held.get(workspaceId);
     this.#forwardedInARow.delete(workspaceId);
+    this.#handingOver.delete(workspaceId);
     if (!lease) {
       await this.#releasing.get(workspaceId);
       return;
@@ -204,7 +214,37 @@ export class Ownership {
       return;
     }
     this.#forwardedInARow.delete(workspaceId);
-    this.#onHandOver?.(workspaceId);
+    const handOver = this.#onHandOver;
+    if (!handOver || this.#handingOver.has(workspaceId)) return;
+    this.#handingOver.add(workspaceId);
+    const done = (released: boolean) => {
+      if (!released) this.#handingOver.delete(workspaceId);
+    };
+    handOver(workspaceId).then(done, () => done(false));
+  }
+
+  /**
+   * Tells whether the workspace is being handed over: a request forwarded by another broker
+   * should then go back to it, which takes the workspace once it is released.
+   *
+   * @param workspaceId The workspace.
+   * @returns `true` from the hand-over's start until its lease is released or it is kept.
+   */
+  handingOver(workspaceId: string): boolean {
+    return this.#handingOver.has(workspaceId);
+  }
+
+  /**
+   * Stops taking workspaces this broker does not hold yet (a broker that is shutting down
+   * must not start new ones); held leases are kept and renewed until released.
+   *
+   * @example Start a graceful shutdown
+   * ```ts ignore
+   * ownership.drain();
+   * ```
+   */
+  drain(): void {
+    this.#draining = true;
   }
 
   /**
@@ -272,6 +312,7 @@ export class Ownership {
       }
       this.#held.delete(workspaceId);
       this.#forwardedInARow.delete(workspaceId);
+      this.#handingOver.delete(workspaceId);
       this.#stopIfIdle();
       this.#onLost?.(workspaceId);
     }));

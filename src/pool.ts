@@ -33,6 +33,12 @@ export interface GetOptions {
   signal?: AbortSignal;
 }
 
+/** Options for {@linkcode Pool.release}. */
+export interface ReleaseOptions {
+  /** Only release when no call is in flight on the workspace's connection. */
+  ifIdle?: boolean;
+}
+
 /** Options for {@linkcode Pool.turn}. */
 export interface PoolTurnOptions extends TurnOptions {
   /** `thread/start` parameters, used when a new thread is started. */
@@ -50,13 +56,14 @@ export interface PoolTurnResult {
 }
 
 /** The kinds of {@linkcode PoolEvent}. */
-export type PoolEventType = "dial" | "reap" | "evict" | "close";
+export type PoolEventType = "dial" | "reap" | "evict" | "release" | "close";
 
 /**
  * Dispatched by a {@linkcode Pool}: `dial` (a connection was opened), `reap` (an idle one
- * was closed), `evict` (an idle one made room under `maxConnections`) and `close` (a
- * pooled connection closed on its own: the peer crashed, drained or the network failed).
- * After `reap`, `evict` and `close` the pool releases the workspace through its resolver.
+ * was closed), `evict` (an idle one made room under `maxConnections`), `release` (closed by
+ * {@linkcode Pool.release}) and `close` (a pooled connection closed on its own: the peer
+ * crashed, drained or the network failed). After each but `dial` the pool releases the
+ * workspace through its resolver.
  *
  * @example Log the pool's life
  * ```ts ignore
@@ -356,6 +363,33 @@ export class Pool extends EventTarget {
   }
 
   /**
+   * Closes the workspace's connection and releases the workspace, e.g. to hand it over to
+   * another broker, or because this one may no longer run it. A later `get` connects anew
+   * once the release has settled.
+   *
+   * @example Hand a workspace over between turns
+   * ```ts ignore
+   * if (await pool.release("ws-1", { ifIdle: true })) console.log("ws-1 handed over");
+   * ```
+   *
+   * @param workspaceId The workspace.
+   * @param options Whether to leave a busy workspace alone.
+   * @returns `true` once the workspace is released, `false` if it was busy (with `ifIdle`),
+   * still dialing, or not in the pool.
+   */
+  async release(workspaceId: string, options: ReleaseOptions = {}): Promise<boolean> {
+    const entry = this.#entries.get(workspaceId);
+    if (!entry?.conn) {
+      await this.#releasing.get(workspaceId);
+      return false;
+    }
+    if (options.ifIdle && entry.conn.inFlight > 0) return false;
+    this.#drop(workspaceId, "release");
+    await this.#releasing.get(workspaceId);
+    return true;
+  }
+
+  /**
    * Closes every connection, releases every workspace and stops the sweep. Idempotent:
    * later calls return the same promise.
    *
@@ -467,7 +501,7 @@ export class Pool extends EventTarget {
     }
   }
 
-  #drop(workspaceId: string, reason: "reap" | "evict"): void {
+  #drop(workspaceId: string, reason: "reap" | "evict" | "release"): void {
     const entry = this.#entries.get(workspaceId);
     if (!entry) return;
     this.#retire(workspaceId, entry);

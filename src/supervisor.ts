@@ -29,6 +29,8 @@ import { MAX_TIMER_DELAY_MS, timerDelay } from "./_timer.ts";
 import { assertWorkspaceId } from "./_workspace_id.ts";
 import type { Endpoint, Resolver } from "./resolver.ts";
 
+export { createFileLeaseStore } from "./file_lease.ts";
+export type { FileLeaseStoreOptions } from "./file_lease.ts";
 // Re-exported so this entry point documents every type its API mentions.
 export type { Endpoint, Resolver, WsUrlResolver } from "./resolver.ts";
 

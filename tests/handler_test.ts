@@ -673,7 +673,7 @@ test("POST /api/turns answers transport overloaded with Retry-After when codex s
   }
 });
 
-test("POST /api/turns answers transport overloaded with Retry-After when the pool is full", async () => {
+test("POST /api/turns answers 503 atCapacity with Retry-After when every workspace the pool may run is busy", async () => {
   const codex = hangingCodex();
   const h = await harness(codex.script, { pool: { maxConnections: 1 } });
   const busy = new AbortController();
@@ -683,12 +683,11 @@ test("POST /api/turns answers transport overloaded with Retry-After when the poo
     );
     await codex.started;
     const response = await h.handler(post({ workspaceId: "ws-b", params: { input } }));
-    assert.equal(response.status, 200);
+    assert.equal(response.status, 503);
     assert.equal(response.headers.get("retry-after"), "1");
     const body = await response.json();
-    assert.equal(body.threadId, null);
-    assert.equal(body.transport.code, "overloaded");
-    assert.match(body.transport.message, /ws-b/);
+    assert.equal(body.error.code, "atCapacity");
+    assert.match(body.error.message, /all 1 workspaces are busy/);
     busy.abort();
     await first;
   } finally {

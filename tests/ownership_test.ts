@@ -128,7 +128,10 @@ test("Ownership.turnServed() asks for a hand-over after two forwarded turns in a
     const a = new Ownership({
       store: store(),
       holder: holder("a"),
-      onHandOver: (id) => handOvers.push(id),
+      onHandOver: (id) => {
+        handOvers.push(id);
+        return Promise.resolve(false); // kept: the test goes on counting
+      },
     });
     try {
       await a.claim("ws-1");
@@ -138,6 +141,9 @@ test("Ownership.turnServed() asks for a hand-over after two forwarded turns in a
       assert.deepEqual(handOvers, []);
       a.turnServed("ws-1", true);
       assert.deepEqual(handOvers, ["ws-1"]);
+      assert.equal(a.handingOver("ws-1"), true);
+      await Promise.resolve();
+      assert.equal(a.handingOver("ws-1"), false, "a hand-over the owner declined ends");
       a.turnServed("ws-2", true); // not held: nothing to hand over
       a.turnServed("ws-2", true);
       assert.deepEqual(handOvers, ["ws-1"]);
@@ -160,6 +166,20 @@ test("Ownership.close() releases every lease and refuses later claims", async ()
       assert.deepEqual(await b.claim("ws-1"), { local: true });
     } finally {
       await b.close();
+    }
+  });
+});
+
+test("Ownership.drain() stops taking new workspaces but keeps those it holds", async () => {
+  await withStore(60_000, async (store) => {
+    const a = new Ownership({ store: store(), holder: holder("a") });
+    try {
+      await a.claim("ws-1");
+      a.drain();
+      assert.deepEqual(await a.claim("ws-1"), { local: true });
+      await assert.rejects(a.claim("ws-2"), /draining/);
+    } finally {
+      await a.close();
     }
   });
 });
