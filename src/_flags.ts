@@ -168,6 +168,76 @@ const FLAGS: readonly Flag[] = [
       options.graceMs = parseDuration(text, "--grace");
     },
   },
+  {
+    name: "broker-id",
+    value: "<id>",
+    help: [
+      "This broker's id in leases and in the X-Broker-Id header; unique",
+      "among brokers (default BROKER_ID, else <hostname>:<port>)",
+    ],
+    apply(id, options) {
+      if (!/^[\x21-\x7e]{1,128}$/.test(id)) {
+        throw new UsageError(
+          `Invalid --broker-id ${JSON.stringify(id)}: expected 1 to 128 visible ASCII characters`,
+        );
+      }
+      options.brokerId = id;
+    },
+  },
+  {
+    name: "advertise-url",
+    value: "<url>",
+    help: [
+      "Where the other brokers reach this one, written into its leases",
+      "(default: the URL it listens on)",
+    ],
+    apply(text, options) {
+      let url: URL;
+      try {
+        url = new URL(text);
+      } catch {
+        throw new UsageError(`Invalid --advertise-url ${JSON.stringify(text)}: expected a URL`);
+      }
+      if (url.protocol !== "http:" && url.protocol !== "https:") {
+        throw new UsageError(
+          `Invalid --advertise-url ${JSON.stringify(text)}: expected an http:// or https:// URL`,
+        );
+      }
+      options.advertiseUrl = url.href.replace(/\/+$/, "");
+    },
+  },
+  {
+    name: "lease-ttl",
+    value: "<duration>",
+    help: [
+      "A workspace whose broker died is taken over this long after its",
+      "last lease renewal (default 15s)",
+    ],
+    apply(text, options) {
+      const ms = parseDuration(text, "--lease-ttl");
+      if (ms < 300) {
+        throw new UsageError(`Invalid --lease-ttl ${JSON.stringify(text)}: at least 300ms`);
+      }
+      options.leaseTtlMs = ms;
+    },
+  },
+  {
+    name: "max-workspaces",
+    value: "<n>",
+    help: [
+      "At most this many codex processes at once; a new workspace",
+      "evicts the least recently used idle one, and when all are busy",
+      "turns get 503 atCapacity (default: what memory holds, ~150 MB each)",
+    ],
+    apply(text, options) {
+      if (!/^\d{1,7}$/.test(text) || Number(text) < 1) {
+        throw new UsageError(
+          `Invalid --max-workspaces ${JSON.stringify(text)}: expected a positive integer`,
+        );
+      }
+      options.maxWorkspaces = Number(text);
+    },
+  },
 ];
 
 const FLAG_COLUMN = 28;
@@ -194,9 +264,9 @@ ${usageLines()}
 
 Durations are milliseconds ("1500") or a number with a unit: ms, s, m, h ("30s", "5m"),
 at most 24 days (576h).
-Environment: BROKER_SECRET (see --secret). codex itself uses the user's login or
-OPENAI_API_KEY. Logs are JSON lines on stderr. Exit codes: 0 after a clean shutdown,
-1 if the server cannot start, 2 for a bad flag.
+Environment: BROKER_SECRET (see --secret), BROKER_ID (see --broker-id). codex itself
+uses the user's login or OPENAI_API_KEY. Logs are JSON lines on stderr. Exit codes: 0
+after a clean shutdown, 1 if the server cannot start, 2 for a bad flag.
 `;
 
 /**
@@ -296,6 +366,9 @@ export function parseFlags(
   } else {
     options.secret = generateSecret();
     secretSource = "generated";
+  }
+  if (options.brokerId === undefined && env.BROKER_ID) {
+    FLAGS.find((f) => f.name === "broker-id")!.apply(env.BROKER_ID, options);
   }
   return { help: false, options, secretSource };
 }

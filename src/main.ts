@@ -36,6 +36,7 @@
 
 import { realpathSync } from "node:fs";
 import { mkdir } from "node:fs/promises";
+import { hostname, totalmem } from "node:os";
 import { join, resolve as resolvePath } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
@@ -45,6 +46,9 @@ import { Metrics } from "./metrics.ts";
 import { Pool, type PoolEvent } from "./pool.ts";
 import { PoolClosedError } from "./errors.ts";
 import { createCodexResolver } from "./supervisor.ts";
+import { createFileLeaseStore } from "./file_lease.ts";
+import { Ownership } from "./ownership.ts";
+import { leasedResolver } from "./_leased_resolver.ts";
 import type { ApprovalDecision } from "./approvals.ts";
 import { type ParsedFlags, parseFlags, USAGE, UsageError } from "./_flags.ts";
 import { timerDelay } from "./_timer.ts";
@@ -93,12 +97,31 @@ export interface BrokerOptions {
   graceMs?: number;
   /** Receives the log records: start, dial, reap, evict, close, turns, shutdown. */
   log?: (entry: LogEntry) => void;
+  /**
+   * This broker's id in workspace leases and in the `X-Broker-Id` header; unique among the
+   * brokers that share a workspaces directory. Defaults to `<hostname>:<port>`.
+   */
+  brokerId?: string;
+  /** Where the other brokers reach this one. Defaults to the URL it listens on. */
+  advertiseUrl?: string;
+  /**
+   * A workspace whose broker died is taken over by another this long after its lease was
+   * last renewed. Defaults to 15 s.
+   */
+  leaseTtlMs?: number;
+  /**
+   * At most this many codex processes at once. Defaults to what the machine's memory holds
+   * at about 150 MB per idle codex, keeping a fifth of the memory free.
+   */
+  maxWorkspaces?: number;
 }
 
 /** A running broker, from {@linkcode startBroker}. */
 export interface Broker {
   /** Where it listens, e.g. `http://127.0.0.1:8787`, with the real port. */
   readonly url: string;
+  /** Its id, as in `X-Broker-Id` and its leases. */
+  readonly id: string;
   /** Requests being answered right now (a streaming answer counts until its end). */
   readonly inFlight: number;
   /**
@@ -131,6 +154,19 @@ const DEFAULT_PORT = 8787;
 const DEFAULT_IDLE_TTL_MS = 5 * 60_000;
 const DEFAULT_GRACE_MS = 10_000;
 const DEFAULT_WORKSPACES_DIR = "workspaces";
+const DEFAULT_LEASE_TTL_MS = 15_000;
+// What one idle codex app-server holds (measured: about 146 MB RSS), with some headroom.
+const WORKSPACE_COST_BYTES = 160 * 1024 * 1024;
+
+/**
+ * How many codex processes fit the machine: four fifths of its memory at
+ * {@linkcode WORKSPACE_COST_BYTES} each, and at least one.
+ *
+ * @returns The default of `--max-workspaces`.
+ */
+function defaultMaxWorkspaces(): number {
+  return Math.max(1, Math.floor(totalmem() * 0.8 / WORKSPACE_COST_BYTES));
+}
 // After the grace period, how long interrupted turns get to be answered before the
 // remaining connections are cut.
 const INTERRUPT_WAIT_MS = 5_000;
@@ -141,6 +177,7 @@ const SWEEP_MS = 50;
 // SIGHUP too: codex runs in process groups of its own, so a closed terminal reaches only
 // the broker, which then stops them.
 const SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
+const POOL_EVENTS = ["dial", "reap", "evict", "release", "close"] as const;
 
 /**
  * Starts a broker: a codex supervisor, a pool over it, the REST handler, and an HTTP server
@@ -172,26 +209,51 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   const codexHome = options.codexHome === undefined ? undefined : resolvePath(options.codexHome);
   await mkdir(workspacesDir, { recursive: true });
 
-  const resolver = createCodexResolver({
+  const supervisor = createCodexResolver({
     ...(options.codex === undefined ? {} : { command: options.codex }),
     ...(codexHome === undefined ? {} : { codexHome: () => codexHome }),
     // codex runs in the workspace directory, and a thread started without a cwd runs there.
     cwd: (workspaceId) => join(workspacesDir, workspaceId),
     // codex runs model-chosen commands, which must not find the key to this broker.
     env: { BROKER_SECRET: undefined },
+    onError: (error) => log({ level: "error", msg: "supervisor", error: error.message }),
   });
-  const pool = new Pool(resolver, {
+  // Filled in once the server listens: the default id and URL carry the real port. No
+  // request can reach the handler (and so the leases) before.
+  const holder = { id: "", url: "" };
+  const leases = createFileLeaseStore({
+    dir: (workspaceId) => join(workspacesDir, workspaceId, "lease"),
+    ttlMs: options.leaseTtlMs ?? DEFAULT_LEASE_TTL_MS,
+  });
+  let pool: Pool;
+  const ownership = new Ownership({
+    store: leases,
+    holder,
+    onLost: (workspaceId) => {
+      // Another broker may start this workspace now: stop it at once.
+      log({ level: "warn", msg: "lease lost", workspaceId });
+      void pool.release(workspaceId);
+    },
+    onHandOver: async (workspaceId) => {
+      const released = await pool.release(workspaceId, { ifIdle: true });
+      if (released) log({ level: "info", msg: "handed over", workspaceId });
+      return released;
+    },
+  });
+  const resolver = leasedResolver(supervisor, ownership);
+  pool = new Pool(resolver, {
     idleTtlMs: options.idleTtlMs ?? DEFAULT_IDLE_TTL_MS,
+    maxConnections: options.maxWorkspaces ?? defaultMaxWorkspaces(),
     dial: { approvals: options.approvals ?? "decline" },
   });
   const onPoolEvent = (event: Event) => {
     const { type, workspaceId } = event as PoolEvent;
     if (type === "dial") {
-      log({ level: "info", msg: "dial", workspaceId, pid: resolver.pid(workspaceId) });
+      log({ level: "info", msg: "dial", workspaceId, pid: supervisor.pid(workspaceId) });
     } else if (type === "close") log({ level: "warn", msg: "close", workspaceId });
     else log({ level: "info", msg: type, workspaceId });
   };
-  for (const type of ["dial", "reap", "evict", "close"]) pool.addEventListener(type, onPoolEvent);
+  for (const type of POOL_EVENTS) pool.addEventListener(type, onPoolEvent);
 
   // Aborted once the grace period is over: the handler interrupts every turn in flight with
   // its reason, so Conn sends turn/interrupt and codex stops working for a broker that is
@@ -202,21 +264,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   // listener's close() to wait for, on every runtime alike.
   const inFlight = new InFlight();
   const metrics = new Metrics();
-  const handler = createTurnsHandler(pool, {
-    secret: options.secret,
-    version: VERSION,
-    metrics,
-    shutdownSignal: stopping.signal,
-    onRequestEnd: () => inFlight.leave(),
-    log: (entry) => {
-      const level: LogLevel = entry.msg === "internal error"
-        ? "error"
-        : entry.msg === "bad request"
-        ? "warn"
-        : "info";
-      log({ ...entry, level, msg: String(entry.msg) });
-    },
-  });
+  let handler: ((request: Request) => Promise<Response>) | undefined;
 
   let server: Server | undefined;
   let url: string;
@@ -229,6 +277,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
       silent: true,
       gracefulShutdown: false,
       fetch: (request: Request) => {
+        if (!handler) return new Response(null, { status: 503, headers: { "retry-after": "1" } });
         inFlight.enter();
         return handler(request);
       },
@@ -238,9 +287,29 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     if (url === "") throw new Error("srvx did not report the address it listens on");
   } catch (error) {
     await Promise.allSettled([server?.close(true), pool.close()]);
-    await resolver.close();
+    await supervisor.close();
+    await ownership.close();
     throw error;
   }
+  holder.id = options.brokerId ?? `${hostname()}:${new URL(url).port}`;
+  holder.url = options.advertiseUrl ?? url;
+  handler = createTurnsHandler(pool, {
+    secret: options.secret,
+    version: VERSION,
+    metrics,
+    brokerId: holder.id,
+    ownership,
+    shutdownSignal: stopping.signal,
+    onRequestEnd: () => inFlight.leave(),
+    log: (entry) => {
+      const level: LogLevel = entry.msg === "internal error"
+        ? "error"
+        : entry.msg === "bad request"
+        ? "warn"
+        : "info";
+      log({ ...entry, level, msg: String(entry.msg) });
+    },
+  });
   const listener = server;
 
   const nodeServer = listener.node?.server as { closeIdleConnections?(): void } | undefined;
@@ -248,6 +317,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   const hurry = new AbortController();
   return {
     url,
+    id: holder.id,
     get inFlight() {
       return inFlight.count;
     },
@@ -255,6 +325,9 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     close() {
       closing ??= (async () => {
         const started = performance.now();
+        // No new workspace from now on; the held ones finish their turns and are released
+        // below, so the other brokers take them over.
+        ownership.drain();
         const closed = listener.close();
         closed.catch(() => {});
         // Node keeps a connection open after its last answer, and its server.close() waits
@@ -277,10 +350,10 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
         // is cut.
         await timeout(listener.close(true).catch(() => {}), LISTENER_CLOSE_MS);
         await pool.close();
-        await resolver.close();
-        for (const type of ["dial", "reap", "evict", "close"]) {
-          pool.removeEventListener(type, onPoolEvent);
-        }
+        await supervisor.close();
+        // After every codex stopped: only then may another broker start its workspaces.
+        await ownership.close();
+        for (const type of POOL_EVENTS) pool.removeEventListener(type, onPoolEvent);
         log({
           level: "info",
           msg: "stopped",
@@ -376,7 +449,7 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       log({ level: "error", msg: "cannot start", error: messageOf(error) });
       return 1;
     }
-    log({ level: "info", msg: "listening", url: broker.url });
+    log({ level: "info", msg: "listening", url: broker.url, brokerId: broker.id });
     if (parsed.secretSource === "generated") {
       // The one place the secret is ever shown: a human line, not a log record.
       stderr(
