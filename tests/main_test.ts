@@ -614,3 +614,30 @@ test("USAGE lists every flag parseFlags() takes, and the duration limit", () => 
   }
   assert.match(USAGE, /at most 24 days/);
 });
+
+test("parseFlags() reads the scale-out flags, BROKER_ID, and refuses bad values", () => {
+  const parsed = parseFlags([
+    "--broker-id",
+    "b-1",
+    "--advertise-url",
+    "http://10.0.0.5:8787/",
+    "--lease-ttl",
+    "3s",
+    "--max-workspaces",
+    "40",
+  ], { BROKER_SECRET: "s", BROKER_ID: "from-env" });
+  assert.ok(!parsed.help);
+  assert.equal(parsed.options.brokerId, "b-1", "the flag wins over BROKER_ID");
+  assert.equal(parsed.options.advertiseUrl, "http://10.0.0.5:8787");
+  assert.equal(parsed.options.leaseTtlMs, 3_000);
+  assert.equal(parsed.options.maxWorkspaces, 40);
+  const fromEnv = parseFlags([], { BROKER_SECRET: "s", BROKER_ID: "from-env" });
+  assert.ok(!fromEnv.help);
+  assert.equal(fromEnv.options.brokerId, "from-env");
+  assert.throws(() => parseFlags(["--broker-id", "a b"]), /Invalid --broker-id "a b"/);
+  assert.throws(() => parseFlags(["--advertise-url", "10.0.0.5:8787"]), /Invalid --advertise-url/);
+  assert.throws(() => parseFlags(["--advertise-url", "ftp://x"]), /http:\/\/ or https:\/\//);
+  assert.throws(() => parseFlags(["--lease-ttl", "100ms"]), /at least 300ms/);
+  assert.throws(() => parseFlags(["--max-workspaces", "0"]), /positive integer/);
+  assert.throws(() => parseFlags(["--max-workspaces", "1.5"]), /positive integer/);
+});
