@@ -7,163 +7,27 @@
 
 import { test } from "./_test.ts";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import process from "node:process";
-import { fileURLToPath } from "node:url";
 import { parseDuration, parseFlags, USAGE, UsageError } from "../src/main.ts";
+import {
+  type BrokerProcess,
+  childEnv,
+  commandLine,
+  descendants,
+  isRunning,
+  records,
+  spawnBroker,
+} from "./_broker_process.ts";
 import { makeCodexHome, type TempCodexHome } from "./_codex_home.ts";
 import { type MockModel, type MockResponder, reply, startMockModel } from "./_mock_model.ts";
 
-const MAIN = fileURLToPath(new URL("../src/main.ts", import.meta.url));
 const SECRET = "test-secret-9f2c";
 // Bun's own default is 5 s per test; a broker test takes one or two.
 const TIMEOUT = { timeout: 30_000 };
-
-const deno = (globalThis as { Deno?: typeof Deno }).Deno;
-
-/** How a finished process ended. */
-interface Status {
-  code: number | null;
-  signal: string | null;
-}
-
-/** A broker process, its stderr split into lines as they come. */
-interface BrokerProcess {
-  readonly pid: number;
-  /** Every stderr line so far. */
-  readonly lines: string[];
-  /** Everything written to stdout, once the process has ended. */
-  readonly stdout: Promise<string>;
-  /** Resolves with the first line `match` accepts, or rejects when the process ends first. */
-  waitForLine(match: (line: string) => boolean, what: string): Promise<string>;
-  /** Resolves once the process has ended and its pipes are drained. */
-  readonly status: Promise<Status>;
-  kill(signal: "SIGTERM" | "SIGINT" | "SIGHUP" | "SIGKILL"): void;
-}
-
-/**
- * Spawns `src/main.ts` with the runtime running this test. Under Deno it uses
- * `Deno.Command`: Deno's `node:child_process` reports a child that handled SIGTERM and
- * exited 0 as killed by SIGTERM.
- */
-function spawnBroker(args: string[], env: Record<string, string>): BrokerProcess {
-  const lines: string[] = [];
-  const waiters = new Set<() => void>();
-  let ended = false;
-  let partial = "";
-  const onText = (text: string) => {
-    partial += text;
-    const parts = partial.split("\n");
-    partial = parts.pop() ?? "";
-    if (parts.length === 0) return;
-    lines.push(...parts);
-    for (const wake of waiters) wake();
-  };
-  const onEnd = () => {
-    if (partial !== "") lines.push(partial);
-    partial = "";
-    ended = true;
-    for (const wake of waiters) wake();
-  };
-
-  let pid: number;
-  let status: Promise<Status>;
-  let stdout: Promise<string>;
-  let kill: (signal: "SIGTERM" | "SIGINT" | "SIGHUP" | "SIGKILL") => void;
-  if (deno) {
-    const child = new deno.Command(deno.execPath(), {
-      args: ["run", "-A", MAIN, ...args],
-      env,
-      clearEnv: true,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    pid = child.pid;
-    const stderrDone = (async () => {
-      for await (const text of child.stderr.pipeThrough(new TextDecoderStream())) onText(text);
-      onEnd();
-    })();
-    stdout = new Response(child.stdout).text();
-    status = Promise.all([child.status, stderrDone, stdout]).then(([s]) => ({
-      code: s.signal === null ? s.code : null,
-      signal: s.signal,
-    }));
-    kill = (signal) => {
-      try {
-        child.kill(signal);
-      } catch {
-        // Deno throws for a child that has already exited.
-      }
-    };
-  } else {
-    // Bun and Node: process.execPath runs .ts files directly (Node ≥ 22.18 strips types).
-    const child = spawn(process.execPath, [MAIN, ...args], {
-      env,
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    pid = child.pid!;
-    child.stderr!.setEncoding("utf8");
-    child.stderr!.on("data", onText);
-    child.stdout!.setEncoding("utf8");
-    let out = "";
-    child.stdout!.on("data", (text: string) => out += text);
-    const closed = new Promise<Status>((resolve) => {
-      child.once("close", (code, signal) => {
-        onEnd();
-        resolve({ code, signal });
-      });
-    });
-    status = closed;
-    stdout = closed.then(() => out);
-    kill = (signal) => child.kill(signal);
-  }
-
-  return {
-    pid,
-    lines,
-    stdout,
-    status,
-    kill,
-    waitForLine(match, what) {
-      return new Promise((resolve, reject) => {
-        let seen = 0;
-        const check = () => {
-          for (; seen < lines.length; seen++) {
-            if (match(lines[seen]!)) {
-              waiters.delete(check);
-              resolve(lines[seen]!);
-              return;
-            }
-          }
-          if (ended) {
-            waiters.delete(check);
-            reject(new Error(`The broker ended before logging ${what}:\n${lines.join("\n")}`));
-          }
-        };
-        waiters.add(check);
-        check();
-      });
-    },
-  };
-}
-
-/** The JSON log records among the lines; the one human line is skipped. */
-function records(lines: readonly string[]): Record<string, unknown>[] {
-  return lines.filter((line) => line.startsWith("{")).map((line) => JSON.parse(line));
-}
-
-function childEnv(extra: Record<string, string> = {}): Record<string, string> {
-  const env: Record<string, string> = {};
-  for (const [key, value] of Object.entries(process.env)) {
-    if (value !== undefined && key !== "BROKER_SECRET") env[key] = value;
-  }
-  return { ...env, ...extra };
-}
 
 /** A mock model, a codex home pointing at it, a workspaces dir, and a broker over them. */
 interface Fixture {
@@ -228,55 +92,6 @@ const HELLO = {
   workspaceId: "ws-1",
   params: { input: [{ type: "text", text: "hello", text_elements: [] }] },
 };
-
-/** Pids of every process below `root` (Linux /proc; empty elsewhere). */
-function descendants(root: number): number[] {
-  if (!existsSync("/proc")) return [];
-  const children = new Map<number, number[]>();
-  for (const name of readdirSync("/proc")) {
-    if (!/^\d+$/.test(name)) continue;
-    try {
-      const stat = readFileSync(`/proc/${name}/stat`, "utf8");
-      // pid (comm) state ppid …; comm may hold spaces and parentheses.
-      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
-      children.set(ppid, [...children.get(ppid) ?? [], Number(name)]);
-    } catch {
-      // exited meanwhile
-    }
-  }
-  const found: number[] = [];
-  const queue = [root];
-  while (queue.length > 0) {
-    for (const child of children.get(queue.shift()!) ?? []) {
-      found.push(child);
-      queue.push(child);
-    }
-  }
-  return found;
-}
-
-function commandLine(pid: number): string {
-  try {
-    return readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " ");
-  } catch {
-    return "";
-  }
-}
-
-/** Alive and not a zombie waiting to be reaped. */
-function isRunning(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
-  } catch {
-    try {
-      process.kill(pid, 0);
-      return true;
-    } catch {
-      return false;
-    }
-  }
-}
 
 function codexPids(broker: BrokerProcess): number[] {
   return records(broker.lines).filter((r) => r.msg === "dial").map((r) => r.pid as number);
