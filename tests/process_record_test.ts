@@ -99,8 +99,20 @@ async function leftover(
  * A process whose command line reads like codex's app-server with `tokenFile`, without
  * being codex: `sh -c 'sleep 30; :' sh app-server --ws-token-file FILE`.
  */
-function lookalike(tokenFile: string): Started {
-  return start("/bin/sh", ["-c", "sleep 30; :", "sh", "app-server", "--ws-token-file", tokenFile]);
+async function lookalike(tokenFile: string): Promise<Started> {
+  const started = start("/bin/sh", [
+    "-c",
+    "sleep 30; :",
+    "sh",
+    "app-server",
+    "--ws-token-file",
+    tokenFile,
+  ]);
+  // A runtime may hand out the pid before the child has run exec.
+  await waitFor("the lookalike to run", () => {
+    return processInfo(started.pid)?.cmdline.includes("app-server") ?? false;
+  });
+  return started;
 }
 
 test(
@@ -171,7 +183,7 @@ test("cleanUpLeftovers() never signals a live process that only reuses a recorde
   await withRunDir(async (runDir) => {
     const broker = await deadBroker();
     const sleeper = start("sleep", ["30"]);
-    const other = lookalike("/elsewhere/codex-broker-x/token");
+    const other = await lookalike("/elsewhere/codex-broker-x/token");
     try {
       const stale = [
         // Another process got the pid: a different start time.
@@ -212,7 +224,7 @@ test("cleanUpLeftovers() leaves alone the records of another host, boot or pid n
     const broker = await deadBroker();
     const tokenFile = join(runDir, "shared", "token");
     // It matches every record below, so only the record's origin keeps it alive.
-    const codex = lookalike(tokenFile);
+    const codex = await lookalike(tokenFile);
     try {
       const match = { pid: codex.pid, startTime: codex.startTime, tokenFile };
       const kept = {
@@ -255,7 +267,7 @@ test("cleanUpLeftovers() leaves alone the records of another host, boot or pid n
       // The same process, recorded by a broker that died: now it goes.
       const orphan = await leftover(runDir, "codex-broker-orphan", { ...match, ...broker });
       const second = await cleanUpLeftovers([runDir]);
-      assert.deepEqual(second.killed, [codex.pid]);
+      assert.deepEqual(second.killed, [codex.pid], JSON.stringify(second));
       assert.deepEqual(second.removed, [orphan]);
       await codex.exited;
     } finally {
