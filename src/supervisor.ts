@@ -24,8 +24,18 @@ import { chmod, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve as resolvePath } from "node:path";
 import process from "node:process";
+import { copyCodexHomeTemplate } from "./_codex_home.ts";
 import { abortable, delay } from "./_deadline.ts";
+import {
+  type HostIdentity,
+  hostIdentity,
+  processInfo,
+  type ProcessRecord,
+  RUN_DIR_PREFIX,
+  writeProcessRecord,
+} from "./_process_record.ts";
 import { MAX_TIMER_DELAY_MS, timerDelay } from "./_timer.ts";
+import { canUseWatchdog, COMMAND_NOT_FOUND_PREFIX, watchdogSpawn } from "./_watchdog.ts";
 import { assertWorkspaceId } from "./_workspace_id.ts";
 import type { Endpoint, Resolver } from "./resolver.ts";
 
@@ -33,6 +43,13 @@ export { createFileLeaseStore } from "./file_lease.ts";
 export type { FileLeaseStoreOptions } from "./file_lease.ts";
 // Re-exported so this entry point documents every type its API mentions.
 export type { Endpoint, Resolver, WsUrlResolver } from "./resolver.ts";
+export {
+  cleanUpLeftovers,
+  type CleanUpLeftoversOptions,
+  type CleanUpLeftoversReport,
+  type KeptReason,
+  type ProcessRecord,
+} from "./_process_record.ts";
 
 /**
  * Options for {@linkcode createCodexResolver}.
@@ -65,10 +82,32 @@ export interface CodexResolverOptions {
   /** `CODEX_HOME` for a workspace, created on demand. Defaults to the inherited one. */
   codexHome?: (workspaceId: string) => string;
   /**
+   * The operator's codex home (e.g. `~/.codex`), copied into the workspace's
+   * {@linkcode CodexResolverOptions.codexHome} before each spawn, which it requires.
+   * Copied: `config.toml`, `auth.json`, `.credentials.json`, `AGENTS.md`,
+   * `AGENTS.override.md`, `hooks.json`, and the directories `agents/`, `prompts/`, `rules/`
+   * and `skills/` (hidden entries skipped); never threads, logs, history or databases. Per
+   * file, the newer modification time wins, so a token codex refreshed inside a workspace
+   * is kept, and a template updated later (`codex login` again) reaches the workspace at
+   * its next start. Copies are written atomically and readable by the owner only.
+   */
+  codexHomeTemplate?: string;
+  /**
    * The workspace directory codex runs in, created on demand. Defaults to
    * `./workspaces/<workspaceId>` under the current directory.
    */
   cwd?: (workspaceId: string) => string;
+  /**
+   * Where a workspace's codex keeps its capability token and process record: each spawn
+   * gets a private `codex-broker-XXXXXX` directory (0700) in it, holding `token` (0600) and
+   * `codex.json` (see {@linkcode ProcessRecord}), removed when codex stops, or by its
+   * watchdog within milliseconds if the broker dies. The directory itself is created (0700)
+   * on demand and stays. Pass these directories to {@linkcode cleanUpLeftovers} when a
+   * broker starts. Defaults to the system's temporary directory.
+   */
+  runDir?: (workspaceId: string) => string;
+  /** An owner tag (e.g. the broker's id) written into each process record as `brokerId`. */
+  brokerId?: string;
   /** How long a spawn may take to answer `GET /readyz` with 200. Defaults to 15 seconds. */
   readyTimeoutMs?: number;
   /** How long a stopping process gets between SIGTERM and SIGKILL. Defaults to 3 seconds. */
@@ -222,6 +261,15 @@ export class SpawnError extends Error {
  * one. Before an already running process is handed out again, its `/readyz` is probed, so
  * a process that died a moment ago is never returned.
  *
+ * No codex outlives the process that created the resolver. codex in WebSocket mode does not
+ * notice that its parent died, so on every platform with a `/bin/sh` (all but Windows) it
+ * runs under a tiny shell watchdog holding a pipe to this process: when this process ends,
+ * even by SIGKILL or the OOM killer, the watchdog removes the token and kills codex's
+ * process group within milliseconds. Whatever codex left in its group (the commands a model
+ * ran) goes with it, on a stop or a crash too. For what survives anyway (the watchdog
+ * itself was killed), each token has a process record beside it; see
+ * {@linkcode cleanUpLeftovers}.
+ *
  * @example Resolve, use and stop a workspace's codex
  * ```ts ignore
  * const resolver = createCodexResolver({ cwd: (id) => `/srv/workspaces/${id}` });
@@ -263,15 +311,30 @@ interface ProcessSettings {
   readonly env: Record<string, string>;
   readonly cwd: string;
   readonly codexHome: string | undefined;
+  readonly codexHomeTemplate: string | undefined;
+  readonly runDir: string | undefined;
+  /** Spawn through the watchdog of `_watchdog.ts` (every platform with a `/bin/sh`). */
+  readonly watchdog: boolean;
+  /** The fields of the process record that do not depend on the process. */
+  readonly owner: OwnerIdentity;
   readonly readyTimeoutMs: number;
   readonly stopTimeoutMs: number;
   readonly report: (error: Error) => void;
+}
+
+/** Who spawns: the host and broker half of every process record. */
+interface OwnerIdentity extends HostIdentity {
+  readonly brokerId: string | undefined;
+  readonly brokerPid: number;
+  readonly brokerStartTime: number | null;
 }
 
 class Supervisor {
   #options: CodexResolverOptions;
   #readyTimeoutMs: number;
   #stopTimeoutMs: number;
+  #watchdog = canUseWatchdog();
+  #owner: OwnerIdentity | undefined;
   #defaultCommand: DefaultCommand | undefined;
   // The current process per workspace (starting or running).
   #current = new Map<string, CodexProcess>();
@@ -290,6 +353,11 @@ class Supervisor {
       DEFAULT_READY_TIMEOUT_MS;
     this.#stopTimeoutMs = positive("stopTimeoutMs", options.stopTimeoutMs) ??
       DEFAULT_STOP_TIMEOUT_MS;
+    if (options.codexHomeTemplate !== undefined && options.codexHome === undefined) {
+      throw new TypeError(
+        "Invalid codexHomeTemplate: it is copied into each workspace's codexHome, so codexHome is required too",
+      );
+    }
   }
 
   async resolve(workspaceId: string, signal?: AbortSignal): Promise<Endpoint> {
@@ -412,12 +480,24 @@ class Supervisor {
     const codexHome = options.codexHome ? resolvePath(options.codexHome(workspaceId)) : undefined;
     if (codexHome !== undefined) env.CODEX_HOME = codexHome;
     const cwd = resolvePath(options.cwd?.(workspaceId) ?? join("workspaces", workspaceId));
+    this.#owner ??= {
+      ...hostIdentity(),
+      brokerId: options.brokerId,
+      brokerPid: process.pid,
+      brokerStartTime: processInfo(process.pid)?.startTime ?? null,
+    };
     return {
       command,
       args: options.args ?? [],
       env,
       cwd,
       codexHome,
+      codexHomeTemplate: options.codexHomeTemplate === undefined
+        ? undefined
+        : resolvePath(options.codexHomeTemplate),
+      runDir: options.runDir ? resolvePath(options.runDir(workspaceId)) : undefined,
+      watchdog: this.#watchdog,
+      owner: this.#owner,
       readyTimeoutMs: this.#readyTimeoutMs,
       stopTimeoutMs: this.#stopTimeoutMs,
       report: (error) => this.#report(error),
@@ -576,18 +656,37 @@ class CodexProcess {
   async #start(): Promise<Endpoint> {
     const settings = this.#settings;
     const cancel = this.#startAbort.signal;
+    try {
+      await mkdir(settings.cwd, { recursive: true });
+      if (settings.codexHomeTemplate !== undefined && settings.codexHome !== undefined) {
+        await copyCodexHomeTemplate(settings.codexHomeTemplate, settings.codexHome);
+      } else if (settings.codexHome !== undefined) {
+        await mkdir(settings.codexHome, { recursive: true });
+      }
+    } catch (error) {
+      await this.#cleanUp();
+      if (cancel.aborted) throw cancel.reason;
+      throw this.#error(`could not prepare its directories: ${messageOf(error)}`, { cause: error });
+    }
+    let runDir: string;
     let tokenFile: string;
     let token: string;
     try {
-      await mkdir(settings.cwd, { recursive: true });
-      if (settings.codexHome !== undefined) await mkdir(settings.codexHome, { recursive: true });
       cancel.throwIfAborted();
+      let base = tmpdir();
+      if (settings.runDir !== undefined) {
+        await mkdir(settings.runDir, { recursive: true, mode: 0o700 });
+        await chmod(settings.runDir, 0o700);
+        base = settings.runDir;
+      }
       // mkdtemp already creates the directory as 0700; the chmod guards against runtimes
       // whose emulation of it differs, since the token's secrecy rests on these modes.
-      this.#tokenDir = await mkdtemp(join(tmpdir(), "codex-broker-"));
-      await chmod(this.#tokenDir, 0o700);
+      runDir = this.#tokenDir = await mkdtemp(join(base, RUN_DIR_PREFIX));
+      await chmod(runDir, 0o700);
+      tokenFile = join(runDir, "token");
+      // The record comes first, so a token on disk always has a record saying whose it is.
+      await writeProcessRecord(runDir, this.#record(tokenFile, null));
       token = randomToken();
-      tokenFile = join(this.#tokenDir, "token");
       await writeFile(tokenFile, token, { mode: 0o600, flag: "wx" });
       await chmod(tokenFile, 0o600);
       cancel.throwIfAborted();
@@ -598,21 +697,27 @@ class CodexProcess {
     }
     this.#authorization = `Bearer ${token}`;
 
+    const appServerArgs = [
+      "app-server",
+      "--listen",
+      "ws://127.0.0.1:0",
+      "--ws-auth",
+      "capability-token",
+      "--ws-token-file",
+      tokenFile,
+      ...settings.args,
+    ];
+    const spawned = settings.watchdog
+      ? watchdogSpawn(runDir, settings.command, appServerArgs)
+      : { command: settings.command, args: appServerArgs };
     let child: ChildProcess;
     try {
-      child = spawn(settings.command, [
-        "app-server",
-        "--listen",
-        "ws://127.0.0.1:0",
-        "--ws-auth",
-        "capability-token",
-        "--ws-token-file",
-        tokenFile,
-        ...settings.args,
-      ], {
+      child = spawn(spawned.command, spawned.args, {
         cwd: settings.cwd,
         env: settings.env,
-        stdio: ["ignore", "pipe", "pipe"],
+        // The watchdog's pipe: never written to, closed once codex has exited, and closed
+        // by the kernel if this process dies, which makes the watchdog kill codex.
+        stdio: [settings.watchdog ? "pipe" : "ignore", "pipe", "pipe"],
         // Its own process group: Ctrl+C in a terminal signals the broker's group, and codex
         // exits at once on SIGINT, which would cut short the grace period turns get on
         // shutdown. Stopping signals the whole group, so codex's helpers go with it.
@@ -636,6 +741,7 @@ class CodexProcess {
     }, timerDelay(settings.readyTimeoutMs));
     unrefTimer(deadline);
     try {
+      if (child.pid !== undefined) await this.#recordPid(runDir, tokenFile, child.pid);
       this.#url = await abortable(listening.promise, cancel);
       const readyz = readyzUrl(this.#url);
       let pause = 10;
@@ -650,6 +756,49 @@ class CodexProcess {
       throw error;
     } finally {
       clearTimeout(deadline);
+    }
+  }
+
+  #record(tokenFile: string, pid: number | null): ProcessRecord {
+    const owner = this.#settings.owner;
+    const record: ProcessRecord = {
+      version: 1,
+      workspaceId: this.workspaceId,
+      pid,
+      // Spawned detached: codex leads a process group of its own (none on Windows).
+      pgid: pid !== null && process.platform !== "win32" ? pid : null,
+      startTime: pid === null ? null : processInfo(pid)?.startTime ?? null,
+      bootId: owner.bootId,
+      hostname: owner.hostname,
+      pidNamespace: owner.pidNamespace,
+      tokenFile,
+      brokerPid: owner.brokerPid,
+      brokerStartTime: owner.brokerStartTime,
+    };
+    if (owner.brokerId !== undefined) record.brokerId = owner.brokerId;
+    return record;
+  }
+
+  /**
+   * Completes the process record with the pid: what a broker starting after a crash of
+   * this one needs to find and stop this process, and nothing else. Never rejects: the
+   * watchdog already ties codex to this process, so a missing record is reported and the
+   * start goes on.
+   */
+  async #recordPid(runDir: string, tokenFile: string, pid: number): Promise<void> {
+    try {
+      await writeProcessRecord(runDir, this.#record(tokenFile, pid));
+    } catch (error) {
+      // A process that already exited may have had its directory removed: not news.
+      if (this.#exit !== undefined) return;
+      this.#settings.report(
+        new Error(
+          `Cannot write the process record in ${runDir} of workspace ${this.workspaceId}: ${
+            messageOf(error)
+          }`,
+          { cause: error },
+        ),
+      );
     }
   }
 
@@ -681,8 +830,13 @@ class CodexProcess {
     });
     let grace: ReturnType<typeof setTimeout> | undefined;
     let closed = false;
+    // Nothing is ever written; a watchdog that died first must not make closing it throw.
+    child.stdin?.on("error", () => {});
     child.once("exit", (code, signal) => {
       this.#exit = { code, signal };
+      // Tells the watchdog that codex is gone: it removes what is left and exits, which
+      // closes the pipes below.
+      child.stdin?.destroy();
       if (closed) return;
       grace = setTimeout(() => {
         child.stdout?.destroy();
@@ -693,6 +847,7 @@ class CodexProcess {
     child.once("close", () => {
       closed = true;
       clearTimeout(grace);
+      child.stdin?.destroy();
       const exit = this.#exit;
       if (exit && !this.#isReady) {
         // Reported on 'close' rather than 'exit': stderr may still be draining at 'exit',
@@ -701,7 +856,13 @@ class CodexProcess {
         const how = exit.signal
           ? `was killed by signal ${exit.signal}`
           : `exited with code ${exit.code}`;
-        this.#startAbort.abort(this.#error(`${how} ${when}`));
+        const notFound = this.#settings.watchdog && exit.code === 127 &&
+          this.#stderr.text.includes(`${COMMAND_NOT_FOUND_PREFIX}${this.#settings.command}\n`);
+        this.#startAbort.abort(
+          this.#error(
+            notFound ? `command not found: ${this.#settings.command}` : `${how} ${when}`,
+          ),
+        );
       }
       void this.#cleanUp();
     });

@@ -7,6 +7,7 @@ import {
   chmod,
   mkdir,
   mkdtemp,
+  readdir,
   readFile,
   realpath,
   rename,
@@ -16,12 +17,27 @@ import {
   writeFile,
 } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import process from "node:process";
+import { fileURLToPath } from "node:url";
 import type { Endpoint } from "../src/resolver.ts";
 import { type CodexResolverOptions, createCodexResolver, SpawnError } from "../src/supervisor.ts";
+import { hostIdentity, processInfo, type ProcessRecord } from "../src/_process_record.ts";
 import { makeCodexHome, type TempCodexHome } from "./_codex_home.ts";
 import { reply, startMockModel } from "./_mock_model.ts";
+import {
+  isDead,
+  killGroup,
+  liveGroupMembers,
+  runScript,
+  runtimeCommand,
+  tokenFileOf,
+} from "./_processes.ts";
+
+const RESOLVER_HOST = fileURLToPath(new URL("./_resolver_host.ts", import.meta.url));
+const FAKE_CODEX = fileURLToPath(new URL("./_fake_codex.ts", import.meta.url));
+// Bun's own default is 5 s per test; these start a runtime and codex.
+const SLOW = { timeout: 30_000 };
 
 // Everything a test creates lives under one temp dir, removed at the end.
 interface Sandbox {
@@ -523,6 +539,301 @@ test("createCodexResolver() rejects invalid workspace ids with TypeError before 
     await resolver.close();
     await box.cleanup();
   }
+});
+
+/**
+ * A codex stand-in that first starts `sleep 30` in its process group, as codex starts the
+ * commands a model runs, and writes that helper's pid to `pidFile`.
+ */
+async function fakeCodexWithHelper(dir: string, pidFile: string, helperIgnoresTerm: boolean) {
+  const [runtime, prefix] = runtimeCommand(FAKE_CODEX);
+  const quote = (arg: string) => `'${arg.replaceAll("'", `'\\''`)}'`;
+  // An ignored signal stays ignored across exec: only the helper ignores SIGTERM.
+  const helper = helperIgnoresTerm ? "(trap '' TERM; exec sleep 30)" : "sleep 30";
+  return await script(
+    dir,
+    "fake-codex",
+    `${helper} </dev/null >/dev/null 2>&1 &
+echo $! > ${quote(pidFile)}
+exec ${[runtime, ...prefix, FAKE_CODEX].map(quote).join(" ")}`,
+  );
+}
+
+/** The run directories (`codex-broker-*`) directly under `dir`. */
+async function runDirsUnder(dir: string): Promise<string[]> {
+  const names = await readdir(dir).catch(() => []);
+  return names.filter((name) => name.startsWith("codex-broker-")).map((name) => join(dir, name));
+}
+
+test(
+  "createCodexResolver() leaves no codex and no token behind when its host process is killed with SIGKILL",
+  SLOW,
+  async () => {
+    const box = await sandbox();
+    const host = runScript(RESOLVER_HOST, [JSON.stringify({
+      root: join(box.dir, "workspaces"),
+      codexHome: box.home.path,
+      workspaces: ["ws-a", "ws-b"],
+      layout: "temp",
+    })]);
+    const pids: number[] = [];
+    const tokenDirs: string[] = [];
+    try {
+      const started = JSON.parse(await host.firstLine) as { pids: Record<string, number> };
+      pids.push(...Object.values(started.pids));
+      tokenDirs.push(...pids.map((pid) => dirname(tokenFileOf(pid))));
+      assert.equal(pids.length, 2);
+      assert.ok(tokenDirs.every((dir) => existsSync(join(dir, "token"))));
+
+      host.child.kill("SIGKILL");
+      await host.closed;
+      await waitFor("every codex to die", () => pids.every(isDead), 5_000);
+      await waitFor("every token directory to go", () => !tokenDirs.some(existsSync), 5_000);
+      // Nothing of theirs is left either: no watchdog, no helper in their groups.
+      await waitFor("their process groups to empty", () => {
+        return pids.every((pid) => liveGroupMembers(pid).length === 0);
+      }, 5_000);
+    } finally {
+      host.child.kill("SIGKILL");
+      await host.closed;
+      for (const pid of pids) killGroup(pid);
+      for (const dir of tokenDirs) await rm(dir, { recursive: true, force: true });
+      await box.cleanup();
+    }
+  },
+);
+
+test(
+  "createCodexResolver() leaves no codex and no token under runDir when its host process is killed with SIGKILL",
+  SLOW,
+  async () => {
+    const box = await sandbox();
+    const root = join(box.dir, "workspaces");
+    const host = runScript(RESOLVER_HOST, [JSON.stringify({
+      root,
+      codexHome: box.home.path,
+      workspaces: ["ws-a"],
+      layout: "workspace",
+    })]);
+    let pid: number | undefined;
+    try {
+      const started = JSON.parse(await host.firstLine) as { pids: Record<string, number> };
+      pid = started.pids["ws-a"]!;
+      const runDir = join(root, "ws-a", "run");
+      const [spawnDir, ...others] = await runDirsUnder(runDir);
+      assert.deepEqual(others, []);
+      assert.equal(tokenFileOf(pid), join(spawnDir!, "token"));
+
+      host.child.kill("SIGKILL");
+      await host.closed;
+      await waitFor("codex to die", () => isDead(pid!), 5_000);
+      await waitFor("its run directory to go", () => !existsSync(spawnDir!), 5_000);
+      await waitFor("its process group to empty", () => liveGroupMembers(pid!).length === 0);
+      // The workspace's state stays: its own directory, home and the (empty) run directory.
+      assert.deepEqual(await readdir(runDir), []);
+      assert.ok(existsSync(join(root, "ws-a", "codex-home", "config.toml")));
+      assert.ok((await stat(join(root, "ws-a", "work"))).isDirectory());
+    } finally {
+      host.child.kill("SIGKILL");
+      await host.closed;
+      if (pid !== undefined) killGroup(pid);
+      await box.cleanup();
+    }
+  },
+);
+
+test(
+  "createCodexResolver() kills what a crashed codex left running in its process group",
+  SLOW,
+  async () => {
+    const box = await sandbox();
+    const helperPidFile = join(box.dir, "helper.pid");
+    const command = await fakeCodexWithHelper(box.dir, helperPidFile, false);
+    const resolver = createCodexResolver(box.options({ command }));
+    let helper: number | undefined;
+    try {
+      await resolver.resolve("ws-1");
+      const pid = resolver.pid("ws-1")!;
+      helper = Number(await readFile(helperPidFile, "utf8"));
+      assert.equal(isDead(helper), false);
+      process.kill(pid, "SIGKILL");
+      assert.equal(await resolver.crashed("ws-1", 5_000), true);
+      await waitFor("the crashed codex's helper to die", () => isDead(helper!), 2_000);
+      await waitFor("its process group to empty", () => liveGroupMembers(pid).length === 0);
+    } finally {
+      await resolver.close();
+      if (helper !== undefined && !isDead(helper)) process.kill(helper, "SIGKILL");
+      await box.cleanup();
+    }
+  },
+);
+
+test(
+  "createCodexResolver() release() leaves no member of codex's process group behind, even one that ignores SIGTERM",
+  SLOW,
+  async () => {
+    const box = await sandbox();
+    const helperPidFile = join(box.dir, "helper.pid");
+    const command = await fakeCodexWithHelper(box.dir, helperPidFile, true);
+    const resolver = createCodexResolver(box.options({ command }));
+    let helper: number | undefined;
+    try {
+      await resolver.resolve("ws-1");
+      const pid = resolver.pid("ws-1")!;
+      helper = Number(await readFile(helperPidFile, "utf8"));
+      await resolver.release("ws-1");
+      assert.equal(isDead(pid), true);
+      await waitFor("the helper that ignores SIGTERM to die", () => isDead(helper!), 2_000);
+      await waitFor("its process group to empty", () => liveGroupMembers(pid).length === 0);
+    } finally {
+      await resolver.close();
+      if (helper !== undefined && !isDead(helper)) process.kill(helper, "SIGKILL");
+      await box.cleanup();
+    }
+  },
+);
+
+test("createCodexResolver() release() of one workspace leaves nothing of its codex behind while another runs", async () => {
+  const box = await sandbox();
+  const resolver = createCodexResolver(box.options());
+  try {
+    await resolver.resolve("ws-a");
+    await resolver.resolve("ws-b");
+    const [a, b] = [resolver.pid("ws-a")!, resolver.pid("ws-b")!];
+    const tokenDir = dirname(tokenFileOf(a));
+    // A second codex must not hold a copy of the first one's watchdog pipe, or the first
+    // watchdog would wait for the second codex to end.
+    await resolver.release("ws-a");
+    assert.equal(existsSync(tokenDir), false);
+    // SIGKILL is sent to the whole group at once; the last members may take a moment to go.
+    await waitFor("ws-a's process group to empty", () => liveGroupMembers(a).length === 0, 1_000);
+    assert.ok(liveGroupMembers(b).includes(b));
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test("createCodexResolver() keeps the token and a process record in a private directory under runDir", async () => {
+  const box = await sandbox();
+  const runDir = join(box.dir, "ws-1", "run");
+  const resolver = createCodexResolver(box.options({
+    runDir: (id) => join(box.dir, id, "run"),
+    brokerId: "broker-7",
+  }));
+  try {
+    const endpoint = await resolver.resolve("ws-1");
+    const pid = resolver.pid("ws-1")!;
+    const [spawnDir, ...others] = await runDirsUnder(runDir);
+    assert.ok(spawnDir !== undefined);
+    assert.deepEqual(others, []);
+    assert.equal((await stat(runDir)).mode & 0o777, 0o700);
+    assert.equal((await stat(spawnDir)).mode & 0o777, 0o700);
+    const tokenFile = join(spawnDir, "token");
+    assert.equal(tokenFileOf(pid), tokenFile);
+    assert.equal((await stat(tokenFile)).mode & 0o777, 0o600);
+    assert.equal(`Bearer ${await readFile(tokenFile, "utf8")}`, endpoint.headers?.Authorization);
+
+    const recordFile = join(spawnDir, "codex.json");
+    assert.equal((await stat(recordFile)).mode & 0o777, 0o600);
+    const record = JSON.parse(await readFile(recordFile, "utf8")) as ProcessRecord;
+    const here = hostIdentity();
+    assert.deepEqual(record, {
+      version: 1,
+      workspaceId: "ws-1",
+      pid,
+      pgid: pid,
+      startTime: processInfo(pid)!.startTime,
+      bootId: here.bootId,
+      hostname: here.hostname,
+      pidNamespace: here.pidNamespace,
+      tokenFile,
+      brokerId: "broker-7",
+      brokerPid: process.pid,
+      brokerStartTime: processInfo(process.pid)!.startTime,
+    });
+    assert.match(record.bootId ?? "", /^[0-9a-f-]{36}$/);
+
+    await resolver.release("ws-1");
+    assert.equal(existsSync(spawnDir), false);
+    assert.deepEqual(await readdir(runDir), [], "the run directory itself stays");
+  } finally {
+    await resolver.close();
+    await box.cleanup();
+  }
+});
+
+test(
+  "createCodexResolver() gives a workspace its own codex home seeded from codexHomeTemplate, and keeps its threads there",
+  SLOW,
+  async () => {
+    const model = await startMockModel({ respond: reply("hello from the workspace's home") });
+    const box = await sandbox(model.baseUrl);
+    const template = box.home.path;
+    await writeFile(join(template, "auth.json"), `{"OPENAI_API_KEY":"sk-test"}`, { mode: 0o644 });
+    await mkdir(join(template, "sessions"));
+    await writeFile(join(template, "history.jsonl"), "");
+    const workspaceHome = join(box.dir, "ws-1", "codex-home");
+    const resolver = createCodexResolver({
+      cwd: (id) => join(box.dir, id, "work"),
+      codexHome: (id) => join(box.dir, id, "codex-home"),
+      codexHomeTemplate: template,
+    });
+    let socket: WebSocket | undefined;
+    try {
+      const endpoint = await resolver.resolve("ws-1");
+      assert.equal((await stat(workspaceHome)).mode & 0o777, 0o700);
+      assert.equal((await stat(join(workspaceHome, "auth.json"))).mode & 0o777, 0o600);
+      assert.equal(
+        await readFile(join(workspaceHome, "config.toml"), "utf8"),
+        await readFile(join(template, "config.toml"), "utf8"),
+      );
+      assert.equal(existsSync(join(workspaceHome, "history.jsonl")), false);
+
+      // The copied config.toml is what points codex at the mock model.
+      socket = openSocket(endpoint.url, endpoint.headers);
+      const rpc = rpcClient(socket);
+      assert.equal(await settle(socket), "open");
+      await rpc.call(0, "initialize", {
+        clientInfo: { name: "supervisor_test", title: "Supervisor test", version: "0.0.0" },
+        capabilities: null,
+      });
+      rpc.notify("initialized");
+      const initialize = rpc.inbox.find((message) => message.id === 0)!.result as {
+        codexHome: string;
+      };
+      assert.equal(await realpath(initialize.codexHome), workspaceHome);
+      const cwd = join(box.dir, "ws-1", "work");
+      const started = await rpc.call(1, "thread/start", { cwd }) as { thread: { id: string } };
+      await rpc.call(2, "turn/start", {
+        threadId: started.thread.id,
+        input: [{ type: "text", text: "hi", text_elements: [] }],
+      });
+      const completed = await rpc.next((message) => message.method === "turn/completed");
+      assert.equal((completed.params as { turn: { status: string } }).turn.status, "completed");
+      assert.equal(model.requests.length, 1);
+
+      // The thread lives in the workspace's home, not in the template nor in the work dir.
+      const rollouts = (await readdir(join(workspaceHome, "sessions"), { recursive: true }))
+        .filter((name) => String(name).endsWith(".jsonl"));
+      assert.equal(rollouts.length, 1);
+      assert.ok(String(rollouts[0]).includes(started.thread.id));
+      assert.deepEqual(await readdir(join(template, "sessions")), []);
+      assert.deepEqual(await readdir(cwd), []);
+    } finally {
+      if (socket) await closeSocket(socket);
+      await resolver.close();
+      await box.cleanup();
+      await model.close();
+    }
+  },
+);
+
+test("createCodexResolver() rejects codexHomeTemplate without codexHome with a TypeError", () => {
+  assert.throws(
+    () => createCodexResolver({ codexHomeTemplate: "/tmp/template" }),
+    (error: unknown) => error instanceof TypeError && /codexHome is required/.test(error.message),
+  );
 });
 
 interface RpcMessage {
