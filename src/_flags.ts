@@ -119,15 +119,19 @@ const FLAGS: readonly Flag[] = [
     name: "workspaces-dir",
     value: "<dir>",
     help: [
-      "Each workspace's codex runs in <dir>/<workspaceId>, created on",
-      "demand (default ./workspaces)",
+      "Each workspace's state lives in <dir>/<workspaceId> (work/, its",
+      "own codex-home/, run/, lease/), created on demand; share it",
+      "between brokers to scale out (default ./workspaces)",
     ],
     apply: directory("workspaces-dir", "workspacesDir"),
   },
   {
     name: "codex-home",
     value: "<dir>",
-    help: ["CODEX_HOME for every codex (default: inherited, i.e. ~/.codex)"],
+    help: [
+      "Template copied into each workspace's own CODEX_HOME: config.toml,",
+      "auth.json, … (default: $CODEX_HOME, else ~/.codex)",
+    ],
     apply: directory("codex-home", "codexHome"),
   },
   {

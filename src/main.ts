@@ -34,9 +34,9 @@
  * @module
  */
 
-import { realpathSync } from "node:fs";
-import { mkdir } from "node:fs/promises";
-import { hostname, totalmem } from "node:os";
+import { existsSync, realpathSync } from "node:fs";
+import { mkdir, readdir } from "node:fs/promises";
+import { homedir, hostname, totalmem } from "node:os";
 import { join, resolve as resolvePath } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
@@ -45,7 +45,8 @@ import { createTurnsHandler, VERSION } from "./handler.ts";
 import { Metrics } from "./metrics.ts";
 import { Pool, type PoolEvent } from "./pool.ts";
 import { PoolClosedError } from "./errors.ts";
-import { createCodexResolver } from "./supervisor.ts";
+import { cleanUpLeftovers, createCodexResolver } from "./supervisor.ts";
+import { isValidWorkspaceId } from "./_workspace_id.ts";
 import { createFileLeaseStore } from "./file_lease.ts";
 import { Ownership } from "./ownership.ts";
 import { leasedResolver } from "./_leased_resolver.ts";
@@ -83,11 +84,17 @@ export interface BrokerOptions {
   /** A workspace's connection and codex are stopped after this long idle. Defaults to 5 min. */
   idleTtlMs?: number;
   /**
-   * Each workspace's codex runs in `<workspacesDir>/<workspaceId>`, created on demand.
-   * Defaults to `./workspaces`.
+   * Each workspace's state lives in `<workspacesDir>/<workspaceId>`, created on demand:
+   * `work/` (codex's working directory), `codex-home/` (its own `CODEX_HOME`), `run/` (its
+   * capability token) and `lease/`. Share it between brokers to scale out. Defaults to
+   * `./workspaces`.
    */
   workspacesDir?: string;
-  /** `CODEX_HOME` of every codex. Defaults to the inherited one (the user's own login). */
+  /**
+   * The operator's codex configuration and credentials, copied into each workspace's own
+   * `CODEX_HOME` before its codex starts (`config.toml`, `auth.json`, …; the newer file
+   * wins). Defaults to `$CODEX_HOME`, else `~/.codex`.
+   */
   codexHome?: string;
   /** The codex executable. Defaults to the one in `node_modules`, then `codex` on `PATH`. */
   codex?: string;
@@ -209,11 +216,37 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   const codexHome = options.codexHome === undefined ? undefined : resolvePath(options.codexHome);
   await mkdir(workspacesDir, { recursive: true });
 
+  // One directory per workspace holds everything codex keeps for it, so the workspace
+  // moves as a unit to whichever broker serves it next (see the README's layout).
+  const work = (workspaceId: string) => join(workspacesDir, workspaceId, "work");
+  const run = (workspaceId: string) => join(workspacesDir, workspaceId, "run");
+  // What a crashed broker on this machine left running (its watchdogs normally take care of
+  // that) is stopped before any codex of ours starts.
+  const ids = (await readdir(workspacesDir).catch(() => [] as string[])).filter(
+    isValidWorkspaceId,
+  );
+  const leftovers = await cleanUpLeftovers(ids.map(run));
+  if (leftovers.killed.length > 0 || leftovers.removed.length > 0 || leftovers.errors.length > 0) {
+    log({
+      level: leftovers.errors.length > 0 ? "warn" : "info",
+      msg: "leftovers",
+      killed: leftovers.killed,
+      removed: leftovers.removed.length,
+      errors: leftovers.errors.map((error) => error.message),
+    });
+  }
+  if (codexHome !== undefined && !existsSync(codexHome)) {
+    throw new Error(`Cannot start broker: the codex home ${codexHome} does not exist`);
+  }
+  const template = codexHome ?? process.env.CODEX_HOME ?? join(homedir(), ".codex");
   const supervisor = createCodexResolver({
     ...(options.codex === undefined ? {} : { command: options.codex }),
-    ...(codexHome === undefined ? {} : { codexHome: () => codexHome }),
-    // codex runs in the workspace directory, and a thread started without a cwd runs there.
-    cwd: (workspaceId) => join(workspacesDir, workspaceId),
+    // codex runs in the workspace's work directory, and so does every command it starts.
+    cwd: work,
+    codexHome: (workspaceId) => join(workspacesDir, workspaceId, "codex-home"),
+    ...(existsSync(template) ? { codexHomeTemplate: template } : {}),
+    runDir: run,
+    ...(options.brokerId === undefined ? {} : { brokerId: options.brokerId }),
     // codex runs model-chosen commands, which must not find the key to this broker.
     env: { BROKER_SECRET: undefined },
     onError: (error) => log({ level: "error", msg: "supervisor", error: error.message }),

@@ -110,10 +110,18 @@ test(
       assert.equal(body.turn.status, "completed");
       const agent = body.turn.items.find((item: { type: string }) => item.type === "agentMessage");
       assert.equal(agent?.text, "hello from the mock");
-      // codex tells the model its working directory: the workspace's own folder.
+      // codex tells the model its working directory: the workspace's own work folder, with
+      // its own codex home and lease beside it, not inside.
       const workspace = join(fx.dir, "workspaces", "ws-1");
-      assert.ok(existsSync(workspace));
-      assert.ok(JSON.stringify(fx.model.requests[0]?.body).includes(`<cwd>${workspace}</cwd>`));
+      assert.ok(
+        JSON.stringify(fx.model.requests[0]?.body).includes(`<cwd>${workspace}/work</cwd>`),
+      );
+      assert.ok(
+        existsSync(join(workspace, "codex-home", "config.toml")),
+        "the template was copied",
+      );
+      assert.ok(existsSync(join(workspace, "codex-home", "sessions")), "the thread lives there");
+      assert.ok(existsSync(join(workspace, "lease")));
       const turn = await fx.broker.waitForLine((l) => l.includes('"msg":"turn"'), "the turn");
       assert.deepEqual(
         { ...JSON.parse(turn), time: undefined, durationMs: undefined },

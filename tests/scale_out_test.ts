@@ -222,7 +222,12 @@ test(
         failTimeout: 2,
       });
       const base = nginx.url;
-      const spaces = WORKSPACES.map((id): Workspace => ({ id, threadId: null, done: [], ranOn: [] }));
+      const spaces = WORKSPACES.map((id): Workspace => ({
+        id,
+        threadId: null,
+        done: [],
+        ranOn: [],
+      }));
 
       // --- affinity: every turn of a workspace lands on one broker, whichever routing key.
       await inParallel(spaces, 6, async (ws) => {
@@ -272,7 +277,11 @@ test(
         for (;;) {
           const answer = await turn(base, ws);
           if (answer.status === 200 && answer.body.turn?.status === "completed") break;
-          assert.equal(answer.status, 503, `${ws.id}: ${answer.status} ${JSON.stringify(answer.body)}`);
+          assert.equal(
+            answer.status,
+            503,
+            `${ws.id}: ${answer.status} ${JSON.stringify(answer.body)}`,
+          );
           assert.ok(answer.retryAfter, "a 503 carries Retry-After");
           await new Promise((resolve) => setTimeout(resolve, 100));
         }
@@ -292,7 +301,10 @@ test(
       const slowTurn = turn(base, slow, "path", ":slow");
       await waitUntil(
         "the slow turn to reach the model",
-        () => model.requests.slice(requestsBefore).some((r) => history(r).at(-1)?.endsWith(":slow") ?? false),
+        () =>
+          model.requests.slice(requestsBefore).some((r) =>
+            history(r).at(-1)?.endsWith(":slow") ?? false
+          ),
         10_000,
       );
       brokers.get(drained)!.process.kill("SIGTERM");
@@ -303,7 +315,11 @@ test(
             if (ws.ranOn.at(-1) !== drained) break;
             continue; // the draining broker may finish what reached it before it let go
           }
-          assert.equal(answer.status, 503, `${ws.id}: ${answer.status} ${JSON.stringify(answer.body)}`);
+          assert.equal(
+            answer.status,
+            503,
+            `${ws.id}: ${answer.status} ${JSON.stringify(answer.body)}`,
+          );
           assert.ok(answer.retryAfter, "a 503 carries Retry-After");
           await new Promise((resolve) => setTimeout(resolve, 100));
         }
