@@ -82,12 +82,12 @@ async function sendTurn(
       body,
     },
   );
-  const text = await response.text();
+  const raw = await response.text();
   let parsed: Answer["body"];
   try {
-    parsed = JSON.parse(text);
+    parsed = JSON.parse(raw);
   } catch {
-    parsed = { raw: text };
+    parsed = { raw };
   }
   return {
     status: response.status,
@@ -215,6 +215,9 @@ test(
       brokers.set(id, { process, url, port: new URL(url).port });
     };
 
+    const began = Date.now();
+    // Progress on stderr: a failure in a late phase is easier to read knowing how far it got.
+    const step = (what: string) => console.error(`scale-out: ${what} (${Date.now() - began} ms)`);
     try {
       await Promise.all(["b0", "b1", "b2"].map((id) => start(id)));
       nginx = await startNginx({
@@ -229,6 +232,7 @@ test(
         ranOn: [],
       }));
 
+      step("brokers and nginx up");
       // --- affinity: every turn of a workspace lands on one broker, whichever routing key.
       await inParallel(spaces, 6, async (ws) => {
         for (const form of ["path", "header"] as const) {
@@ -241,6 +245,7 @@ test(
       const share = (id: string) => spaces.filter((ws) => owner.get(ws.id) === id);
       for (const id of brokers.keys()) assert.ok(share(id).length > 0, `${id} served none`);
 
+      step("affinity checked");
       // --- forwarding: straight to a broker that does not own the workspace.
       const first = spaces[0]!;
       const stranger = [...brokers.keys()].find((id) => id !== owner.get(first.id))!;
@@ -248,6 +253,7 @@ test(
       assert.equal(forwarded.status, 200, JSON.stringify(forwarded.body));
       assert.equal(forwarded.brokerId, owner.get(first.id), "the owner ran it");
 
+      step("forwarding checked");
       // --- failover: kill -9 the broker with the largest share, mid-load.
       const victim = [...brokers.keys()].sort((a, b) => share(b).length - share(a).length)[0]!;
       const moved = share(victim);
@@ -257,6 +263,8 @@ test(
         const answer = await turn(base, ws);
         assert.equal(answer.status, 200, `${ws.id} kept working: ${JSON.stringify(answer.body)}`);
       });
+      // Read below; until then a failure must not surface as an unhandled rejection.
+      inFlight.catch(() => {});
       const killedAt = Date.now();
       brokers.get(victim)!.process.kill("SIGKILL");
       await brokers.get(victim)!.process.status;
@@ -292,6 +300,7 @@ test(
       const slowest = Math.max(...recovery);
       assert.ok(slowest <= LEASE_TTL_MS + 5_000, `failover took ${slowest} ms`);
 
+      step("failover checked");
       // --- drain: SIGTERM a survivor while one of its turns runs.
       const drained = [...brokers.keys()].find((id) => id !== victim)!;
       const drainedShare = spaces.filter((ws) => ws.ranOn.at(-1) === drained);
@@ -329,6 +338,7 @@ test(
       assert.equal(slowAnswer.brokerId, drained);
       assert.deepEqual(await brokers.get(drained)!.process.status, { code: 0, signal: null });
 
+      step("drain checked");
       // --- restart: the killed broker comes back on its port and takes its share back.
       await start(victim, brokers.get(victim)!.port);
       await new Promise((resolve) => setTimeout(resolve, 2_100)); // nginx's fail_timeout
@@ -337,8 +347,17 @@ test(
           const answer = await turn(base, ws);
           assert.equal(answer.status, 200, `${ws.id}: ${JSON.stringify(answer.body)}`);
         }
-        assert.equal(ws.ranOn.at(-1), victim, `${ws.id} is back on ${victim} within three turns`);
+        assert.equal(
+          ws.ranOn.at(-1),
+          victim,
+          `${ws.id} is back on ${victim} within three turns; it ran on ${ws.ranOn}; logs: ${
+            [...brokers.entries()].map(([id, b]) =>
+              `${id}: ${b.process.lines.filter((l) => l.includes(ws.id) && !l.includes('"msg":"turn"')).join("\n")}`
+            ).join("\n")
+          }`,
+        );
       });
+      step("restart checked");
       assert.deepEqual(monitor.violations, [], "never two codex processes for one workspace");
     } finally {
       monitor.stop();
