@@ -59,6 +59,8 @@ export interface RunTurnOptions {
   onThread?: (threadId: string) => void;
   /** Called with each notification of the turn. */
   onNotification?: (method: string, params: Record<string, unknown>) => void;
+  /** The broker that forwarded the request here, if one did (for the log). */
+  forwardedBy?: string | null;
 }
 
 /** What a turn runner needs besides the pool. */
@@ -239,6 +241,7 @@ export function createTurnRunner(
       outcome,
       durationMs,
       stream: run.stream,
+      ...(run.forwardedBy ? { forwardedBy: run.forwardedBy } : {}),
     };
     if (failure !== undefined) entry.error = failure;
     log(entry);

@@ -21,6 +21,7 @@ import { Metrics, METRICS_CONTENT_TYPE } from "./metrics.ts";
 import type { Ownership } from "./ownership.ts";
 import type { Pool } from "./pool.ts";
 import type { ThreadStartParams, Turn, TurnParams } from "./protocol.ts";
+import { FORWARDED_HEADER } from "./_forward.ts";
 import { placeTurn } from "./_placement.ts";
 import { createRouter, type Route } from "./_router.ts";
 import { secretChecker } from "./_secret.ts";
@@ -313,7 +314,11 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     served: () => void,
   ): Promise<Response> {
     // request.signal aborts when the client disconnects: the pool then interrupts the turn.
-    const result = await runTurn(turn, { stream: false, signals: [request.signal] });
+    const result = await runTurn(turn, {
+      stream: false,
+      signals: [request.signal],
+      forwardedBy: request.headers.get(FORWARDED_HEADER),
+    });
     served();
     return json(result.status, result.body, result.headers);
   }
@@ -356,6 +361,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     // Conn hands this turn only its own notifications, none while it waits in line.
     void runTurn(turn, {
       stream: true,
+      forwardedBy: request.headers.get(FORWARDED_HEADER),
       signals: [request.signal, giveUp.signal],
       onThread: sendThread,
       onNotification: (method, params) => stream.send(method, params),

@@ -269,7 +269,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     },
     onHandOver: async (workspaceId) => {
       const released = await pool.release(workspaceId, { ifIdle: true });
-      if (released) log({ level: "info", msg: "handed over", workspaceId });
+      log({ level: "info", msg: released ? "handed over" : "hand-over declined", workspaceId });
       return released;
     },
   });
