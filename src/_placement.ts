@@ -46,6 +46,14 @@ export async function placeTurn(
 ): Promise<Placement> {
   const { workspaceId } = parts;
   const forwarded = request.headers.has(FORWARDED_HEADER);
+  if (ownership.draining) {
+    // A broker that is shutting down finishes the turns it runs and takes no new one: its
+    // workspaces move once it has let go of them. Connection: close, so that nothing stays
+    // connected to a broker about to stop listening.
+    const refusal = refused(503, "unavailable", "Cannot run turn: broker is shutting down", 1);
+    if (refusal.kind === "refused") refusal.refusal.headers.connection = "close";
+    return refusal;
+  }
   const giveUpAt = Date.now() + NOT_OWNER_RETRY_MS;
   for (let attempt = 0;; attempt++) {
     let claim;

@@ -436,12 +436,14 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
       methods: {
         // No secret: load balancers and orchestrators probe it, and it reveals nothing.
         // A draining broker answers 503, so a load balancer stops sending it work.
-        GET: () =>
-          json(pool.closed ? 503 : 200, {
-            status: pool.closed ? "draining" : "ok",
+        GET: () => {
+          const draining = pool.closed || (ownership?.draining ?? false);
+          return json(draining ? 503 : 200, {
+            status: draining ? "draining" : "ok",
             workspaces: pool.size,
             version,
-          }),
+          });
+        },
       },
     },
     {

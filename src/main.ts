@@ -358,34 +358,35 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     close() {
       closing ??= (async () => {
         const started = performance.now();
-        // No new workspace from now on; the held ones finish their turns and are released
-        // below, so the other brokers take them over.
+        // From now on every new turn is answered 503 with Retry-After (and Connection:
+        // close); the turns in flight finish. The listener stays open meanwhile: closing it
+        // resets connections a proxy has just opened and sent a turn on, which the proxy
+        // may not retry (a turn is not idempotent), so it closes once this broker has let go
+        // of its workspaces and the others can take them.
         ownership.drain();
-        const closed = listener.close();
-        closed.catch(() => {});
-        // Node keeps a connection open after its last answer, and its server.close() waits
-        // for every connection; closing the idle ones as answers finish lets it end. Deno and
-        // Bun close them on their own.
-        const sweep = setInterval(
-          () => nodeServer?.closeIdleConnections?.(),
-          timerDelay(SWEEP_MS),
-        );
         if (!await inFlight.idle(graceMs, hurry.signal)) {
           log({ level: "warn", msg: "interrupting turns", inFlight: inFlight.count, graceMs });
           stopping.abort(new PoolClosedError("Cannot run turn: broker is shutting down"));
           await inFlight.idle(INTERRUPT_WAIT_MS);
         }
-        // Answers handed to the server may still be on their way out; close() ends once they
-        // are, and Node's idle connections are swept meanwhile.
+        await pool.close();
+        await supervisor.close();
+        // After every codex stopped: only then may another broker start its workspaces.
+        await ownership.close();
+        const closed = listener.close();
+        closed.catch(() => {});
+        // Node keeps a connection open after its last answer, and its server.close() waits
+        // for every connection; closing the idle ones lets it end. Deno and Bun close them on
+        // their own.
+        const sweep = setInterval(
+          () => nodeServer?.closeIdleConnections?.(),
+          timerDelay(SWEEP_MS),
+        );
         await timeout(closed, LISTENER_CLOSE_MS);
         clearInterval(sweep);
         // Whatever is still open now (a client that does not read, or ignored the interrupt)
         // is cut.
         await timeout(listener.close(true).catch(() => {}), LISTENER_CLOSE_MS);
-        await pool.close();
-        await supervisor.close();
-        // After every codex stopped: only then may another broker start its workspaces.
-        await ownership.close();
         for (const type of POOL_EVENTS) pool.removeEventListener(type, onPoolEvent);
         log({
           level: "info",

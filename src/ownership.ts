@@ -247,6 +247,11 @@ export class Ownership {
     this.#draining = true;
   }
 
+  /** True once {@linkcode Ownership.drain} was called. */
+  get draining(): boolean {
+    return this.#draining;
+  }
+
   /**
    * Releases every held lease and stops renewing. Later claims throw.
    *

@@ -217,6 +217,7 @@ test(
 
     const began = Date.now();
     // Progress on stderr: a failure in a late phase is easier to read knowing how far it got.
+    const nginxLog = () => nginx?.log().split("\n").slice(-12).join("\n") ?? "";
     const step = (what: string) => console.error(`scale-out: ${what} (${Date.now() - began} ms)`);
     try {
       await Promise.all(["b0", "b1", "b2"].map((id) => start(id)));
@@ -288,7 +289,7 @@ test(
           assert.equal(
             answer.status,
             503,
-            `${ws.id}: ${answer.status} ${JSON.stringify(answer.body)}`,
+            `${ws.id}: ${answer.status} ${JSON.stringify(answer.body)}\nnginx: ${nginxLog()}`,
           );
           assert.ok(answer.retryAfter, "a 503 carries Retry-After");
           await new Promise((resolve) => setTimeout(resolve, 100));
@@ -328,7 +329,7 @@ test(
           assert.equal(
             answer.status,
             503,
-            `${ws.id}: ${answer.status} ${JSON.stringify(answer.body)}`,
+            `${ws.id}: ${answer.status} ${JSON.stringify(answer.body)}\nnginx: ${nginxLog()}`,
           );
           assert.ok(answer.retryAfter, "a 503 carries Retry-After");
           await new Promise((resolve) => setTimeout(resolve, 100));
@@ -342,7 +343,9 @@ test(
       step("drain checked");
       // --- restart: the killed broker comes back on its port and takes its share back.
       await start(victim, brokers.get(victim)!.port);
-      await new Promise((resolve) => setTimeout(resolve, 2_100)); // nginx's fail_timeout
+      // nginx tries a failed broker again once fail_timeout (2 s here) has passed in whole
+      // seconds since its last failure: from then on it sends the broker its share.
+      await new Promise((resolve) => setTimeout(resolve, 4_100));
       await inParallel(moved, 6, async (ws) => {
         for (let i = 0; i < 3 && ws.ranOn.at(-1) !== victim; i++) {
           const answer = await turn(base, ws);
@@ -355,7 +358,9 @@ test(
             [...brokers.entries()].map(([id, b]) =>
               `${id}: ${b.process.lines.filter((l) => l.includes(ws.id)).join("\n")}`
             ).join("\n")
-          }`,
+          }\nbrokers: ${[...brokers].map(([id, b]) => `${id}=${b.url}`).join(" ")}\nupstream: ${
+            nginx!.dump().split("\n").filter((l) => l.includes("server 127")).join(" | ")
+          }\nnginx: ${nginxLog()}`,
         );
       });
       step("restart checked");
