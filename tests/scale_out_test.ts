@@ -343,9 +343,19 @@ test(
       step("drain checked");
       // --- restart: the killed broker comes back on its port and takes its share back.
       await start(victim, brokers.get(victim)!.port);
-      // nginx tries a failed broker again once fail_timeout (2 s here) has passed in whole
-      // seconds since its last failure: from then on it sends the broker its share.
-      await new Promise((resolve) => setTimeout(resolve, 4_100));
+      // nginx tries a failed broker again once fail_timeout (2 s here) has passed since its
+      // last failure. /healthz is answered by the broker nginx picks (never forwarded), so it
+      // tells when nginx sends the workspace's requests to the broker again: the change after
+      // which its turns must move within three.
+      await waitUntil(`nginx to send ${moved[0]!.id} to ${victim} again`, async () => {
+        const response = await fetch(`${base}/healthz`, {
+          headers: { "x-workspace-id": moved[0]!.id },
+        });
+        await response.body?.cancel();
+        if (response.headers.get("x-broker-id") === victim) return true;
+        await new Promise((resolve) => setTimeout(resolve, 200));
+        return false;
+      }, 15_000);
       await inParallel(moved, 6, async (ws) => {
         for (let i = 0; i < 3 && ws.ranOn.at(-1) !== victim; i++) {
           const answer = await turn(base, ws);
