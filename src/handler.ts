@@ -96,6 +96,9 @@ export interface TurnsHandlerOptions {
    * here only while this broker holds (or can take) its workspace's lease; otherwise the
    * request is forwarded to the owner and its answer relayed, and if the owner cannot be
    * reached before its lease expires the answer is 503 `workspaceBusy` with `Retry-After`.
+   * The pool must start codex through a resolver that calls {@linkcode Ownership.attach}
+   * and {@linkcode Ownership.detach} around each codex's life (the broker's leased
+   * resolver does): after a turn, a lease with no codex attached is released.
    */
   ownership?: Ownership;
 }
