@@ -23,14 +23,23 @@ export function leasedResolver(
 ): Resolver {
   return {
     async resolve(workspaceId, signal) {
-      const claim = await ownership.claim(workspaceId);
-      if (!claim.local) {
-        throw new WorkspaceOwnedError(workspaceId, claim.owner.owner, claim.owner.url);
+      // Before the claim: a request that ends meanwhile must not give up the lease (its
+      // releaseUnused) while this codex starts under it.
+      ownership.attach(workspaceId);
+      try {
+        const claim = await ownership.claim(workspaceId);
+        if (!claim.local) {
+          throw new WorkspaceOwnedError(workspaceId, claim.owner.owner, claim.owner.url);
+        }
+      } catch (error) {
+        ownership.detach(workspaceId);
+        throw error;
       }
       try {
         return await inner.resolve(workspaceId, signal);
       } catch (error) {
         // No codex runs, so the pool will not release: give the lease up here.
+        ownership.detach(workspaceId);
         await ownership.release(workspaceId);
         throw error;
       }
@@ -39,6 +48,7 @@ export function leasedResolver(
       try {
         await inner.release?.(workspaceId);
       } finally {
+        ownership.detach(workspaceId);
         await ownership.release(workspaceId);
       }
     },

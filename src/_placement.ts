@@ -45,7 +45,6 @@ export async function placeTurn(
   parts: { workspaceId: string; body: Uint8Array },
 ): Promise<Placement> {
   const { workspaceId } = parts;
-  const forwarded = request.headers.has(FORWARDED_HEADER);
   if (ownership.draining) {
     // A broker that is shutting down finishes the turns it runs and takes no new one: its
     // workspaces move once it has let go of them. Connection: close, so that nothing stays
@@ -53,6 +52,29 @@ export async function placeTurn(
     const refusal = refused(503, "unavailable", "Cannot run turn: broker is shutting down", 1);
     if (refusal.kind === "refused") refusal.refusal.headers.connection = "close";
     return refusal;
+  }
+  if (request.headers.has(FORWARDED_HEADER)) {
+    // The sender found this broker's lease in the store; only a lease held now counts. Never
+    // claim here: taking a free lease would win back a workspace just handed over to the
+    // sender (whose retry is waiting for the release), and a lease held elsewhere would make
+    // a chain of forwards. The sender asks the lease store again.
+    if (!ownership.owns(workspaceId)) {
+      return refused(
+        421,
+        "notOwner",
+        `Cannot run turn: broker ${ownership.holder.id} does not own workspace ${workspaceId}`,
+        0,
+      );
+    }
+    if (ownership.handingOver(workspaceId)) {
+      return refused(
+        421,
+        "notOwner",
+        `Cannot run turn: workspace ${workspaceId} is being handed over`,
+        0,
+      );
+    }
+    return { kind: "local", forwarded: true };
   }
   const giveUpAt = Date.now() + NOT_OWNER_RETRY_MS;
   for (let attempt = 0;; attempt++) {
@@ -63,28 +85,8 @@ export async function placeTurn(
       // Draining or closed: this broker takes no new workspace, and another one will.
       return refused(503, "unavailable", `Cannot run turn: ${(error as Error).message}`, 1);
     }
-    if (claim.local) {
-      if (forwarded && ownership.handingOver(workspaceId)) {
-        return refused(
-          421,
-          "notOwner",
-          `Cannot run turn: workspace ${workspaceId} is being handed over`,
-          0,
-        );
-      }
-      return { kind: "local", forwarded };
-    }
+    if (claim.local) return { kind: "local", forwarded: false };
     const owner = claim.owner;
-    if (forwarded) {
-      // Never a chain of forwards: the sender asks the lease store again.
-      return refused(
-        421,
-        "notOwner",
-        `Cannot run turn: broker ${owner.owner} owns it`,
-        0,
-        owner.owner,
-      );
-    }
     const result = await forwardTurn(owner.url, request, parts, {
       from: ownership.holder.id,
       signal: request.signal,

@@ -200,7 +200,9 @@ export function validateTurnRequest(
  *
  * @param request The request.
  * @param limits Body size and deadline limits.
- * @returns The request, or why it is refused.
+ * @param pathWorkspaceId The workspace named by the path (`/api/workspaces/{id}/turns`): it
+ * must be a valid id, a body `workspaceId` must equal it, and an absent one is taken from it.
+ * @returns The request and its body's bytes (to forward as they came), or why it is refused.
  */
 export async function readTurnRequest(
   request: Request,

@@ -97,6 +97,9 @@ export interface TurnsHandlerOptions {
    * here only while this broker holds (or can take) its workspace's lease; otherwise the
    * request is forwarded to the owner and its answer relayed, and if the owner cannot be
    * reached before its lease expires the answer is 503 `workspaceBusy` with `Retry-After`.
+   * The pool must start codex through a resolver that calls {@linkcode Ownership.attach}
+   * and {@linkcode Ownership.detach} around each codex's life (the broker's leased
+   * resolver does): after a turn, a lease with no codex attached is released.
    */
   ownership?: Ownership;
 }
@@ -207,6 +210,43 @@ function json(status: number, body: unknown, headers: Record<string, string> = {
 }
 
 /**
+ * `response` with `onEnd` called once its body has been read to its end, has failed, or was
+ * cancelled by the client.
+ */
+function endWithBody(response: Response, onEnd: () => void): Response {
+  const body = response.body;
+  if (body === null) {
+    onEnd();
+    return response;
+  }
+  const reader = body.getReader();
+  // No read-ahead (highWaterMark 0): the owner's stream is read as fast as the client takes it.
+  const relayed = new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      let result: ReadableStreamReadResult<Uint8Array>;
+      try {
+        result = await reader.read();
+      } catch (error) {
+        onEnd();
+        controller.error(error);
+        return;
+      }
+      if (result.done) {
+        onEnd();
+        controller.close();
+      } else {
+        controller.enqueue(result.value);
+      }
+    },
+    cancel(reason) {
+      onEnd();
+      return reader.cancel(reason);
+    },
+  }, { highWaterMark: 0 });
+  return new Response(relayed, { status: response.status, headers: response.headers });
+}
+
+/**
  * Creates the broker's fetch handler over a pool:
  *
  * - `POST /api/turns` (header `X-Internal-Secret`, body `application/json`
@@ -215,7 +255,8 @@ function json(status: number, body: unknown, headers: Record<string, string> = {
  *   with `code` one of `brokerTimeout`, `subprocessCrash`, `wsDisconnect`, `rpcError`,
  *   `overloaded` (with `Retry-After`). A request the handler refuses never reaches codex
  *   and is answered `{ error: { code, message } }` with 400, 401, 404, 405 (with `Allow`),
- *   413 or 415; a closed pool gives 503 with `Retry-After`, anything unexpected 500. An
+ *   413 or 415; a closed pool gives 503 `unavailable` and a pool whose every workspace is
+ *   busy 503 `atCapacity`, both with `Retry-After`; anything unexpected 500. An
  *   answer given before the body was read to its end (413) carries `Connection: close`.
  * - With `Accept: text/event-stream` a valid request is answered with Server-Sent Events:
  *   `event: thread` as soon as the thread is known, one event per codex notification of
@@ -225,6 +266,17 @@ function json(status: number, body: unknown, headers: Record<string, string> = {
  *   there is no `Retry-After`. A client that falls `maxStreamBufferBytes` behind gets a last
  *   `result` of `{ error: { code: "slowReader", message } }` instead, and its turn is
  *   interrupted.
+ * - `POST /api/workspaces/{workspaceId}/turns` does the same with the workspace taken from
+ *   the path, a routing key a load balancer can hash on; a body `workspaceId` that differs,
+ *   or a bad id in the path, is a 400 (`workspaceMismatch`, `invalidWorkspaceId`). On either
+ *   route an `X-Workspace-Id` header that differs from the workspace is a 400
+ *   (`workspaceMismatch`).
+ * - With `ownership`, a turn whose workspace another live broker holds is forwarded to it
+ *   and its answer relayed; an owner that cannot be reached while its lease lasts gives 503
+ *   `workspaceBusy` with `Retry-After` and `error.owner`. A forwarded request for a
+ *   workspace this broker does not hold (or is handing over) is answered 421 `notOwner`.
+ * - With `brokerId`, every answer carries `X-Broker-Id`: the broker that ran the turn (a
+ *   relayed answer keeps the owner's).
  * - `GET /healthz` answers `{ status: "ok", workspaces, version }`, or 503 with
  *   `status: "draining"` once the pool is closing.
  * - `GET /metrics` answers the Prometheus text format.
@@ -405,13 +457,22 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
           } satisfies ErrorAnswer,
         );
       }
-      if (placement.kind === "relayed") return placement.response;
+      if (placement.kind === "relayed") {
+        // The owner's answer goes on after the route returns (an event stream): the request
+        // lasts until it has been relayed, as a stream of our own does.
+        return endWithBody(placement.response, exchange.takeEnd());
+      }
       if (placement.kind === "refused") {
         const { status, code, message, headers, owner } = placement.refusal;
         return refuse(status, code, message, headers, owner);
       }
       const forwarded = placement.forwarded;
-      served = () => ownership.turnServed(turn.workspaceId, forwarded);
+      served = () => {
+        // The lease this request took stays only if a codex runs under it now; a full pool
+        // or a client that left before the start must not bind the workspace to this broker.
+        ownership.releaseUnused(turn.workspaceId).catch(() => {});
+        ownership.turnServed(turn.workspaceId, forwarded);
+      };
     }
     return acceptsEventStream(request.headers.get("accept"))
       ? answerStream(turn, request, exchange.takeEnd(), served)

@@ -74,6 +74,8 @@ export class Ownership {
   #claiming = new Map<string, Promise<Claim>>();
   #releasing = new Map<string, Promise<void>>();
   #forwardedInARow = new Map<string, number>();
+  /** Workspaces whose codex is starting or running here: how many starts are not stopped. */
+  #attached = new Map<string, number>();
   #timer: ReturnType<typeof setInterval> | undefined;
   #renewing: Promise<void> | undefined;
   #closed = false;
@@ -188,6 +190,61 @@ export class Ownership {
     });
     this.#releasing.set(workspaceId, releasing);
     await releasing;
+  }
+
+  /**
+   * Records that a codex is being started, or runs, for the workspace here, until
+   * {@linkcode Ownership.detach}: {@linkcode Ownership.releaseUnused} leaves its lease alone.
+   * The resolver that starts codex under the lease calls it before it claims.
+   *
+   * @example Around a codex's life
+   * ```ts ignore
+   * ownership.attach("ws-1");
+   * await ownership.claim("ws-1"); // then start codex …
+   * // … and once it stopped:
+   * ownership.detach("ws-1");
+   * await ownership.release("ws-1");
+   * ```
+   *
+   * @param workspaceId The workspace.
+   */
+  attach(workspaceId: string): void {
+    this.#attached.set(workspaceId, (this.#attached.get(workspaceId) ?? 0) + 1);
+  }
+
+  /**
+   * Undoes one {@linkcode Ownership.attach}: that codex did not start, or has stopped.
+   *
+   * @example After codex stopped
+   * ```ts ignore
+   * ownership.detach("ws-1");
+   * ```
+   *
+   * @param workspaceId The workspace.
+   */
+  detach(workspaceId: string): void {
+    const count = (this.#attached.get(workspaceId) ?? 0) - 1;
+    if (count > 0) this.#attached.set(workspaceId, count);
+    else this.#attached.delete(workspaceId);
+  }
+
+  /**
+   * Gives the workspace's lease up if this broker holds it while no codex is starting or
+   * running for it: a request took the lease, and its codex never started (the pool was full,
+   * the client left first). Kept, such a lease would be renewed for ever and bind the
+   * workspace to this broker, with nothing to reap it.
+   *
+   * @example After a turn that ran here
+   * ```ts ignore
+   * await ownership.releaseUnused("ws-1");
+   * ```
+   *
+   * @param workspaceId The workspace.
+   * @returns Once the lease is released, or at once if it is kept.
+   */
+  async releaseUnused(workspaceId: string): Promise<void> {
+    if (!this.#held.has(workspaceId) || this.#attached.has(workspaceId)) return;
+    await this.release(workspaceId);
   }
 
   /**

@@ -33,7 +33,7 @@ async function harness(
   options: {
     pool?: PoolOptions;
     handler?: Partial<TurnsHandlerOptions>;
-    resolver?: () => Promise<string>;
+    resolver?: (workspaceId: string) => Promise<string>;
   } = {},
 ): Promise<Harness> {
   const server = await startFakeAppServer(script);
@@ -1316,5 +1316,186 @@ test("createTurnsHandler() refuses a missing secret and invalid limits", async (
     );
   } finally {
     await pool.close();
+  }
+});
+
+// --- the workspace in the path, X-Workspace-Id, X-Broker-Id -----------------------------
+
+function postTo(
+  path: string,
+  body: unknown,
+  init: { headers?: Record<string, string> } = {},
+): Request {
+  return new Request(`http://broker.test${path}`, {
+    method: "POST",
+    headers: { "content-type": "application/json", "x-internal-secret": SECRET, ...init.headers },
+    body: JSON.stringify(body),
+  });
+}
+
+test("POST /api/workspaces/{workspaceId}/turns runs a turn like /api/turns, on the path's workspace", async () => {
+  const resolved: string[] = [];
+  let url = "";
+  const h = await harness((peer) => codexLike(peer), {
+    resolver: (id) => (resolved.push(id), Promise.resolve(url)),
+  });
+  url = h.server.url;
+  try {
+    // The body may leave workspaceId out, repeat it, and X-Workspace-Id may repeat it too.
+    const first = await h.handler(postTo("/api/workspaces/ws-7/turns", { params: { input } }));
+    assert.equal(first.status, 200);
+    const body = await first.json();
+    assert.equal(body.threadId, "thr-1");
+    assert.equal(body.turn.status, "completed");
+    const second = await h.handler(postTo(
+      "/api/workspaces/ws-7/turns",
+      { workspaceId: "ws-7", threadId: body.threadId, params: { input } },
+      { headers: { "x-workspace-id": "ws-7" } },
+    ));
+    assert.equal(second.status, 200);
+    assert.equal((await second.json()).turn.status, "completed");
+    assert.deepEqual(resolved, ["ws-7"], "the path's workspace was resolved, once");
+    const sent = h.server.peers[0]!.received.filter((m) => m.id !== undefined);
+    assert.deepEqual(sent.map((m) => m.method), [
+      "initialize",
+      "thread/start",
+      "turn/start",
+      "turn/start",
+    ]);
+    assert.equal(h.logs.at(-1)!.workspaceId, "ws-7");
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/workspaces/{workspaceId}/turns answers 400 workspaceMismatch when the body names another workspace, and nothing reaches codex", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    const response = await h.handler(
+      postTo("/api/workspaces/ws-1/turns", { workspaceId: "ws-2", params: { input } }),
+    );
+    assert.equal(response.status, 400);
+    const error = await errorOf(response);
+    assert.equal(error.code, "workspaceMismatch");
+    assert.match(error.message, /ws-2.*ws-1/);
+    assertNothingReachedCodex(h);
+  } finally {
+    await h.close();
+  }
+});
+
+test("an X-Workspace-Id header that differs from the workspace is answered 400 workspaceMismatch, and nothing reaches codex", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    const cases: [string, Record<string, unknown>][] = [
+      ["/api/turns", { workspaceId: "ws-1", params: { input } }],
+      ["/api/workspaces/ws-1/turns", { params: { input } }],
+      ["/api/workspaces/ws-1/turns", { workspaceId: "ws-1", params: { input } }],
+    ];
+    for (const [path, body] of cases) {
+      const response = await h.handler(
+        postTo(path, body, { headers: { "x-workspace-id": "ws-2" } }),
+      );
+      assert.equal(response.status, 400, path);
+      const error = await errorOf(response);
+      assert.equal(error.code, "workspaceMismatch", path);
+      assert.match(error.message, /X-Workspace-Id/);
+    }
+    assertNothingReachedCodex(h);
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/workspaces/{workspaceId}/turns answers 400 invalidWorkspaceId for a bad id in the path, and nothing reaches codex", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    // A segment that is "." or ".." once decoded (%2E%2E) is a dot segment the URL parser
+    // resolves before any router sees it, so ".." can reach the path only with more to it.
+    const bad = [
+      "..%2Fetc",
+      "a%2Fb",
+      "%2E%2E%2F",
+      "..%5C",
+      "ws%201",
+      "x".repeat(129),
+      "y".repeat(200),
+    ];
+    for (const segment of bad) {
+      // The body names no workspace: the path alone is refused.
+      const response = await h.handler(
+        postTo(`/api/workspaces/${segment}/turns`, { params: { input } }),
+      );
+      assert.equal(response.status, 400, segment);
+      const error = await errorOf(response);
+      assert.equal(error.code, "invalidWorkspaceId", segment);
+      assert.match(error.message, /path/);
+    }
+    assertNothingReachedCodex(h);
+  } finally {
+    await h.close();
+  }
+});
+
+test("every answer carries X-Broker-Id when brokerId is set: turns, refusals, streams, health and metrics", async () => {
+  const h = await harness((peer) => codexLike(peer), {
+    handler: { brokerId: "broker-7", maxBodyBytes: 1024 },
+  });
+  try {
+    const requests: [string, Request][] = [
+      ["200 turn", post({ workspaceId: "ws-1", params: { input } })],
+      ["200 turn by path", postTo("/api/workspaces/ws-1/turns", { params: { input } })],
+      [
+        "200 event stream",
+        post({ workspaceId: "ws-1", params: { input } }, {
+          headers: { accept: "text/event-stream" },
+        }),
+      ],
+      ["400", post({ workspaceId: "../x", params: { input } })],
+      [
+        "401",
+        post({ workspaceId: "ws-1", params: { input } }, {
+          headers: { "x-internal-secret": "no" },
+        }),
+      ],
+      ["404", new Request("http://broker.test/nowhere")],
+      ["405", new Request("http://broker.test/api/turns")],
+      ["413", post("x".repeat(2048))],
+      ["415", post("{}", { headers: { "content-type": "text/plain" } })],
+      ["healthz", new Request("http://broker.test/healthz")],
+      ["HEAD healthz", new Request("http://broker.test/healthz", { method: "HEAD" })],
+      ["metrics", new Request("http://broker.test/metrics")],
+    ];
+    for (const [what, request] of requests) {
+      const response = await h.handler(request);
+      assert.equal(response.headers.get("x-broker-id"), "broker-7", what);
+      if (what === "200 event stream") {
+        const events = await within(readEvents(response), 5_000, "the stream to end");
+        assert.equal(events.at(-1)!.event, "result");
+      } else {
+        await response.body?.cancel();
+      }
+    }
+    await h.pool.close();
+    const unavailable = await h.handler(post({ workspaceId: "ws-1", params: { input } }));
+    assert.equal(unavailable.status, 503);
+    assert.equal(unavailable.headers.get("x-broker-id"), "broker-7", "503");
+    await unavailable.body?.cancel();
+  } finally {
+    await h.close();
+  }
+});
+
+test("without brokerId no answer carries X-Broker-Id", async () => {
+  const h = await harness((peer) => codexLike(peer));
+  try {
+    const turn = await h.handler(post({ workspaceId: "ws-1", params: { input } }));
+    assert.equal(turn.headers.get("x-broker-id"), null);
+    await turn.body?.cancel();
+    const health = await h.handler(new Request("http://broker.test/healthz"));
+    assert.equal(health.headers.get("x-broker-id"), null);
+    await health.body?.cancel();
+  } finally {
+    await h.close();
   }
 });

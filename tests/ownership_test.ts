@@ -183,3 +183,27 @@ test("Ownership.drain() stops taking new workspaces but keeps those it holds", a
     }
   });
 });
+
+test("Ownership.releaseUnused() gives up a held lease no codex is attached to, and keeps an attached one until detached", async () => {
+  await withStore(60_000, async (store) => {
+    const a = new Ownership({ store: store(), holder: holder("a") });
+    try {
+      await a.claim("ws-1");
+      a.attach("ws-1");
+      a.attach("ws-1"); // a second start before the first one stopped
+      await a.releaseUnused("ws-1");
+      assert.ok(a.owns("ws-1"), "a codex starts or runs under it");
+      a.detach("ws-1");
+      await a.releaseUnused("ws-1");
+      assert.ok(a.owns("ws-1"), "one start is not stopped yet");
+      a.detach("ws-1");
+      await a.releaseUnused("ws-1");
+      assert.equal(a.owns("ws-1"), false);
+      assert.equal((await store().read("ws-1") as LeaseRecord).expiresAt, 0, "released");
+      await a.releaseUnused("ws-2"); // not held: nothing to do
+      assert.equal(await store().read("ws-2"), null);
+    } finally {
+      await a.close();
+    }
+  });
+});
