@@ -677,7 +677,7 @@ test(
 // --- drain ---------------------------------------------------------------------------------
 
 test(
-  "a draining broker answers 503 unavailable for a workspace it does not hold, and still runs the ones it holds",
+  "a draining broker answers every new turn 503 unavailable with Connection: close, held workspace or not, and takes no lease",
   TIMEOUT,
   async () => {
     await withCluster(5_000, async (cluster) => {
@@ -690,11 +690,13 @@ test(
       assert.equal(refused.headers.get("retry-after"), "1");
       assert.equal(refused.headers.get("x-broker-id"), "broker-a");
       assert.equal((await refused.json()).error.code, "unavailable");
+      assert.equal(refused.headers.get("connection"), "close");
       assert.equal(await cluster.store.read("ws-new"), null);
-      assert.deepEqual(
-        await runTurn(a, "ws-held", { threadId: held.threadId }),
-        { brokerId: "broker-a", threadId: held.threadId },
-      );
+      // Its own workspaces too: it finishes the turns it runs and starts no new one, so it
+      // can let go of them.
+      const again = await sendTurn(a, "ws-held", { threadId: held.threadId });
+      assert.equal(again.status, 503);
+      assert.equal((await again.json()).error.code, "unavailable");
       // Another broker takes the new workspace.
       assert.equal((await runTurn(b, "ws-new")).brokerId, "broker-b");
     });
