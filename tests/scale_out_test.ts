@@ -143,9 +143,12 @@ async function inParallel<T>(items: T[], limit: number, fn: (item: T) => Promise
   );
 }
 
-/** codex processes (not their watchdogs) whose cwd is under `dir`, by workspace. */
+/**
+ * codex app-servers (not their watchdogs, nor the children codex forks, which share its
+ * command line until they exec) whose cwd is under `dir`, by workspace.
+ */
 function codexByWorkspace(dir: string): Map<string, number[]> {
-  const found = new Map<string, number[]>();
+  const candidates = new Map<number, { workspace: string; ppid: number }>();
   for (const name of readdirSync("/proc")) {
     if (!/^\d+$/.test(name)) continue;
     const pid = Number(name);
@@ -154,11 +157,17 @@ function codexByWorkspace(dir: string): Map<string, number[]> {
       if (!readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("app-server")) continue;
       const cwd = readlinkSync(`/proc/${pid}/cwd`);
       if (!cwd.startsWith(dir + sep) || !isRunning(pid)) continue;
-      const workspace = relative(dir, cwd).split(sep)[0]!;
-      found.set(workspace, [...found.get(workspace) ?? [], pid]);
+      const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      candidates.set(pid, { workspace: relative(dir, cwd).split(sep)[0]!, ppid });
     } catch {
       // gone meanwhile
     }
+  }
+  const found = new Map<string, number[]>();
+  for (const [pid, { workspace, ppid }] of candidates) {
+    if (candidates.has(ppid)) continue; // forked by a codex, not a codex of its own
+    found.set(workspace, [...found.get(workspace) ?? [], pid]);
   }
   return found;
 }
