@@ -308,7 +308,11 @@ test(
       });
       await inFlight;
       const slowest = Math.max(...recovery);
-      assert.ok(slowest <= LEASE_TTL_MS + 5_000, `failover took ${slowest} ms`);
+      // The lease TTL, then a cold codex start for each moved workspace, about ten at once on
+      // this 2-core machine while the load goes on: seconds each. The bench measures the
+      // failover time; this bound only catches a failover that waits for something else.
+      assert.ok(slowest <= LEASE_TTL_MS + 10_000, `failover took ${slowest} ms`);
+      step(`failover of ${moved.length} workspaces took ${slowest} ms at the slowest`);
 
       step("failover checked");
       // --- drain: SIGTERM a survivor while one of its turns runs.
