@@ -258,7 +258,6 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     dir: (workspaceId) => join(workspacesDir, workspaceId, "lease"),
     ttlMs: options.leaseTtlMs ?? DEFAULT_LEASE_TTL_MS,
   });
-  let pool: Pool;
   const ownership = new Ownership({
     store: leases,
     holder,
@@ -274,7 +273,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     },
   });
   const resolver = leasedResolver(supervisor, ownership);
-  pool = new Pool(resolver, {
+  const pool: Pool = new Pool(resolver, {
     idleTtlMs: options.idleTtlMs ?? DEFAULT_IDLE_TTL_MS,
     maxConnections: options.maxWorkspaces ?? defaultMaxWorkspaces(),
     dial: { approvals: options.approvals ?? "decline" },
@@ -297,7 +296,8 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   // listener's close() to wait for, on every runtime alike.
   const inFlight = new InFlight();
   const metrics = new Metrics();
-  let handler: ((request: Request) => Promise<Response>) | undefined;
+  // Set once the server listens (see holder); the server answers 503 until then.
+  const serving: { handler?: (request: Request) => Promise<Response> } = {};
 
   let server: Server | undefined;
   let url: string;
@@ -310,6 +310,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
       silent: true,
       gracefulShutdown: false,
       fetch: (request: Request) => {
+        const handler = serving.handler;
         if (!handler) return new Response(null, { status: 503, headers: { "retry-after": "1" } });
         inFlight.enter();
         return handler(request);
@@ -326,7 +327,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   }
   holder.id = options.brokerId ?? `${hostname()}:${new URL(url).port}`;
   holder.url = options.advertiseUrl ?? url;
-  handler = createTurnsHandler(pool, {
+  serving.handler = createTurnsHandler(pool, {
     secret: options.secret,
     version: VERSION,
     metrics,

@@ -386,6 +386,17 @@ test(
           }\nnginx: ${nginxLog()}`,
         );
       });
+      // Nothing the killed broker left: every token and process record on disk belongs to a
+      // codex that runs now.
+      for (const ws of spaces) {
+        const run = join(dir, ws.id, "run");
+        for (const name of existsSync(run) ? readdirSync(run) : []) {
+          const record = join(run, name, "codex.json");
+          assert.ok(existsSync(record), `${run}/${name} has no process record`);
+          const { pid } = JSON.parse(readFileSync(record, "utf8")) as { pid: number };
+          assert.ok(isRunning(pid), `${record} names a dead codex (${pid})`);
+        }
+      }
       step("restart checked");
       assert.deepEqual(monitor.violations, [], "never two codex processes for one workspace");
     } finally {
