@@ -5,6 +5,7 @@
  */
 
 import { test } from "./_test.ts";
+import { readEvents } from "./_sse_events.ts";
 import assert from "node:assert/strict";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -223,42 +224,6 @@ async function runTurn(
   assert.equal(response.status, 200, JSON.stringify(answer));
   assert.equal(answer.turn?.status, "completed", JSON.stringify(answer));
   return { brokerId: response.headers.get("x-broker-id"), threadId: answer.threadId };
-}
-
-interface SseEvent {
-  event: string;
-  data: unknown;
-}
-
-/** Reads an event stream to its end, handing each event (not comments) to `onEvent`. */
-async function readEvents(
-  response: Response,
-  onEvent: (event: SseEvent) => void = () => {},
-): Promise<SseEvent[]> {
-  const events: SseEvent[] = [];
-  const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    buffer += value;
-    let end: number;
-    while ((end = buffer.indexOf("\n\n")) !== -1) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      let event = "message";
-      const data: string[] = [];
-      for (const line of block.split("\n")) {
-        if (line.startsWith("event: ")) event = line.slice(7);
-        else if (line.startsWith("data: ")) data.push(line.slice(6));
-      }
-      if (data.length === 0) continue; // a comment
-      const parsed = { event, data: JSON.parse(data.join("\n")) };
-      events.push(parsed);
-      onEvent(parsed);
-    }
-  }
-  return events;
 }
 
 /** A codex whose turns hang until interrupted, telling when a turn starts and is interrupted. */
