@@ -7,6 +7,8 @@
  * @module
  */
 
+import { createScope } from "./_deadline.ts";
+
 /** The header that marks a request one broker forwarded to another; its value is the sender. */
 export const FORWARDED_HEADER = "x-codex-broker-forwarded";
 
@@ -39,6 +41,42 @@ export interface ForwardOptions {
   from: string;
   /** Aborts the forwarded request: the client left, or the broker is stopping. */
   signal: AbortSignal;
+  /**
+   * How long the owner may take to answer `GET /healthz` before it counts as unreachable.
+   * Defaults to 2 s.
+   */
+  probeTimeoutMs?: number;
+}
+
+const PROBE_TIMEOUT_MS = 2_000;
+// An owner that answered this recently is not probed again, so a busy workspace costs one
+// extra round trip a second at most.
+const PROBE_FRESH_MS = 1_000;
+/** When each owner URL last answered; as many entries as there are brokers. */
+const lastReached = new Map<string, number>();
+
+/**
+ * Whether the owner answers at all. A turn's answer comes only when the turn ends, so the
+ * forwarded request itself cannot tell a busy owner from a dead machine whose packets are
+ * dropped (the OS gives up connecting after about two minutes); a probe with a short
+ * deadline can, so that the workspace is taken over once its lease expires.
+ */
+async function reachable(base: string, signal: AbortSignal, timeoutMs: number): Promise<boolean> {
+  const at = lastReached.get(base);
+  if (at !== undefined && Date.now() - at < PROBE_FRESH_MS) return true;
+  const scope = createScope([signal], timeoutMs);
+  try {
+    const response = await fetch(`${base}/healthz`, { signal: scope.signal });
+    await response.body?.cancel();
+    lastReached.set(base, Date.now());
+    return true;
+  } catch {
+    if (signal.aborted) throw signal.reason;
+    lastReached.delete(base);
+    return false;
+  } finally {
+    scope.dispose();
+  }
 }
 
 /**
@@ -65,9 +103,14 @@ export async function forwardTurn(
     if (value !== null) headers.set(name, value);
   }
   headers.set(FORWARDED_HEADER, options.from);
-  const url = `${ownerUrl.replace(/\/+$/, "")}/api/workspaces/${
-    encodeURIComponent(parts.workspaceId)
-  }/turns`;
+  const base = ownerUrl.replace(/\/+$/, "");
+  if (!await reachable(base, options.signal, options.probeTimeoutMs ?? PROBE_TIMEOUT_MS)) {
+    return {
+      kind: "unreachable",
+      error: new Error(`Cannot forward turn: ${base} does not answer`),
+    };
+  }
+  const url = `${base}/api/workspaces/${encodeURIComponent(parts.workspaceId)}/turns`;
   let response: Response;
   try {
     response = await fetch(url, {
@@ -78,6 +121,7 @@ export async function forwardTurn(
     });
   } catch (error) {
     if (options.signal.aborted) throw options.signal.reason;
+    lastReached.delete(base);
     return { kind: "unreachable", error };
   }
   if (response.status === NOT_OWNER_STATUS) {
