@@ -1,5 +1,5 @@
 /**
- * `npm run bench` (`deno run -A bench/main.ts`) runs three benches, one after the other:
+ * `npm run bench` (`deno run -A bench/main.ts`) runs four benches, one after the other:
  *
  * 1. **Conn throughput** (`bench/conn_bench.ts`) on Deno, Bun and Node 22, one runtime
  *    after the other, against a fake app-server; it prints each runtime's table, then the
@@ -11,7 +11,14 @@
  *    the sample count allows), REST/floor (goal <= 1.05) and exec/REST (goal >= 4x) with
  *    "goal met" or "not met", the cold p50 against the warm one, and where the broker's
  *    time goes. About 20 s.
- * 3. **Long run** (`bench/long_run.ts`, "longrun"): per runtime (Node 22, Deno, Bun), the
+ * 3. **Scale-out** (`bench/scale_out.ts`, "scaleout"): three Deno brokers on one shared
+ *    workspaces dir behind nginx with the shipped `deploy/nginx.conf`, the real codex on the
+ *    loopback model. Turn p50 through nginx against straight to the owner broker, on one
+ *    thread, interleaved (goal <= 1.05x), and the failover time from `kill -9` of a
+ *    workspace's owner to its first successful turn through nginx (goal <= lease TTL + 2 s),
+ *    split into the lease wait and the cold start on the new broker, with the thread kept.
+ *    About a minute and a half.
+ * 4. **Long run** (`bench/long_run.ts`, "longrun"): per runtime (Node 22, Deno, Bun), the
  *    broker (`src/main.ts`) and a hello-world srvx server side by side, each as a subprocess
  *    loaded by a Node 22 client process with 100,000 POSTs to `/api/turns` with a wrong
  *    secret (answered 401) at concurrency 32 on keep-alive connections. It prints RSS growth,
@@ -24,10 +31,11 @@
  * Options: arguments pick the parts, in any order; none runs everything.
  *
  * ```sh
- * npm run bench                     # Conn bench on deno, bun and node, codex latency, long run
+ * npm run bench                     # everything: Conn bench, codex latency, scale-out, long run
  * npm run bench -- codex            # codex latency only
  * npm run bench -- deno node        # Conn bench on these runtimes only (no codex, no long run)
  * npm run bench -- bun codex        # Conn bench on bun, then codex latency
+ * npm run bench -- scaleout         # scale-out only
  * npm run bench -- longrun          # long run only
  * BENCH_LONGRUN_RUNTIMES=node npm run bench -- longrun   # long run on Node 22 only
  * ```
@@ -35,7 +43,9 @@
  * The `BENCH_*` variables of `conn_bench.ts` (`BENCH_ROUNDS`, `BENCH_ROUND_MS`,
  * `BENCH_WARMUP_MS`, `BENCH_CONCURRENCY`, and `BENCH_SERVER` below) and of
  * `codex_latency.ts` (`BENCH_CODEX_WARMUP`, `BENCH_CODEX_TURNS`, `BENCH_CODEX_EXEC`,
- * `BENCH_CODEX_COLD`) pass through, and so do those of `long_run.ts`:
+ * `BENCH_CODEX_COLD`) pass through, and so do those of `scale_out.ts`
+ * (`BENCH_SCALEOUT_TURNS`, `BENCH_SCALEOUT_WARMUP`, `BENCH_SCALEOUT_KILLS`,
+ * `BENCH_SCALEOUT_LEASE_TTL`) and of `long_run.ts`:
  * `BENCH_LONGRUN_REQUESTS` (100000 measured requests per server, in windows of 10,000),
  * `BENCH_LONGRUN_CONCURRENCY` (32) and `BENCH_LONGRUN_RUNTIMES` (`node,deno,bun`; the
  * runtimes the long run starts its servers on, independent of the Conn bench's arguments).
@@ -55,6 +65,7 @@
 
 import { codexLatencyConfig, formatCodexLatency, runCodexLatency } from "./codex_latency.ts";
 import { formatLongRun, type LongRunConfig, longRunConfig, runLongRun } from "./long_run.ts";
+import { formatScaleOut, runScaleOut, type ScaleOutConfig, scaleOutConfig } from "./scale_out.ts";
 import { formatRuntime, GOAL_RATIO, RESULT_MARKER, type RuntimeResult } from "./_stats.ts";
 
 const ROOT = decodeURIComponent(new URL("..", import.meta.url).pathname).replace(/\/$/, "");
@@ -63,6 +74,8 @@ const RUNTIMES = ["deno", "bun", "node"] as const;
 type Runtime = typeof RUNTIMES[number];
 /** The argument that selects the real-codex latency run. */
 const CODEX = "codex";
+/** The argument that selects the scale-out run. */
+const SCALEOUT = "scaleout";
 /** The argument that selects the long run. */
 const LONGRUN = "longrun";
 
@@ -182,7 +195,7 @@ function summary(results: RuntimeResult[]): string {
 
 async function main(): Promise<number> {
   const began = performance.now();
-  const parts: readonly string[] = [...RUNTIMES, CODEX, LONGRUN];
+  const parts: readonly string[] = [...RUNTIMES, CODEX, SCALEOUT, LONGRUN];
   const wanted = Deno.args.length > 0 ? Deno.args : parts;
   const unknown = wanted.filter((r) => !parts.includes(r));
   if (unknown.length > 0) {
@@ -190,9 +203,11 @@ async function main(): Promise<number> {
     return 2;
   }
   const runtimes = RUNTIMES.filter((r) => wanted.includes(r));
+  let scaleOut: ScaleOutConfig | undefined;
   let longRun: LongRunConfig | undefined;
   try {
     // Read first: a bad variable should not wait for the other benches to surface.
+    if (wanted.includes(SCALEOUT)) scaleOut = scaleOutConfig();
     if (wanted.includes(LONGRUN)) longRun = longRunConfig();
   } catch (error) {
     console.error(error instanceof Error ? error.message : error);
@@ -221,8 +236,17 @@ async function main(): Promise<number> {
       console.error(`=== codex latency: ${error instanceof Error ? error.message : error}\n`);
     }
   }
-  if (longRun) {
+  if (scaleOut) {
     if (runtimes.length > 0 || wanted.includes(CODEX)) console.log("");
+    try {
+      console.log(formatScaleOut(await runScaleOut(scaleOut)));
+    } catch (error) {
+      failed++;
+      console.error(`=== scale-out: ${error instanceof Error ? error.message : error}\n`);
+    }
+  }
+  if (longRun) {
+    if (runtimes.length > 0 || wanted.includes(CODEX) || scaleOut) console.log("");
     try {
       const result = await runLongRun(longRun);
       console.log(formatLongRun(result));
