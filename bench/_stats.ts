@@ -211,3 +211,62 @@ export function formatRuntime(result: RuntimeResult): string {
   }
   return `${title}\n\n${main}\n\n${cpu}\n${notes.join("\n")}\n`;
 }
+
+/** Percentiles and extremes of a sample; a percentile with no sample above it is NaN. */
+export interface Stats {
+  n: number;
+  p50: number;
+  p90: number;
+  p99: number;
+  min: number;
+  max: number;
+}
+
+/** Summarizes `values` (non-finite ones left out). */
+export function stats(values: number[]): Stats {
+  const sorted = Float64Array.from(values.filter(Number.isFinite)).sort();
+  const n = sorted.length;
+  // A percentile is shown only when at least one sample lies above it.
+  return {
+    n,
+    p50: percentile(sorted, 50),
+    p90: n >= 10 ? percentile(sorted, 90) : NaN,
+    p99: n >= 100 ? percentile(sorted, 99) : NaN,
+    min: n > 0 ? sorted[0] ?? NaN : NaN,
+    max: n > 0 ? sorted[n - 1] ?? NaN : NaN,
+  };
+}
+
+/**
+ * A 90% bootstrap interval of `p50(a) / p50(b)`, resampling each side on its own. Seeded,
+ * so the same samples always print the same interval.
+ */
+export function ratioInterval(a: number[], b: number[], resamples = 2000): [number, number] {
+  if (a.length === 0 || b.length === 0) return [NaN, NaN];
+  let seed = 0x9e3779b9;
+  const random = () => {
+    // mulberry32
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = seed;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const median = (values: number[]) => {
+    const pick = Float64Array.from(values, () => values[Math.floor(random() * values.length)]!);
+    return percentile(pick.sort(), 50);
+  };
+  const ratios = Float64Array.from({ length: resamples }, () => median(a) / median(b)).sort();
+  return [percentile(ratios, 5), percentile(ratios, 95)];
+}
+
+/** An integer from the environment (`BENCH_*`), at least `min`; `fallback` when unset. */
+export function envInt(name: string, fallback: number, min: number): number {
+  const raw = Deno.env.get(name);
+  if (raw === undefined || raw === "") return fallback;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < min) {
+    throw new TypeError(`${name} must be an integer >= ${min}, got "${raw}"`);
+  }
+  return value;
+}

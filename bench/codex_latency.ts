@@ -47,7 +47,7 @@ import { createCodexResolver } from "../src/supervisor.ts";
 import { makeCodexHome } from "../tests/_codex_home.ts";
 import { reply, startMockModel } from "../tests/_mock_model.ts";
 import { MinimalClient } from "./_minimal_client.ts";
-import { ms, percentile, table } from "./_stats.ts";
+import { envInt, ms, ratioInterval, type Stats, stats, table } from "./_stats.ts";
 
 /** REST p50 may be at most this multiple of the floor's p50. */
 export const FLOOR_GOAL = 1.05;
@@ -101,16 +101,6 @@ export interface CodexLatencyResult {
   brokerExit: number | null;
   /** Setup (mock, broker, floor codex), warm-up, measured rounds, teardown, whole run. */
   phasesMs: { setup: number; warmup: number; measured: number; teardown: number; total: number };
-}
-
-function envInt(name: string, fallback: number, min: number): number {
-  const raw = Deno.env.get(name);
-  if (raw === undefined || raw === "") return fallback;
-  const value = Number(raw);
-  if (!Number.isInteger(value) || value < min) {
-    throw new TypeError(`${name} must be an integer >= ${min}, got "${raw}"`);
-  }
-  return value;
 }
 
 /**
@@ -584,52 +574,6 @@ export async function runCodexLatency(
     brokerExit,
     phasesMs: phases,
   };
-}
-
-interface Stats {
-  n: number;
-  p50: number;
-  p90: number;
-  p99: number;
-  min: number;
-  max: number;
-}
-
-function stats(values: number[]): Stats {
-  const sorted = Float64Array.from(values.filter(Number.isFinite)).sort();
-  const n = sorted.length;
-  // A percentile is shown only when at least one sample lies above it.
-  return {
-    n,
-    p50: percentile(sorted, 50),
-    p90: n >= 10 ? percentile(sorted, 90) : NaN,
-    p99: n >= 100 ? percentile(sorted, 99) : NaN,
-    min: n > 0 ? sorted[0] ?? NaN : NaN,
-    max: n > 0 ? sorted[n - 1] ?? NaN : NaN,
-  };
-}
-
-/**
- * A 90% bootstrap interval of `p50(a) / p50(b)`, resampling each side on its own. Seeded,
- * so the same samples always print the same interval.
- */
-function ratioInterval(a: number[], b: number[], resamples = 2000): [number, number] {
-  if (a.length === 0 || b.length === 0) return [NaN, NaN];
-  let seed = 0x9e3779b9;
-  const random = () => {
-    // mulberry32
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = seed;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const median = (values: number[]) => {
-    const pick = Float64Array.from(values, () => values[Math.floor(random() * values.length)]!);
-    return percentile(pick.sort(), 50);
-  };
-  const ratios = Float64Array.from({ length: resamples }, () => median(a) / median(b)).sort();
-  return [percentile(ratios, 5), percentile(ratios, 95)];
 }
 
 const LABELS: Record<Method, string> = {

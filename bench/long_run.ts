@@ -56,7 +56,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { LongRunClientResult } from "./long_run_client.ts";
-import { percentile, RESULT_MARKER, table } from "./_stats.ts";
+import { envInt, percentile, RESULT_MARKER, table } from "./_stats.ts";
 
 /** The broker's RSS growth may exceed the hello server's by at most this many MB. */
 export const RSS_MARGIN_MB = 60;
@@ -132,16 +132,6 @@ export interface LongRunResult {
   runs: RuntimeRun[];
   /** Wall time, ms. */
   totalMs: number;
-}
-
-function envInt(name: string, fallback: number, min: number): number {
-  const raw = Deno.env.get(name);
-  if (raw === undefined || raw === "") return fallback;
-  const value = Number(raw);
-  if (!Number.isInteger(value) || value < min) {
-    throw new TypeError(`${name} must be an integer >= ${min}, got "${raw}"`);
-  }
-  return value;
 }
 
 /**

@@ -62,7 +62,7 @@ import { type BrokerProcess, childEnv, isRunning, spawnBroker } from "../tests/_
 import { makeCodexHome } from "../tests/_codex_home.ts";
 import { type MockModelRequest, reply, startMockModel } from "../tests/_mock_model.ts";
 import { type Nginx, startNginx } from "../tests/_nginx.ts";
-import { ms, percentile, table } from "./_stats.ts";
+import { envInt, ms, ratioInterval, stats, table } from "./_stats.ts";
 
 /** The p50 through nginx may be at most this multiple of the p50 straight to the broker. */
 export const PROXY_GOAL = 1.05;
@@ -147,16 +147,6 @@ export interface ScaleOutResult {
   load: { start: number; end: number; cores: number };
   /** Setup, the proxy comparison, the failovers, teardown, whole run. */
   phasesMs: { setup: number; proxy: number; failover: number; teardown: number; total: number };
-}
-
-function envInt(name: string, fallback: number, min: number): number {
-  const raw = Deno.env.get(name);
-  if (raw === undefined || raw === "") return fallback;
-  const value = Number(raw);
-  if (!Number.isInteger(value) || value < min) {
-    throw new TypeError(`${name} must be an integer >= ${min}, got "${raw}"`);
-  }
-  return value;
 }
 
 /**
@@ -644,50 +634,6 @@ export async function runScaleOut(
     load,
     phasesMs: phases,
   };
-}
-
-interface Stats {
-  n: number;
-  p50: number;
-  p90: number;
-  min: number;
-  max: number;
-}
-
-function stats(values: number[]): Stats {
-  const sorted = Float64Array.from(values.filter(Number.isFinite)).sort();
-  const n = sorted.length;
-  return {
-    n,
-    p50: percentile(sorted, 50),
-    // Shown only when at least one sample lies above it.
-    p90: n >= 10 ? percentile(sorted, 90) : NaN,
-    min: n > 0 ? sorted[0] ?? NaN : NaN,
-    max: n > 0 ? sorted[n - 1] ?? NaN : NaN,
-  };
-}
-
-/**
- * A 90% bootstrap interval of `p50(a) / p50(b)`, resampling each side on its own. Seeded,
- * so the same samples always print the same interval.
- */
-function ratioInterval(a: number[], b: number[], resamples = 2000): [number, number] {
-  if (a.length === 0 || b.length === 0) return [NaN, NaN];
-  let seed = 0x9e3779b9;
-  const random = () => {
-    // mulberry32
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = seed;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const median = (values: number[]) => {
-    const pick = Float64Array.from(values, () => values[Math.floor(random() * values.length)]!);
-    return percentile(pick.sort(), 50);
-  };
-  const ratios = Float64Array.from({ length: resamples }, () => median(a) / median(b)).sort();
-  return [percentile(ratios, 5), percentile(ratios, 95)];
 }
 
 function verdict(ok: boolean): string {
