@@ -5,7 +5,8 @@
  * `node src/main.ts` (Node ≥ 22.18), served by `srvx`.
  *
  * It writes JSON log lines (`{"time","level","msg",…}`) to stderr and never logs the
- * secret. Once it listens it logs exactly one line with `"msg":"listening"` and the `url`,
+ * secret, but for one line: a secret it generated itself (no `--secret`, no
+ * `BROKER_SECRET`) is logged once, as `{"level":"warn","msg":"generated secret","secret",…}`. Once it listens it logs exactly one line with `"msg":"listening"` and the `url`,
  * whose port is the real one when `--port 0` was given. SIGINT, SIGTERM or SIGHUP stops it
  * gracefully: it stops accepting, lets turns in flight finish for `--grace`, then
  * interrupts them, closes the pool, stops every codex and exits 0. A second signal cuts the
@@ -51,7 +52,14 @@ import { createFileLeaseStore } from "./file_lease.ts";
 import { Ownership } from "./ownership.ts";
 import { leasedResolver } from "./_leased_resolver.ts";
 import type { ApprovalDecision } from "./approvals.ts";
-import { type ParsedFlags, parseFlags, USAGE, UsageError } from "./_flags.ts";
+import {
+  MIN_SECRET_BYTES,
+  type ParsedFlags,
+  parseFlags,
+  secretProblem,
+  USAGE,
+  UsageError,
+} from "./_flags.ts";
 import { timerDelay } from "./_timer.ts";
 
 // Re-exported so this entry point documents every type its API mentions.
@@ -75,7 +83,10 @@ export interface LogEntry {
 
 /** Options for {@linkcode startBroker}. Durations are in milliseconds. */
 export interface BrokerOptions {
-  /** The `X-Internal-Secret` every `POST /api/turns` must carry. Required, non-empty. */
+  /**
+   * The `X-Internal-Secret` every `POST /api/turns` must carry. Required: printable ASCII,
+   * not starting or ending with a space (HTTP strips those from header values).
+   */
   secret: string;
   /** Address to listen on. Defaults to `127.0.0.1`. */
   host?: string;
@@ -199,14 +210,16 @@ const POOL_EVENTS = ["dial", "reap", "evict", "release", "close"] as const;
  *
  * @param options Secret, address, directories, codex, approvals, durations, log sink.
  * @returns The running broker; `close()` it to stop every codex.
- * @throws {TypeError} If the secret is empty.
+ * @throws {TypeError} If the secret is empty or could never match (see `BrokerOptions.secret`).
  * @throws {RangeError} If `graceMs` is negative or not a number.
  * @throws {Error} If the workspaces directory cannot be created or the port cannot be bound.
  */
 export async function startBroker(options: BrokerOptions): Promise<Broker> {
-  if (typeof options.secret !== "string" || options.secret === "") {
+  if (typeof options.secret !== "string") {
     throw new TypeError("Cannot start broker: secret must be a non-empty string");
   }
+  const problem = secretProblem(options.secret);
+  if (problem !== undefined) throw new TypeError(`Cannot start broker: invalid secret: ${problem}`);
   const log = options.log ?? (() => {});
   const graceMs = options.graceMs ?? DEFAULT_GRACE_MS;
   if (!(graceMs >= 0)) {
@@ -478,6 +491,16 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       graceMs: brokerOptions.graceMs ?? DEFAULT_GRACE_MS,
       secretFrom: parsed.secretSource,
     });
+    // Bytes, as the header carries them; the secret is ASCII (see secretProblem).
+    if (parsed.secretSource !== "generated" && brokerOptions.secret.length < MIN_SECRET_BYTES) {
+      log({
+        level: "warn",
+        msg: "short secret",
+        bytes: brokerOptions.secret.length,
+        hint: `A secret shorter than ${MIN_SECRET_BYTES} bytes can be guessed: use a long ` +
+          `random one, e.g. openssl rand -base64 32`,
+      });
+    }
     try {
       broker = await startBroker(brokerOptions);
     } catch (error) {
@@ -486,11 +509,16 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
     }
     log({ level: "info", msg: "listening", url: broker.url, brokerId: broker.id });
     if (parsed.secretSource === "generated") {
-      // The one place the secret is ever shown: a human line, not a log record.
-      stderr(
-        `No --secret or BROKER_SECRET given: send this generated secret to ${broker.url} ` +
-          `as the X-Internal-Secret header: ${brokerOptions.secret}\n`,
-      );
+      // The one record that holds the secret: still a JSON line, so log pipelines keep
+      // parsing; its hint says what to do with it for whoever reads it in a terminal.
+      log({
+        level: "warn",
+        msg: "generated secret",
+        secret: brokerOptions.secret,
+        hint: `No --secret or BROKER_SECRET given: send this secret to ${broker.url} as the ` +
+          `X-Internal-Secret header (export BROKER_SECRET=<secret> before the next start ` +
+          `to keep it)`,
+      });
     }
     if (stopCount > 1) broker.hurry();
     const reason = await stop.promise;
