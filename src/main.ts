@@ -36,7 +36,7 @@
  */
 
 import { existsSync, realpathSync } from "node:fs";
-import { mkdir, readdir } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
 import { homedir, hostname, totalmem } from "node:os";
 import { join, resolve as resolvePath } from "node:path";
 import process from "node:process";
@@ -212,7 +212,8 @@ const POOL_EVENTS = ["dial", "reap", "evict", "release", "close"] as const;
  * @returns The running broker; `close()` it to stop every codex.
  * @throws {TypeError} If the secret is empty or could never match (see `BrokerOptions.secret`).
  * @throws {RangeError} If `graceMs` is negative or not a number.
- * @throws {Error} If the workspaces directory cannot be created or the port cannot be bound.
+ * @throws {Error} If the workspaces directory cannot be created or written to, or the port
+ * cannot be bound; the message names the path or the address, and the reason.
  */
 export async function startBroker(options: BrokerOptions): Promise<Broker> {
   if (typeof options.secret !== "string") {
@@ -227,7 +228,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   }
   const workspacesDir = resolvePath(options.workspacesDir ?? DEFAULT_WORKSPACES_DIR);
   const codexHome = options.codexHome === undefined ? undefined : resolvePath(options.codexHome);
-  await mkdir(workspacesDir, { recursive: true });
+  await checkWorkspacesDir(workspacesDir);
 
   // One directory per workspace holds everything codex keeps for it, so the workspace
   // moves as a unit to whichever broker serves it next (see the README's layout).
@@ -531,6 +532,38 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       for (const signal of SIGNALS) process.off(signal, onSignal);
     }
     options.signal?.removeEventListener("abort", onAbort);
+  }
+}
+
+/**
+ * Creates the workspaces directory if need be, then proves it writable the way codex will
+ * use it: a directory made in it, a file written in that, both removed. Without this check a
+ * directory that exists but refuses writes (permissions, a read-only mount) starts a broker
+ * whose every turn then fails as `subprocessCrash`. Root passes permission checks, so only
+ * a real write tells.
+ *
+ * @throws {Error} Naming the path and the reason (the system's error code and message).
+ */
+async function checkWorkspacesDir(dir: string): Promise<void> {
+  const fail = (what: string, error: unknown): never => {
+    throw new Error(`Cannot start broker: the workspaces dir ${dir} ${what}: ${messageOf(error)}`, {
+      cause: error,
+    });
+  };
+  try {
+    await mkdir(dir, { recursive: true });
+  } catch (error) {
+    fail("cannot be created", error);
+  }
+  let probe: string | undefined;
+  try {
+    // Gone again at once; a broker that lists the directory meanwhile finds no run/ in it.
+    probe = await mkdtemp(join(dir, ".write-probe-"));
+    await writeFile(join(probe, "probe"), "");
+  } catch (error) {
+    fail("is not writable", error);
+  } finally {
+    if (probe !== undefined) await rm(probe, { recursive: true, force: true }).catch(() => {});
   }
 }
 

@@ -7,8 +7,8 @@
 
 import { test } from "./_test.ts";
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
-import { mkdtemp, realpath, rm } from "node:fs/promises";
+import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmod, mkdtemp, realpath, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import process from "node:process";
@@ -597,3 +597,66 @@ test("startBroker() refuses a secret that could never match with a TypeError, be
     );
   }
 });
+
+/**
+ * Where root finds a directory that exists and refuses new entries: `/sys`, where sysfs
+ * refuses to create files even for root (root ignores permission bits). `undefined` if
+ * this machine has none; anyone else gets a temporary directory without write permission.
+ */
+const ROOT_UNWRITABLE_DIR: string | undefined = (() => {
+  if (process.getuid?.() !== 0 || !existsSync("/sys")) return undefined;
+  try {
+    writeFileSync("/sys/.main-test-probe", "");
+    rmSync("/sys/.main-test-probe", { force: true });
+    return undefined;
+  } catch {
+    return "/sys";
+  }
+})();
+const IS_ROOT = process.getuid?.() === 0;
+
+test(
+  "main() exits 1 when --workspaces-dir exists but is not writable, naming the path and the reason",
+  { ...TIMEOUT, skip: IS_ROOT && ROOT_UNWRITABLE_DIR === undefined },
+  async () => {
+    const path = ROOT_UNWRITABLE_DIR ??
+      await realpath(await mkdtemp(join(tmpdir(), "main-test-ro-")));
+    if (path !== ROOT_UNWRITABLE_DIR) await chmod(path, 0o555);
+    try {
+      const { code, records } = await runMain(["--workspaces-dir", path], {
+        BROKER_SECRET: SECRET,
+      });
+      assert.equal(code, 1);
+      assert.equal(records.some((r) => r.msg === "listening"), false);
+      const failure = records.find((r) => r.msg === "cannot start");
+      assert.equal(failure?.level, "error");
+      const message = String(failure?.error);
+      assert.ok(message.includes(`the workspaces dir ${path} is not writable`), message);
+      assert.match(message, /EACCES|EPERM|EROFS|permission denied|read-only/i);
+    } finally {
+      if (path !== ROOT_UNWRITABLE_DIR) await rm(path, { recursive: true, force: true });
+    }
+  },
+);
+
+test(
+  "main() exits 1 when --workspaces-dir cannot be created, naming the path and the reason",
+  TIMEOUT,
+  async () => {
+    const dir = await realpath(await mkdtemp(join(tmpdir(), "main-test-")));
+    try {
+      // A path under a regular file: ENOTDIR, for root too.
+      await writeFile(join(dir, "file"), "");
+      const path = join(dir, "file", "workspaces");
+      const { code, records } = await runMain(["--workspaces-dir", path], {
+        BROKER_SECRET: SECRET,
+      });
+      assert.equal(code, 1);
+      const message = String(records.find((r) => r.msg === "cannot start")?.error);
+      assert.ok(message.includes(`the workspaces dir ${path} cannot be created`), message);
+      assert.match(message, /ENOTDIR|not a directory/i);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  },
+);
