@@ -315,11 +315,13 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
 
   let server: Server | undefined;
   let url: string;
+  const host = options.host ?? DEFAULT_HOST;
+  const port = options.port ?? DEFAULT_PORT;
   try {
     // Deno and Bun throw here when the port is taken, Node from ready().
     server = serve({
-      hostname: options.host ?? DEFAULT_HOST,
-      port: options.port ?? DEFAULT_PORT,
+      hostname: host,
+      port,
       // main() owns the signals and the log; srvx would print to stdout and exit on its own.
       silent: true,
       gracefulShutdown: false,
@@ -337,7 +339,10 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     await Promise.allSettled([server?.close(true), pool.close()]);
     await supervisor.close();
     await ownership.close();
-    throw error;
+    throw new Error(
+      `Cannot start broker: cannot listen on ${hostPort(host, port)}: ${listenFailure(error)}`,
+      { cause: error },
+    );
   }
   holder.id = options.brokerId ?? `${hostname()}:${new URL(url).port}`;
   holder.url = options.advertiseUrl ?? url;
@@ -623,6 +628,31 @@ async function timeout(promise: Promise<unknown>, ms: number): Promise<void> {
   let timer: { cancel(): void } | undefined;
   await Promise.race([promise, new Promise<void>((resolve) => timer = after(ms, resolve))]);
   timer?.cancel();
+}
+
+/** `host:port`, with an IPv6 address in brackets, as a URL writes it. */
+function hostPort(host: string, port: number): string {
+  return `${host.includes(":") ? `[${host}]` : host}:${port}`;
+}
+
+/**
+ * Why listening failed, in the same words on every runtime. Each phrases it its own way
+ * (Node names the address, Bun asks "Is port … in use?", Deno names neither), but all three
+ * set the system's error code.
+ */
+function listenFailure(error: unknown): string {
+  const code = (error as { code?: unknown } | null)?.code;
+  switch (code) {
+    case "EADDRINUSE":
+      return "the address is already in use (EADDRINUSE): another process listens there; " +
+        "stop it or choose another --port";
+    case "EADDRNOTAVAIL":
+      return "the address is not one of this machine's (EADDRNOTAVAIL): check --host";
+    case "EACCES":
+      return "permission denied (EACCES): a port below 1024 needs privileges";
+    default:
+      return messageOf(error);
+  }
 }
 
 function runtime(): string {

@@ -9,6 +9,7 @@ import { test } from "./_test.ts";
 import assert from "node:assert/strict";
 import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { chmod, mkdtemp, realpath, rm, writeFile } from "node:fs/promises";
+import { type AddressInfo, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import process from "node:process";
@@ -657,6 +658,30 @@ test(
       assert.match(message, /ENOTDIR|not a directory/i);
     } finally {
       await rm(dir, { recursive: true, force: true });
+    }
+  },
+);
+
+test(
+  "main() exits 1 when the port is in use, naming the address and the reason",
+  TIMEOUT,
+  async () => {
+    const taken = createServer();
+    await new Promise<void>((resolve) => taken.listen(0, "127.0.0.1", resolve));
+    const { port } = taken.address() as AddressInfo;
+    try {
+      const { code, records } = await runMain(["--port", String(port)], { BROKER_SECRET: SECRET });
+      assert.equal(code, 1);
+      assert.equal(records.some((r) => r.msg === "listening"), false);
+      const failure = records.find((r) => r.msg === "cannot start");
+      assert.equal(failure?.level, "error");
+      assert.equal(
+        failure?.error,
+        `Cannot start broker: cannot listen on 127.0.0.1:${port}: the address is already in use ` +
+          "(EADDRINUSE): another process listens there; stop it or choose another --port",
+      );
+    } finally {
+      await new Promise((resolve) => taken.close(resolve));
     }
   },
 );
