@@ -685,3 +685,23 @@ test(
     }
   },
 );
+
+test(
+  "codex knows the loopback model: a streamed turn carries no 'Model metadata … not found' warning",
+  TIMEOUT,
+  async () => {
+    const fx = await startFixture();
+    try {
+      const response = await turnRequest(fx.url, HELLO, {
+        "x-internal-secret": SECRET,
+        accept: "text/event-stream",
+      });
+      const text = await response.text();
+      assert.match(text, /event: result\ndata: \{"threadId"/);
+      const warnings = text.split("\n\n").filter((frame) => frame.startsWith("event: warning"));
+      assert.deepEqual(warnings.filter((w) => w.includes("Model metadata")), [], text);
+    } finally {
+      await fx.cleanup();
+    }
+  },
+);
