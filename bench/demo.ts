@@ -22,7 +22,7 @@ import { startMockModel } from "../tests/_mock_model.ts";
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));
 const MAIN = join(ROOT, "src", "main.ts");
-const SECRET = "demo-secret";
+const SECRET = "demo-secret-of-the-loopback-broker";
 const WORKSPACE = "demo";
 
 const deno = (globalThis as { Deno?: typeof Deno }).Deno;

@@ -96,10 +96,13 @@ const FLAGS: readonly Flag[] = [
     help: [
       "X-Internal-Secret that POST /api/turns must carry; prefer the",
       "BROKER_SECRET environment variable, which ps does not show.",
-      "With neither, one is generated and printed once to stderr",
+      "Printable ASCII, no leading or trailing space; an empty one is",
+      "refused, one under 16 bytes is warned about. With neither, one",
+      "is generated and logged once to stderr",
     ],
     apply(secret, options) {
-      if (secret === "") throw new UsageError("Invalid --secret: expected a non-empty value");
+      const problem = secretProblem(secret);
+      if (problem !== undefined) throw new UsageError(`Invalid --secret: ${problem}`);
       options.secret = secret;
     },
   },
@@ -273,6 +276,36 @@ uses the user's login or OPENAI_API_KEY. Logs are JSON lines on stderr. Exit cod
 after a clean shutdown, 1 if the server cannot start, 2 for a bad flag.
 `;
 
+/** A secret shorter than this many bytes is accepted with a warning: it can be guessed. */
+export const MIN_SECRET_BYTES = 16;
+
+/**
+ * Why `secret` cannot work as an `X-Internal-Secret`, or `undefined` if it can. HTTP strips
+ * the spaces around a header value, so a secret that starts or ends with one (a
+ * whitespace-only one among them) could never match; a header cannot carry control
+ * characters; and clients send header values as bytes that servers read as Latin-1, so
+ * anything outside ASCII would not compare equal either.
+ *
+ * @example Check a secret
+ * ```ts ignore
+ * secretProblem("s3cret"); // undefined
+ * secretProblem(" "); // "must not start or end with whitespace, which HTTP strips …"
+ * ```
+ *
+ * @param secret The secret to check.
+ * @returns What is wrong with it, in words that follow `Invalid --secret: `.
+ */
+export function secretProblem(secret: string): string | undefined {
+  if (secret === "") return "expected a non-empty value";
+  if (secret.trim() !== secret) {
+    return "must not start or end with whitespace, which HTTP strips from header values";
+  }
+  if (!/^[\x20-\x7e]+$/.test(secret)) {
+    return "expected printable ASCII characters only, which any HTTP client can send as a header";
+  }
+  return undefined;
+}
+
 /**
  * Parses a duration: milliseconds (`"1500"`) or a number with a unit `ms`, `s`, `m` or `h`
  * (`"30s"`, `"1.5m"`), at most 24 days. Longer ones are refused: timers cannot wait past
@@ -311,7 +344,9 @@ export function parseDuration(text: string, flag: string): number {
 
 /**
  * Parses the command line (see {@linkcode USAGE}). `--secret` wins over `BROKER_SECRET`;
- * with neither, a secret of 32 random bytes (base64url) is generated.
+ * with neither, a secret of 32 random bytes (base64url) is generated. A secret that cannot
+ * work (see {@linkcode secretProblem}) is refused, from the flag and from the environment
+ * alike: a `BROKER_SECRET` that is set but empty is an error, not a request for a new one.
  *
  * @example Parse flags
  * ```ts ignore
@@ -322,7 +357,8 @@ export function parseDuration(text: string, flag: string): number {
  * @param args The arguments after the script, e.g. `process.argv.slice(2)`.
  * @param env The environment to read `BROKER_SECRET` from.
  * @returns `{ help: true }` for `--help`, else the options and where the secret came from.
- * @throws {UsageError} If a flag is unknown, lacks its value, or has a bad value.
+ * @throws {UsageError} If a flag is unknown, lacks its value, or has a bad value, or if
+ * `BROKER_SECRET` is set to a secret that cannot work.
  */
 export function parseFlags(
   args: readonly string[],
@@ -364,7 +400,16 @@ export function parseFlags(
   let secretSource: "flag" | "env" | "generated";
   if (options.secret !== "") {
     secretSource = "flag";
-  } else if (env.BROKER_SECRET) {
+  } else if (env.BROKER_SECRET !== undefined) {
+    // Set but unusable (empty, say) is a mistake to report, not a reason to make one up.
+    const problem = secretProblem(env.BROKER_SECRET);
+    if (problem !== undefined) {
+      throw new UsageError(
+        `Invalid BROKER_SECRET: ${problem}${
+          env.BROKER_SECRET === "" ? " (unset it to have one generated)" : ""
+        }`,
+      );
+    }
     options.secret = env.BROKER_SECRET;
     secretSource = "env";
   } else {

@@ -26,11 +26,21 @@ const RETRY_AFTER_SECONDS = "1";
 // since nobody is left to read it.
 const CLIENT_CLOSED_STATUS = 499;
 
+/**
+ * The 503 `unavailable` answer of a turn cut off by a shutdown. It names the thread the turn
+ * ran on (`null` if none was started yet), as a transport failure does: a thread created
+ * for this turn exists in codex, and a client that retries elsewhere continues it there.
+ */
+export interface ShutdownAnswer extends ErrorAnswer {
+  /** The thread the turn ran on, or `null` if the shutdown came before one was started. */
+  threadId: string | null;
+}
+
 /** What one turn came to, whichever way it is answered. */
 export interface TurnResult {
   status: number;
   headers: Record<string, string>;
-  body: TurnAnswer | ErrorAnswer;
+  body: TurnAnswer | ErrorAnswer | ShutdownAnswer;
 }
 
 /** Why the handler gave up on a streamed turn: its client read too slowly. */
@@ -210,14 +220,16 @@ export function createTurnRunner(
           },
         };
       } else if (error instanceof PoolClosedError) {
-        // Also the shutdown signal's reason: the server's grace period ended.
+        // Also the shutdown signal's reason: the server's grace period ended. The thread
+        // may have been created for this turn: without its id the client would lose it.
         outcome = "unavailable";
         result = {
           status: 503,
           headers: { "retry-after": RETRY_AFTER_SECONDS },
           body: {
             error: { code: "unavailable", message: "Cannot run turn: broker is shutting down" },
-          },
+            threadId,
+          } satisfies ShutdownAnswer,
         };
       } else {
         outcome = "internal";

@@ -5,7 +5,8 @@
  * `node src/main.ts` (Node ≥ 22.18), served by `srvx`.
  *
  * It writes JSON log lines (`{"time","level","msg",…}`) to stderr and never logs the
- * secret. Once it listens it logs exactly one line with `"msg":"listening"` and the `url`,
+ * secret, but for one line: a secret it generated itself (no `--secret`, no
+ * `BROKER_SECRET`) is logged once, as `{"level":"warn","msg":"generated secret","secret",…}`. Once it listens it logs exactly one line with `"msg":"listening"` and the `url`,
  * whose port is the real one when `--port 0` was given. SIGINT, SIGTERM or SIGHUP stops it
  * gracefully: it stops accepting, lets turns in flight finish for `--grace`, then
  * interrupts them, closes the pool, stops every codex and exits 0. A second signal cuts the
@@ -35,7 +36,7 @@
  */
 
 import { existsSync, realpathSync } from "node:fs";
-import { mkdir, readdir } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
 import { homedir, hostname, totalmem } from "node:os";
 import { join, resolve as resolvePath } from "node:path";
 import process from "node:process";
@@ -51,7 +52,14 @@ import { createFileLeaseStore } from "./file_lease.ts";
 import { Ownership } from "./ownership.ts";
 import { leasedResolver } from "./_leased_resolver.ts";
 import type { ApprovalDecision } from "./approvals.ts";
-import { type ParsedFlags, parseFlags, USAGE, UsageError } from "./_flags.ts";
+import {
+  MIN_SECRET_BYTES,
+  type ParsedFlags,
+  parseFlags,
+  secretProblem,
+  USAGE,
+  UsageError,
+} from "./_flags.ts";
 import { timerDelay } from "./_timer.ts";
 
 // Re-exported so this entry point documents every type its API mentions.
@@ -75,7 +83,10 @@ export interface LogEntry {
 
 /** Options for {@linkcode startBroker}. Durations are in milliseconds. */
 export interface BrokerOptions {
-  /** The `X-Internal-Secret` every `POST /api/turns` must carry. Required, non-empty. */
+  /**
+   * The `X-Internal-Secret` every `POST /api/turns` must carry. Required: printable ASCII,
+   * not starting or ending with a space (HTTP strips those from header values).
+   */
   secret: string;
   /** Address to listen on. Defaults to `127.0.0.1`. */
   host?: string;
@@ -199,14 +210,17 @@ const POOL_EVENTS = ["dial", "reap", "evict", "release", "close"] as const;
  *
  * @param options Secret, address, directories, codex, approvals, durations, log sink.
  * @returns The running broker; `close()` it to stop every codex.
- * @throws {TypeError} If the secret is empty.
+ * @throws {TypeError} If the secret is empty or could never match (see `BrokerOptions.secret`).
  * @throws {RangeError} If `graceMs` is negative or not a number.
- * @throws {Error} If the workspaces directory cannot be created or the port cannot be bound.
+ * @throws {Error} If the workspaces directory cannot be created or written to, or the port
+ * cannot be bound; the message names the path or the address, and the reason.
  */
 export async function startBroker(options: BrokerOptions): Promise<Broker> {
-  if (typeof options.secret !== "string" || options.secret === "") {
+  if (typeof options.secret !== "string") {
     throw new TypeError("Cannot start broker: secret must be a non-empty string");
   }
+  const problem = secretProblem(options.secret);
+  if (problem !== undefined) throw new TypeError(`Cannot start broker: invalid secret: ${problem}`);
   const log = options.log ?? (() => {});
   const graceMs = options.graceMs ?? DEFAULT_GRACE_MS;
   if (!(graceMs >= 0)) {
@@ -214,7 +228,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   }
   const workspacesDir = resolvePath(options.workspacesDir ?? DEFAULT_WORKSPACES_DIR);
   const codexHome = options.codexHome === undefined ? undefined : resolvePath(options.codexHome);
-  await mkdir(workspacesDir, { recursive: true });
+  await checkWorkspacesDir(workspacesDir);
 
   // One directory per workspace holds everything codex keeps for it, so the workspace
   // moves as a unit to whichever broker serves it next (see the README's layout).
@@ -301,11 +315,13 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
 
   let server: Server | undefined;
   let url: string;
+  const host = options.host ?? DEFAULT_HOST;
+  const port = options.port ?? DEFAULT_PORT;
   try {
     // Deno and Bun throw here when the port is taken, Node from ready().
     server = serve({
-      hostname: options.host ?? DEFAULT_HOST,
-      port: options.port ?? DEFAULT_PORT,
+      hostname: host,
+      port,
       // main() owns the signals and the log; srvx would print to stdout and exit on its own.
       silent: true,
       gracefulShutdown: false,
@@ -323,7 +339,10 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     await Promise.allSettled([server?.close(true), pool.close()]);
     await supervisor.close();
     await ownership.close();
-    throw error;
+    throw new Error(
+      `Cannot start broker: cannot listen on ${hostPort(host, port)}: ${listenFailure(error)}`,
+      { cause: error },
+    );
   }
   holder.id = options.brokerId ?? `${hostname()}:${new URL(url).port}`;
   holder.url = options.advertiseUrl ?? url;
@@ -478,6 +497,16 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       graceMs: brokerOptions.graceMs ?? DEFAULT_GRACE_MS,
       secretFrom: parsed.secretSource,
     });
+    // Bytes, as the header carries them; the secret is ASCII (see secretProblem).
+    if (parsed.secretSource !== "generated" && brokerOptions.secret.length < MIN_SECRET_BYTES) {
+      log({
+        level: "warn",
+        msg: "short secret",
+        bytes: brokerOptions.secret.length,
+        hint: `A secret shorter than ${MIN_SECRET_BYTES} bytes can be guessed: use a long ` +
+          `random one, e.g. openssl rand -base64 32`,
+      });
+    }
     try {
       broker = await startBroker(brokerOptions);
     } catch (error) {
@@ -486,11 +515,16 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
     }
     log({ level: "info", msg: "listening", url: broker.url, brokerId: broker.id });
     if (parsed.secretSource === "generated") {
-      // The one place the secret is ever shown: a human line, not a log record.
-      stderr(
-        `No --secret or BROKER_SECRET given: send this generated secret to ${broker.url} ` +
-          `as the X-Internal-Secret header: ${brokerOptions.secret}\n`,
-      );
+      // The one record that holds the secret: still a JSON line, so log pipelines keep
+      // parsing; its hint says what to do with it for whoever reads it in a terminal.
+      log({
+        level: "warn",
+        msg: "generated secret",
+        secret: brokerOptions.secret,
+        hint: `No --secret or BROKER_SECRET given: send this secret to ${broker.url} as the ` +
+          `X-Internal-Secret header (export BROKER_SECRET=<secret> before the next start ` +
+          `to keep it)`,
+      });
     }
     if (stopCount > 1) broker.hurry();
     const reason = await stop.promise;
@@ -503,6 +537,38 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       for (const signal of SIGNALS) process.off(signal, onSignal);
     }
     options.signal?.removeEventListener("abort", onAbort);
+  }
+}
+
+/**
+ * Creates the workspaces directory if need be, then proves it writable the way codex will
+ * use it: a directory made in it, a file written in that, both removed. Without this check a
+ * directory that exists but refuses writes (permissions, a read-only mount) starts a broker
+ * whose every turn then fails as `subprocessCrash`. Root passes permission checks, so only
+ * a real write tells.
+ *
+ * @throws {Error} Naming the path and the reason (the system's error code and message).
+ */
+async function checkWorkspacesDir(dir: string): Promise<void> {
+  const fail = (what: string, error: unknown): never => {
+    throw new Error(`Cannot start broker: the workspaces dir ${dir} ${what}: ${messageOf(error)}`, {
+      cause: error,
+    });
+  };
+  try {
+    await mkdir(dir, { recursive: true });
+  } catch (error) {
+    fail("cannot be created", error);
+  }
+  let probe: string | undefined;
+  try {
+    // Gone again at once; a broker that lists the directory meanwhile finds no run/ in it.
+    probe = await mkdtemp(join(dir, ".write-probe-"));
+    await writeFile(join(probe, "probe"), "");
+  } catch (error) {
+    fail("is not writable", error);
+  } finally {
+    if (probe !== undefined) await rm(probe, { recursive: true, force: true }).catch(() => {});
   }
 }
 
@@ -562,6 +628,31 @@ async function timeout(promise: Promise<unknown>, ms: number): Promise<void> {
   let timer: { cancel(): void } | undefined;
   await Promise.race([promise, new Promise<void>((resolve) => timer = after(ms, resolve))]);
   timer?.cancel();
+}
+
+/** `host:port`, with an IPv6 address in brackets, as a URL writes it. */
+function hostPort(host: string, port: number): string {
+  return `${host.includes(":") ? `[${host}]` : host}:${port}`;
+}
+
+/**
+ * Why listening failed, in the same words on every runtime. Each phrases it its own way
+ * (Node names the address, Bun asks "Is port … in use?", Deno names neither), but all three
+ * set the system's error code.
+ */
+function listenFailure(error: unknown): string {
+  const code = (error as { code?: unknown } | null)?.code;
+  switch (code) {
+    case "EADDRINUSE":
+      return "the address is already in use (EADDRINUSE): another process listens there; " +
+        "stop it or choose another --port";
+    case "EADDRNOTAVAIL":
+      return "the address is not one of this machine's (EADDRNOTAVAIL): check --host";
+    case "EACCES":
+      return "permission denied (EACCES): a port below 1024 needs privileges";
+    default:
+      return messageOf(error);
+  }
 }
 
 function runtime(): string {

@@ -28,10 +28,11 @@
  * @module
  */
 
+import { countDifferences, type Runtime, type Verdicts, verdicts } from "./_run_summary.ts";
+
 const ROOT = decodeURIComponent(new URL("..", import.meta.url).pathname).replace(/\/$/, "");
 const BIN = `${ROOT}/node_modules/.bin`;
 const RUNTIMES = ["deno", "bun", "node"] as const;
-type Runtime = typeof RUNTIMES[number];
 
 /**
  * Subpath exports that may use runtime APIs; every other export must be web-standard. Keep in
@@ -384,6 +385,7 @@ function testCommand(runtime: Runtime, files: string[]): string[] {
 
 async function main(): Promise<number> {
   const outcomes: Outcome[] = [];
+  const ranTests = new Map<Runtime, Verdicts>();
   let passed = 0;
   let failed = 0;
 
@@ -450,7 +452,14 @@ async function main(): Promise<number> {
     }
     passed += p;
     failed += f;
-    const detail = [`${p} passed, ${f} failed`, ...notes, seconds(result.ms)].join("; ");
+    const found = verdicts(runtime, result.output);
+    ranTests.set(runtime, found);
+    const skipped = [...found.values()].filter((v) => v === "skipped").length;
+    const detail = [
+      `${p} passed, ${f} failed${skipped > 0 ? `, ${skipped} skipped` : ""}`,
+      ...notes,
+      seconds(result.ms),
+    ].join("; ");
     outcomes.push({ name, ok: f === 0, detail });
     await print(`--- ${name}: ${detail}\n`);
   }
@@ -458,6 +467,11 @@ async function main(): Promise<number> {
   await print("\n=== summary\n");
   for (const { name, ok, detail } of outcomes) {
     await print(`${ok ? "ok    " : "FAILED"}  ${name}  (${detail})\n`);
+  }
+  const differences = ranTests.size > 1 ? countDifferences(ranTests) : [];
+  if (differences.length > 0) {
+    await print("the counts differ by runtime because of these tests:\n");
+    for (const line of differences) await print(`  ${line}\n`);
   }
   await print(`total: ${passed} passed, ${failed} failed\n`);
   return failed === 0 ? 0 : 1;

@@ -1462,3 +1462,71 @@ test("without brokerId no answer carries X-Broker-Id", async () => {
     await h.close();
   }
 });
+
+// --- a shutdown keeps the thread ----------------------------------------------------------
+
+test("a JSON turn cut off by shutdownSignal answers 503 unavailable with the threadId it created", async () => {
+  const codex = hangingCodex();
+  const shutdown = new AbortController();
+  const h = await harness(codex.script, { handler: { shutdownSignal: shutdown.signal } });
+  try {
+    const answer = h.handler(post({ workspaceId: "ws-1", params: { input } }));
+    await codex.started;
+    shutdown.abort(new PoolClosedError("Cannot run turn: broker is shutting down"));
+    const response = await within(answer, 5_000, "the answer");
+    assert.equal(response.status, 503);
+    assert.deepEqual(await response.json(), {
+      error: { code: "unavailable", message: "Cannot run turn: broker is shutting down" },
+      threadId: "thr-1",
+    });
+    assert.equal(h.logs.at(-1)!.threadId, "thr-1");
+  } finally {
+    await h.close();
+  }
+});
+
+test("a streamed turn cut off by shutdownSignal ends with an unavailable result that names its threadId", async () => {
+  const codex = hangingCodex();
+  const shutdown = new AbortController();
+  const h = await harness(codex.script, { handler: { shutdownSignal: shutdown.signal } });
+  try {
+    const response = await h.handler(
+      post({ workspaceId: "ws-1", params: { input } }, {
+        headers: { accept: "text/event-stream" },
+      }),
+    );
+    await codex.started;
+    shutdown.abort(new PoolClosedError("Cannot run turn: broker is shutting down"));
+    const named = (await within(readEvents(response), 5_000, "the stream to end"))
+      .filter((e) => e.event !== ":");
+    assert.deepEqual(named.at(-1), {
+      event: "result",
+      data: {
+        error: { code: "unavailable", message: "Cannot run turn: broker is shutting down" },
+        threadId: "thr-1",
+      },
+    });
+  } finally {
+    await h.close();
+  }
+});
+
+test("a request that arrives after shutdownSignal aborted answers 503 with threadId null, or the thread it asked for", async () => {
+  const shutdown = new AbortController();
+  shutdown.abort(new PoolClosedError("Cannot run turn: broker is shutting down"));
+  const h = await harness((peer) => codexLike(peer), {
+    handler: { shutdownSignal: shutdown.signal },
+  });
+  try {
+    const fresh = await h.handler(post({ workspaceId: "ws-1", params: { input } }));
+    assert.equal(fresh.status, 503);
+    assert.equal((await fresh.json()).threadId, null);
+    const resumed = await h.handler(
+      post({ workspaceId: "ws-1", threadId: "thr-9", params: { input } }),
+    );
+    assert.equal(resumed.status, 503);
+    assert.equal((await resumed.json()).threadId, "thr-9");
+  } finally {
+    await h.close();
+  }
+});

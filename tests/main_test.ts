@@ -7,12 +7,13 @@
 
 import { test } from "./_test.ts";
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
-import { mkdtemp, realpath, rm } from "node:fs/promises";
+import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmod, mkdtemp, realpath, rm, writeFile } from "node:fs/promises";
+import { type AddressInfo, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import process from "node:process";
-import { parseDuration, parseFlags, USAGE, UsageError } from "../src/main.ts";
+import { main, parseDuration, parseFlags, startBroker, USAGE, UsageError } from "../src/main.ts";
 import {
   type BrokerProcess,
   childEnv,
@@ -292,28 +293,38 @@ test(
   },
 );
 
-test("src/main.ts generates a secret when none is given and prints it once", TIMEOUT, async () => {
-  const fx = await startFixture({ args: [] });
-  try {
-    const line = await fx.broker.waitForLine((l) => l.includes("generated secret"), "the secret");
-    assert.ok(line.includes(fx.url), line);
-    const secret = /: ([A-Za-z0-9_-]{43})$/.exec(line)?.[1];
-    assert.ok(secret, line);
-    assert.equal(fx.broker.lines.filter((l) => l.includes(secret)).length, 1);
-    const start = records(fx.broker.lines).find((r) => r.msg === "start");
-    assert.equal(start?.secretFrom, "generated");
-    // Authenticated, so the body is looked at: 400, where a wrong secret would give 401.
-    const response = await fetch(`${fx.url}/api/turns`, {
-      method: "POST",
-      headers: { "content-type": "application/json", "x-internal-secret": secret },
-      body: "{",
-    });
-    assert.equal(response.status, 400);
-    await response.body?.cancel();
-  } finally {
-    await fx.cleanup();
-  }
-});
+test(
+  "src/main.ts generates a secret when none is given and logs it once, as a JSON warn line that says how to use it",
+  TIMEOUT,
+  async () => {
+    const fx = await startFixture({ args: [] });
+    try {
+      const line = await fx.broker.waitForLine((l) => l.includes("generated secret"), "the secret");
+      // Every stderr line stays JSON, this one included.
+      const record = JSON.parse(line);
+      assert.equal(record.level, "warn");
+      assert.equal(record.msg, "generated secret");
+      assert.match(record.hint, /X-Internal-Secret header/);
+      assert.ok(record.hint.includes(fx.url), record.hint);
+      const secret = record.secret as string;
+      assert.match(secret, /^[A-Za-z0-9_-]{43}$/);
+      assert.equal(fx.broker.lines.filter((l) => l.includes(secret)).length, 1);
+      for (const l of fx.broker.lines) assert.doesNotThrow(() => JSON.parse(l), l);
+      const start = records(fx.broker.lines).find((r) => r.msg === "start");
+      assert.equal(start?.secretFrom, "generated");
+      // Authenticated, so the body is looked at: 400, where a wrong secret would give 401.
+      const response = await fetch(`${fx.url}/api/turns`, {
+        method: "POST",
+        headers: { "content-type": "application/json", "x-internal-secret": secret },
+        body: "{",
+      });
+      assert.equal(response.status, 400);
+      await response.body?.cancel();
+    } finally {
+      await fx.cleanup();
+    }
+  },
+);
 
 test(
   "src/main.ts takes the secret from BROKER_SECRET, never logs it and hides it from codex",
@@ -402,7 +413,7 @@ test("parseFlags() reads durations with units, resolves paths and lets the last 
 
 test("parseFlags() generates a different 32-byte base64url secret when none is given", () => {
   const a = parseFlags([], {});
-  const b = parseFlags([], { BROKER_SECRET: "" });
+  const b = parseFlags([], { BROKER_SECRET: undefined });
   assert.ok(!a.help && !b.help);
   assert.match(a.options.secret, /^[A-Za-z0-9_-]{43}$/);
   assert.notEqual(a.options.secret, b.options.secret);
@@ -464,3 +475,233 @@ test("parseFlags() reads the scale-out flags, BROKER_ID, and refuses bad values"
   assert.throws(() => parseFlags(["--max-workspaces", "0"]), /positive integer/);
   assert.throws(() => parseFlags(["--max-workspaces", "1.5"]), /positive integer/);
 });
+
+const UNUSABLE_SECRETS: [string, RegExp][] = [
+  ["", /expected a non-empty value/],
+  [" ", /must not start or end with whitespace/],
+  ["   \t", /must not start or end with whitespace/],
+  [" s3cret-with-a-space-before", /must not start or end with whitespace/],
+  ["s3cret-with-a-newline-after\n", /must not start or end with whitespace/],
+  ["s3cret\u0000with-a-nul-inside", /printable ASCII/],
+  ["s\u00e9cret-not-ascii-at-all", /printable ASCII/],
+];
+
+test("parseFlags() refuses a secret that could never match, from --secret and BROKER_SECRET alike", () => {
+  for (const [secret, problem] of UNUSABLE_SECRETS) {
+    const what = JSON.stringify(secret);
+    assert.throws(
+      () => parseFlags(["--secret", secret]),
+      (error: unknown) =>
+        error instanceof UsageError && /^Invalid --secret: /.test(error.message) &&
+        problem.test(error.message),
+      `--secret ${what}`,
+    );
+    assert.throws(
+      () => parseFlags([], { BROKER_SECRET: secret }),
+      (error: unknown) =>
+        error instanceof UsageError && /^Invalid BROKER_SECRET: /.test(error.message) &&
+        problem.test(error.message),
+      `BROKER_SECRET=${what}`,
+    );
+  }
+  assert.throws(() => parseFlags([], { BROKER_SECRET: "" }), /unset it to have one generated/);
+  // Spaces inside are sent and compared as they are.
+  const inner = parseFlags([], { BROKER_SECRET: "correct horse battery staple" });
+  assert.ok(!inner.help);
+  assert.equal(inner.options.secret, "correct horse battery staple");
+  // The flag wins, and then the environment is not looked at.
+  const flag = parseFlags(["--secret", "from-the-flag-0123"], { BROKER_SECRET: "" });
+  assert.ok(!flag.help);
+  assert.equal(flag.options.secret, "from-the-flag-0123");
+});
+
+test(
+  "src/main.ts exits 2 for an empty or whitespace-only BROKER_SECRET or --secret",
+  TIMEOUT,
+  async () => {
+    const cases: [string[], Record<string, string>, RegExp][] = [
+      [[], { BROKER_SECRET: "" }, /Invalid BROKER_SECRET: expected a non-empty value/],
+      [[], { BROKER_SECRET: "  " }, /Invalid BROKER_SECRET: must not start or end with whitespace/],
+      [["--secret", ""], {}, /Invalid --secret: expected a non-empty value/],
+      [["--secret", " "], {}, /Invalid --secret: must not start or end with whitespace/],
+    ];
+    await Promise.all(cases.map(async ([args, env, message]) => {
+      const broker = spawnBroker(args, childEnv(env));
+      const what = `${args.join(" ")} ${JSON.stringify(env)}`;
+      assert.deepEqual(await broker.status, { code: 2, signal: null }, what);
+      assert.match(broker.lines.join("\n"), message, what);
+      assert.equal(broker.lines.some((line) => line.includes('"msg":"listening"')), false);
+    }));
+  },
+);
+
+/**
+ * Runs main() in this process on a free port with no codex, until it listens, then stops it.
+ *
+ * @returns Its exit code and the JSON records it wrote to stderr.
+ */
+async function runMain(
+  args: string[],
+  env: Record<string, string | undefined>,
+): Promise<{ code: number; records: Record<string, unknown>[] }> {
+  const dir = await realpath(await mkdtemp(join(tmpdir(), "main-test-")));
+  const lines: string[] = [];
+  const stop = new AbortController();
+  try {
+    const code = await main(
+      ["--port", "0", "--workspaces-dir", join(dir, "ws"), "--codex", "no-such-codex", ...args],
+      {
+        env,
+        handleSignals: false,
+        signal: stop.signal,
+        stderr: (text) => {
+          lines.push(...text.split("\n").filter((line) => line !== ""));
+          if (text.includes('"msg":"listening"')) stop.abort();
+        },
+      },
+    );
+    for (const line of lines) assert.doesNotThrow(() => JSON.parse(line), line);
+    return { code, records: lines.map((line) => JSON.parse(line)) };
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+test(
+  "main() warns in a JSON line about a secret shorter than 16 bytes, and not about one of 16",
+  TIMEOUT,
+  async () => {
+    const short = await runMain([], { BROKER_SECRET: "fifteen-bytes.." });
+    assert.equal(short.code, 0);
+    const warning = short.records.find((r) => r.msg === "short secret");
+    assert.equal(warning?.level, "warn");
+    assert.equal(warning?.bytes, 15);
+    assert.ok(
+      !JSON.stringify(short.records).includes("fifteen-bytes.."),
+      "the secret is not logged",
+    );
+    const flag = await runMain(["--secret", "short"], {});
+    assert.equal(flag.records.find((r) => r.msg === "short secret")?.bytes, 5);
+    const enough = await runMain([], { BROKER_SECRET: "sixteen-bytes..." });
+    assert.equal(enough.code, 0);
+    assert.equal(enough.records.some((r) => r.msg === "short secret"), false);
+    assert.ok(enough.records.some((r) => r.msg === "listening"));
+  },
+);
+
+test("startBroker() refuses a secret that could never match with a TypeError, before it listens", async () => {
+  for (const secret of ["", " ", "trailing-space "]) {
+    await assert.rejects(
+      startBroker({ secret, port: 0, workspacesDir: join(tmpdir(), "never-created") }),
+      (error: unknown) => error instanceof TypeError && /Cannot start broker/.test(error.message),
+      JSON.stringify(secret),
+    );
+  }
+});
+
+/**
+ * Where root finds a directory that exists and refuses new entries: `/sys`, where sysfs
+ * refuses to create files even for root (root ignores permission bits). `undefined` if
+ * this machine has none; anyone else gets a temporary directory without write permission.
+ */
+const ROOT_UNWRITABLE_DIR: string | undefined = (() => {
+  if (process.getuid?.() !== 0 || !existsSync("/sys")) return undefined;
+  try {
+    writeFileSync("/sys/.main-test-probe", "");
+    rmSync("/sys/.main-test-probe", { force: true });
+    return undefined;
+  } catch {
+    return "/sys";
+  }
+})();
+const IS_ROOT = process.getuid?.() === 0;
+
+test(
+  "main() exits 1 when --workspaces-dir exists but is not writable, naming the path and the reason",
+  { ...TIMEOUT, skip: IS_ROOT && ROOT_UNWRITABLE_DIR === undefined },
+  async () => {
+    const path = ROOT_UNWRITABLE_DIR ??
+      await realpath(await mkdtemp(join(tmpdir(), "main-test-ro-")));
+    if (path !== ROOT_UNWRITABLE_DIR) await chmod(path, 0o555);
+    try {
+      const { code, records } = await runMain(["--workspaces-dir", path], {
+        BROKER_SECRET: SECRET,
+      });
+      assert.equal(code, 1);
+      assert.equal(records.some((r) => r.msg === "listening"), false);
+      const failure = records.find((r) => r.msg === "cannot start");
+      assert.equal(failure?.level, "error");
+      const message = String(failure?.error);
+      assert.ok(message.includes(`the workspaces dir ${path} is not writable`), message);
+      assert.match(message, /EACCES|EPERM|EROFS|permission denied|read-only/i);
+    } finally {
+      if (path !== ROOT_UNWRITABLE_DIR) await rm(path, { recursive: true, force: true });
+    }
+  },
+);
+
+test(
+  "main() exits 1 when --workspaces-dir cannot be created, naming the path and the reason",
+  TIMEOUT,
+  async () => {
+    const dir = await realpath(await mkdtemp(join(tmpdir(), "main-test-")));
+    try {
+      // A path under a regular file: ENOTDIR, for root too.
+      await writeFile(join(dir, "file"), "");
+      const path = join(dir, "file", "workspaces");
+      const { code, records } = await runMain(["--workspaces-dir", path], {
+        BROKER_SECRET: SECRET,
+      });
+      assert.equal(code, 1);
+      const message = String(records.find((r) => r.msg === "cannot start")?.error);
+      assert.ok(message.includes(`the workspaces dir ${path} cannot be created`), message);
+      assert.match(message, /ENOTDIR|not a directory/i);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  },
+);
+
+test(
+  "main() exits 1 when the port is in use, naming the address and the reason",
+  TIMEOUT,
+  async () => {
+    const taken = createServer();
+    await new Promise<void>((resolve) => taken.listen(0, "127.0.0.1", resolve));
+    const { port } = taken.address() as AddressInfo;
+    try {
+      const { code, records } = await runMain(["--port", String(port)], { BROKER_SECRET: SECRET });
+      assert.equal(code, 1);
+      assert.equal(records.some((r) => r.msg === "listening"), false);
+      const failure = records.find((r) => r.msg === "cannot start");
+      assert.equal(failure?.level, "error");
+      assert.equal(
+        failure?.error,
+        `Cannot start broker: cannot listen on 127.0.0.1:${port}: the address is already in use ` +
+          "(EADDRINUSE): another process listens there; stop it or choose another --port",
+      );
+    } finally {
+      await new Promise((resolve) => taken.close(resolve));
+    }
+  },
+);
+
+test(
+  "codex knows the loopback model: a streamed turn carries no 'Model metadata … not found' warning",
+  TIMEOUT,
+  async () => {
+    const fx = await startFixture();
+    try {
+      const response = await turnRequest(fx.url, HELLO, {
+        "x-internal-secret": SECRET,
+        accept: "text/event-stream",
+      });
+      const text = await response.text();
+      assert.match(text, /event: result\ndata: \{"threadId"/);
+      const warnings = text.split("\n\n").filter((frame) => frame.startsWith("event: warning"));
+      assert.deepEqual(warnings.filter((w) => w.includes("Model metadata")), [], text);
+    } finally {
+      await fx.cleanup();
+    }
+  },
+);
