@@ -135,7 +135,7 @@ export function spawnBroker(args: string[], env: Record<string, string>): Broker
   };
 }
 
-/** The JSON log records among the lines; the one human line is skipped. */
+/** The JSON log records among the lines (every line the broker writes is one). */
 export function records(lines: readonly string[]): Record<string, unknown>[] {
   return lines.filter((line) => line.startsWith("{")).map((line) => JSON.parse(line));
 }
