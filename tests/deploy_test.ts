@@ -247,3 +247,56 @@ test(
     }
   },
 );
+
+test(
+  "SIGTERM to `npm run demo` stops its broker gracefully: npm exits 0 and no broker or codex is left (Node runner only: npm is the same program under every runtime)",
+  { ...TIMEOUT, skip: RUNNER !== "node" },
+  async () => {
+    const npm = spawn("npm", ["run", "demo"], {
+      cwd: ROOT,
+      env: childEnv({ NO_COLOR: "1" }),
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let output = "";
+    const seen = new Set<number>();
+    const watch = setInterval(() => {
+      for (const pid of descendants(npm.pid!)) seen.add(pid);
+    }, 20);
+    const closed = new Promise<Status>((resolve) =>
+      npm.once("close", (code, signal) => resolve({ code, signal }))
+    );
+    const listening = new Promise<void>((resolve) => {
+      const onData = (data: Buffer) => {
+        output += data;
+        if (/broker: +http:\S+ \(pid \d+\)/.test(output)) resolve();
+      };
+      npm.stdout!.on("data", onData);
+      npm.stderr!.on("data", onData);
+    });
+    const ours = () =>
+      [...seen].filter((pid) =>
+        isRunning(pid) &&
+        ["deno", "codex"].includes(basename(commandLine(pid).split(" ")[0] ?? ""))
+      );
+    try {
+      await within(Promise.race([listening, closed]), 30_000, "the demo's broker");
+      // The first turn is on its way: its codex starts while the broker stops.
+      npm.kill("SIGTERM");
+      const status = await within(
+        closed,
+        20_000,
+        "npm's exit and the end of its output (which a process left behind keeps open)",
+      );
+      clearInterval(watch);
+      assert.deepEqual(status, { code: 0, signal: null } satisfies Status, output);
+      assert.match(output, /Stopped by SIGTERM: the broker exited with code 0/);
+      const left = ours();
+      assert.deepEqual(left, [], left.map((pid) => `${pid}: ${commandLine(pid)}`).join("\n"));
+    } finally {
+      clearInterval(watch);
+      for (const pid of ours()) process.kill(pid, "SIGKILL");
+      npm.kill("SIGKILL");
+      await closed;
+    }
+  },
+);
