@@ -25,6 +25,8 @@ const MAIN = join(ROOT, "src", "main.ts");
 const SECRET = "demo-secret-of-the-loopback-broker";
 const WORKSPACE = "demo";
 
+const SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
+
 const deno = (globalThis as { Deno?: typeof Deno }).Deno;
 const color = process.stdout.isTTY && !process.env.NO_COLOR;
 const dim = (text: string) => color ? `\x1b[2m${text}\x1b[0m` : text;
@@ -218,6 +220,15 @@ async function demo(): Promise<number> {
     home.path,
   ]);
   let code = 1;
+  // SIGTERM from a process manager (`npm run demo` passes it on), SIGINT from Ctrl+C: stop
+  // the broker gracefully and clean up as after a finished demo, instead of dying and
+  // leaving the broker and its codex running.
+  let stoppedBy: string | undefined;
+  const onSignal = (signal: string) => {
+    stoppedBy ??= signal;
+    broker.kill("SIGTERM");
+  };
+  for (const signal of SIGNALS) process.on(signal, onSignal);
   try {
     const url = await broker.listening;
     console.log(`   broker:      ${url} (pid ${broker.pid})`);
@@ -229,9 +240,15 @@ async function demo(): Promise<number> {
     console.log(`   broker exited with code ${exit}`);
     code = exit === 0 ? 0 : 1;
   } catch (error) {
-    console.error(`demo failed: ${error instanceof Error ? error.message : error}`);
+    if (stoppedBy === undefined) {
+      console.error(`demo failed: ${error instanceof Error ? error.message : error}`);
+    }
     broker.kill("SIGTERM");
-    await broker.exited;
+    const exit = await broker.exited;
+    if (stoppedBy !== undefined) {
+      console.log(`\nStopped by ${stoppedBy}: the broker exited with code ${exit}`);
+      code = exit === 0 ? 0 : 1;
+    }
   } finally {
     await model.close();
     await home.cleanup();

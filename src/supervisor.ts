@@ -19,11 +19,12 @@
  */
 
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, rmSync } from "node:fs";
+import { existsSync, rmSync, statSync } from "node:fs";
 import { chmod, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { dirname, join, resolve as resolvePath } from "node:path";
+import { basename, delimiter, dirname, join, resolve as resolvePath } from "node:path";
 import process from "node:process";
+import { fileURLToPath } from "node:url";
 import { copyCodexHomeTemplate } from "./_codex_home.ts";
 import { abortable, delay } from "./_deadline.ts";
 import {
@@ -67,9 +68,10 @@ export {
  */
 export interface CodexResolverOptions {
   /**
-   * The codex executable. Defaults to the native binary of `@openai/codex` in the nearest
-   * `node_modules` above the current directory, then `node_modules/.bin/codex`, then `codex`
-   * on `PATH`.
+   * The codex executable. Defaults to a `codex` next to the running executable when that is
+   * a compiled broker (not `deno`, `bun` or `node`), then the native binary of
+   * `@openai/codex` in the nearest `node_modules` above this module (not the current
+   * directory), then `node_modules/.bin/codex` there, then `codex` on `PATH`.
    */
   command?: string;
   /** Extra arguments, appended after `app-server --listen … --ws-token-file …`. */
@@ -469,7 +471,7 @@ class Supervisor {
       if (value !== undefined) env[key] = value;
     }
     if (command === undefined) {
-      this.#defaultCommand ??= findDefaultCommand(process.cwd());
+      this.#defaultCommand ??= findDefaultCommand();
       command = this.#defaultCommand.command;
       for (const [key, value] of Object.entries(this.#defaultCommand.env)) env[key] ??= value;
     }
@@ -937,15 +939,53 @@ const NATIVE_TARGETS: Record<string, { pkg: string; triple: string }> = {
 };
 
 /**
- * Finds codex the way `npx codex` would, but prefers the native binary over the
+ * Finds codex for a resolver given no `command`: a `codex` beside the running executable
+ * when that is not a runtime (a binary built with `deno compile` or `bun build --compile`
+ * ships with codex next to it), then the `node_modules` above this module (the package's
+ * own, not the current directory's, so a broker started from anywhere finds it), then
+ * `PATH`. In `node_modules` it prefers the native binary over the
  * `node_modules/.bin/codex` Node wrapper. The wrapper only replaces itself with the binary
  * (execve) on Node ≥ 22.15 run through `#!/usr/bin/env node`; elsewhere it stays as a
  * parent process that merely forwards SIGTERM. Our SIGKILL would then hit the wrapper and
  * orphan the real app-server, and `pid()` would name the wrong process.
  */
-function findDefaultCommand(from: string): DefaultCommand {
-  const target = NATIVE_TARGETS[`${process.platform}-${process.arch}`];
+function findDefaultCommand(): DefaultCommand {
   const exe = process.platform === "win32" ? "codex.exe" : "codex";
+  const runtime = /^(deno|bun|node)(\.exe)?$/i.test(basename(process.execPath));
+  if (!runtime) {
+    const beside = join(dirname(process.execPath), exe);
+    if (isFile(beside)) return { command: beside, env: {} };
+  }
+  const here = moduleDirectory();
+  const installed = here === undefined ? undefined : findInNodeModules(here, exe);
+  if (installed) return installed;
+  for (const dir of (process.env.PATH ?? "").split(delimiter)) {
+    if (dir === "") continue;
+    const candidate = join(dir, exe);
+    if (isFile(candidate)) return { command: candidate, env: {} };
+  }
+  // Not found: spawning the bare name fails with `command not found: codex`.
+  return { command: "codex", env: {} };
+}
+
+/** This module's directory, when it is a file on disk (not a JSR or compiled-in URL). */
+function moduleDirectory(): string | undefined {
+  const url = new URL(import.meta.url);
+  if (url.protocol !== "file:") return undefined;
+  const dir = dirname(fileURLToPath(url));
+  return existsSync(dir) ? dir : undefined;
+}
+
+function isFile(path: string): boolean {
+  try {
+    return statSync(path).isFile();
+  } catch {
+    return false;
+  }
+}
+
+function findInNodeModules(from: string, exe: string): DefaultCommand | undefined {
+  const target = NATIVE_TARGETS[`${process.platform}-${process.arch}`];
   for (let dir = resolvePath(from);; dir = dirname(dir)) {
     const modules = join(dir, "node_modules");
     const packageRoot = join(modules, "@openai", "codex");
@@ -968,7 +1008,7 @@ function findDefaultCommand(from: string): DefaultCommand {
     }
     const wrapper = join(modules, ".bin", process.platform === "win32" ? "codex.cmd" : "codex");
     if (existsSync(wrapper)) return { command: wrapper, env: {} };
-    if (dirname(dir) === dir) return { command: "codex", env: {} };
+    if (dirname(dir) === dir) return undefined;
   }
 }
 

@@ -28,12 +28,27 @@ export interface BrokerProcess {
   kill(signal: "SIGTERM" | "SIGINT" | "SIGHUP" | "SIGKILL"): void;
 }
 
+/** Options for {@linkcode spawnBroker}. */
+export interface SpawnBrokerOptions {
+  /** The working directory. Defaults to the test's own. */
+  cwd?: string;
+  /**
+   * What to run instead of `src/main.ts` under this test's runtime: the program, then the
+   * arguments put before `args` (e.g. `["npm", "start", "--"]`, or a compiled broker).
+   */
+  command?: readonly [string, ...string[]];
+}
+
 /**
  * Spawns `src/main.ts` with the runtime running this test. Under Deno it uses
  * `Deno.Command`: Deno's `node:child_process` reports a child that handled SIGTERM and
  * exited 0 as killed by SIGTERM.
  */
-export function spawnBroker(args: string[], env: Record<string, string>): BrokerProcess {
+export function spawnBroker(
+  args: string[],
+  env: Record<string, string>,
+  options: SpawnBrokerOptions = {},
+): BrokerProcess {
   const lines: string[] = [];
   const waiters = new Set<() => void>();
   let ended = false;
@@ -58,9 +73,11 @@ export function spawnBroker(args: string[], env: Record<string, string>): Broker
   let stdout: Promise<string>;
   let kill: (signal: "SIGTERM" | "SIGINT" | "SIGHUP" | "SIGKILL") => void;
   if (deno) {
-    const child = new deno.Command(deno.execPath(), {
-      args: ["run", "-A", MAIN, ...args],
+    const [program, ...before] = options.command ?? [deno.execPath(), "run", "-A", MAIN];
+    const child = new deno.Command(program, {
+      args: [...before, ...args],
       env,
+      ...(options.cwd === undefined ? {} : { cwd: options.cwd }),
       clearEnv: true,
       stdin: "null",
       stdout: "piped",
@@ -85,8 +102,10 @@ export function spawnBroker(args: string[], env: Record<string, string>): Broker
     };
   } else {
     // Bun and Node: process.execPath runs .ts files directly (Node ≥ 22.18 strips types).
-    const child = spawn(process.execPath, [MAIN, ...args], {
+    const [program, ...before] = options.command ?? [process.execPath, MAIN];
+    const child = spawn(program, [...before, ...args], {
       env,
+      ...(options.cwd === undefined ? {} : { cwd: options.cwd }),
       stdio: ["ignore", "pipe", "pipe"],
     });
     pid = child.pid!;
