@@ -195,6 +195,8 @@ const SWEEP_MS = 50;
 // SIGHUP too: codex runs in process groups of its own, so a closed terminal reaches only
 // the broker, which then stops them.
 const SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
+// Two deliveries of one signal closer than this are one keypress seen twice (see main()).
+const DUPLICATE_SIGNAL_MS = 500;
 const POOL_EVENTS = ["dial", "reap", "evict", "release", "close"] as const;
 
 /**
@@ -465,7 +467,16 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
     if (stopCount === 1) stop.resolve(reason);
     else broker?.hurry();
   };
-  const onSignal = (signal: string) => onStop(signal);
+  // Ctrl+C under `npm start` arrives twice at once: the terminal signals the whole
+  // foreground group, and npm passes its own copy on. A second signal means "hurry", so a
+  // repeat of the first one within a moment is the same keypress, not a second request.
+  let first: { signal: string; at: number } | undefined;
+  const onSignal = (signal: string) => {
+    const now = performance.now();
+    if (first?.signal === signal && now - first.at < DUPLICATE_SIGNAL_MS) return;
+    first ??= { signal, at: now };
+    onStop(signal);
+  };
   const onAbort = () => onStop("abort");
   const handleSignals = options.handleSignals ?? true;
   if (handleSignals) {

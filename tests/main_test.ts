@@ -705,3 +705,28 @@ test(
     }
   },
 );
+
+test(
+  "src/main.ts takes a SIGINT that arrives twice at once (the terminal's and npm's copies) as one, and lets the turn finish",
+  TIMEOUT,
+  async () => {
+    const fx = await startFixture({
+      respond: () => ({ type: "message", text: "worth the wait", delayMs: 600 }),
+    });
+    try {
+      const pending = turnRequest(fx.url, HELLO);
+      await fx.model.waitForRequests(1);
+      fx.broker.kill("SIGINT");
+      // Apart enough that the kernel delivers two signals, not one pending one.
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      fx.broker.kill("SIGINT");
+      const response = await pending;
+      assert.equal(response.status, 200);
+      const body = await response.json();
+      assert.equal(body.turn.status, "completed", "the grace period was not cut short");
+      assert.deepEqual(await fx.broker.status, { code: 0, signal: null });
+    } finally {
+      await fx.cleanup();
+    }
+  },
+);
