@@ -140,7 +140,10 @@ const FLAGS: readonly Flag[] = [
   {
     name: "codex",
     value: "<path>",
-    help: ["The codex binary (default: node_modules, then codex on PATH)"],
+    help: [
+      "The codex binary (default: beside a compiled broker, then the",
+      "package's node_modules, then codex on PATH)",
+    ],
     apply(codex, options) {
       if (codex === "") throw new UsageError("Invalid --codex: expected the path of the binary");
       // codex is spawned in the workspace directory: a relative path must not be read there.
