@@ -15,8 +15,9 @@ import {
   TimeoutError,
   WorkspaceUnavailableError,
 } from "./errors.ts";
-import type { ErrorAnswer, TransportFailure, TurnAnswer } from "./handler.ts";
+import type { CodexError, ErrorAnswer, TransportFailure, TurnAnswer } from "./handler.ts";
 import type { Metrics } from "./metrics.ts";
+import type { Turn } from "./protocol.ts";
 import type { Pool, PoolTurnOptions } from "./pool.ts";
 import { OVERLOADED_CODE } from "./protocol.ts";
 import type { ValidTurnRequest } from "./_validate.ts";
@@ -78,6 +79,58 @@ export interface TurnRunnerOptions {
   metrics: Metrics;
   log: (entry: Record<string, unknown>) => void;
   shutdownSignal?: AbortSignal | undefined;
+}
+
+/**
+ * The broker's stable `code` for codex's `codexErrorInfo`: `unauthorized` for codex's own
+ * `unauthorized` and for any provider answer with HTTP status 401; else codex's string value,
+ * or the name of its object variant (e.g. `httpConnectionFailed`); `other` when codex gave
+ * none.
+ *
+ * @param info `codexErrorInfo` as codex sent it.
+ * @returns The code.
+ */
+export function codexErrorCode(info: unknown): string {
+  if (info === "unauthorized" || httpStatusOf(info) === 401) return "unauthorized";
+  if (typeof info === "string" && info !== "") return info;
+  if (info !== null && typeof info === "object") {
+    const [variant] = Object.keys(info);
+    if (variant !== undefined) return variant;
+  }
+  return "other";
+}
+
+function httpStatusOf(info: unknown): number | null {
+  if (info === null || typeof info !== "object") return null;
+  for (const value of Object.values(info)) {
+    const status = (value as { httpStatusCode?: unknown } | null)?.httpStatusCode;
+    if (typeof status === "number") return status;
+  }
+  return null;
+}
+
+/**
+ * The summary of a codex `TurnError` (from an `error` notification or a failed turn).
+ *
+ * @param error codex's `TurnError`.
+ * @param willRetry The notification's `willRetry`, when it came from one.
+ * @returns The summary, or `undefined` if `error` is not an object with a message.
+ */
+export function summarizeCodexError(
+  error: unknown,
+  willRetry: boolean | null,
+): CodexError | undefined {
+  if (error === null || typeof error !== "object") return undefined;
+  const { message, codexErrorInfo, additionalDetails } = error as Record<string, unknown>;
+  if (typeof message !== "string") return undefined;
+  return {
+    code: codexErrorCode(codexErrorInfo),
+    message,
+    codexErrorInfo: codexErrorInfo ?? null,
+    httpStatusCode: httpStatusOf(codexErrorInfo),
+    additionalDetails: typeof additionalDetails === "string" ? additionalDetails : null,
+    willRetry,
+  };
 }
 
 /** Maps a failure of `pool.turn` to its transport code, by class; `undefined` if none fits. */
@@ -167,14 +220,33 @@ export function createTurnRunner(
       },
     };
     if (turn.threadParams) turnOptions.threadParams = turn.threadParams;
-    if (run.onNotification) turnOptions.onNotification = run.onNotification;
+    // The last `error` codex reported for this turn ("Reconnecting...", a provider's 401):
+    // the JSON answer of a turn that times out or fails would hide it otherwise. One object,
+    // whatever codex sends.
+    let lastCodexError: CodexError | undefined;
+    const forward = run.onNotification;
+    turnOptions.onNotification = (method, params) => {
+      if (method === "error") {
+        const willRetry = typeof params.willRetry === "boolean" ? params.willRetry : null;
+        lastCodexError = summarizeCodexError(params.error, willRetry) ?? lastCodexError;
+      }
+      forward?.(method, params);
+    };
     try {
       const done = await pool.turn(turn.workspaceId, threadId, turn.params, turnOptions);
       threadId = done.threadId;
       turnId = done.turn.id;
       turnStatus = done.turn.status;
       outcome = String(done.turn.status);
-      result = { status: 200, headers: {}, body: { threadId: done.threadId, turn: done.turn } };
+      const body: { threadId: string; turn: Turn; codexError?: CodexError } = {
+        threadId: done.threadId,
+        turn: done.turn,
+      };
+      if (done.turn.status === "failed") {
+        const codexError = summarizeCodexError(done.turn.error, null) ?? lastCodexError;
+        if (codexError) body.codexError = codexError;
+      }
+      result = { status: 200, headers: {}, body };
     } catch (error) {
       failure = error instanceof Error ? error.message : String(error);
       if (error instanceof TimeoutError) turnId = error.turnId;
@@ -182,6 +254,14 @@ export function createTurnRunner(
       if (transport?.code === "wsDisconnect" && await pool.crashed(turn.workspaceId)) {
         // The connection closed because the app-server died, not the other way round.
         transport = { code: "subprocessCrash", message: transport.message };
+      }
+      const codexError = lastCodexError;
+      if (transport && codexError) {
+        transport = {
+          ...transport,
+          message: `${transport.message}; codex last reported: ${codexError.message}`,
+          codexError,
+        };
       }
       const reason: unknown = signal.aborted ? signal.reason : undefined;
       if (reason instanceof SlowReaderError) {
@@ -256,6 +336,9 @@ export function createTurnRunner(
       ...(run.forwardedBy ? { forwardedBy: run.forwardedBy } : {}),
     };
     if (failure !== undefined) entry.error = failure;
+    if (lastCodexError && (failure !== undefined || turnStatus === "failed")) {
+      entry.codexError = lastCodexError.code;
+    }
     log(entry);
     return result;
   };

@@ -70,6 +70,11 @@ export interface TurnsHandlerOptions {
   /** Answered by `GET /healthz`. Defaults to {@linkcode VERSION}. */
   version?: string;
   /**
+   * What `GET /healthz` reports about codex, as its `codex` field (left out without it).
+   * The broker passes what codex said about its credentials at start.
+   */
+  codexHealth?: () => CodexHealth;
+  /**
    * Receives one entry per turn (`msg: "turn"`), per refused request (`msg: "bad request"`)
    * and per unexpected failure (`msg: "internal error"`). Entries never hold the secret or
    * any header. A hook that throws is ignored.
@@ -104,6 +109,16 @@ export interface TurnsHandlerOptions {
   ownership?: Ownership;
 }
 
+/** The `codex` field of `GET /healthz`. */
+export interface CodexHealth {
+  /**
+   * Whether codex can reach its model: `ok` (a login, or a provider that needs none),
+   * `missing` (run `codex login`, or set `OPENAI_API_KEY`), `unknown` (not asked yet, or
+   * codex did not answer).
+   */
+  credentials: "ok" | "missing" | "unknown";
+}
+
 /** The body of `POST /api/turns`, once validated. */
 export interface TurnRequest {
   /** The workspace whose app-server runs the turn (the supervisor's id rule). */
@@ -126,19 +141,52 @@ export type TransportCode =
   | "rpcError"
   | "overloaded";
 
+/**
+ * An error codex reported for a turn: its last `error` notification, or a failed turn's
+ * `error`, with a `code` a client can act on without reading the text.
+ */
+export interface CodexError {
+  /**
+   * Stable: `unauthorized` when codex says `unauthorized` or the model provider answered
+   * HTTP 401 (log in: `codex login`, or set `OPENAI_API_KEY`); otherwise codex's
+   * `codexErrorInfo` string (`usageLimitExceeded`, `serverOverloaded`, …) or the name of its
+   * object variant (`httpConnectionFailed`, `responseStreamDisconnected`, …); `other` if
+   * codex gave none.
+   */
+  code: string;
+  /** codex's message, e.g. `Reconnecting... 2/5` or `unexpected status 401 Unauthorized…`. */
+  message: string;
+  /** `codexErrorInfo` exactly as codex sent it, or `null`. */
+  codexErrorInfo: unknown;
+  /** The provider's HTTP status, when codex reported one. */
+  httpStatusCode: number | null;
+  /** codex's `additionalDetails`, or `null`. */
+  additionalDetails: string | null;
+  /** From an `error` notification: whether codex was going to retry; else `null`. */
+  willRetry: boolean | null;
+}
+
 /** A failure between the broker and codex, answered with status 200. */
 export interface TransportFailure {
   /** What failed. */
   code: TransportCode;
-  /** The error's message. */
+  /**
+   * The error's message; when codex reported an error for the turn, followed by
+   * `; codex last reported: <its message>`.
+   */
   message: string;
   /** For `rpcError` and an overloaded codex: `{ code, data }` of the JSON-RPC error. */
   data?: unknown;
+  /** The last `error` notification codex sent for the turn, if any. */
+  codexError?: CodexError;
 }
 
-/** The 200 answer of `POST /api/turns`: codex's turn, or the transport failure instead. */
+/**
+ * The 200 answer of `POST /api/turns`: codex's turn (with `codexError` when it failed), or
+ * the transport failure instead.
+ */
 export type TurnAnswer =
-  | { threadId: string; turn: Turn }
+  | { threadId: string; turn: Turn; codexError?: CodexError }
   | { threadId: string | null; transport: TransportFailure };
 
 /** The `code` of an {@linkcode ErrorAnswer}. */
@@ -277,8 +325,8 @@ function endWithBody(response: Response, onEnd: () => void): Response {
  *   workspace this broker does not hold (or is handing over) is answered 421 `notOwner`.
  * - With `brokerId`, every answer carries `X-Broker-Id`: the broker that ran the turn (a
  *   relayed answer keeps the owner's).
- * - `GET /healthz` answers `{ status: "ok", workspaces, version }`, or 503 with
- *   `status: "draining"` once the pool is closing.
+ * - `GET /healthz` answers `{ status: "ok", workspaces, version }` (and `codex` with
+ *   `codexHealth`), or 503 with `status: "draining"` once the pool is closing.
  * - `GET /metrics` answers the Prometheus text format.
  *
  * When the client goes away (`request.signal` aborts, or it cancels the event stream), the
@@ -328,6 +376,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
   const heartbeatMs = options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
   const maxStreamBufferBytes = options.maxStreamBufferBytes ?? DEFAULT_MAX_STREAM_BUFFER_BYTES;
   const version = options.version ?? VERSION;
+  const codexHealth = options.codexHealth;
   const metrics = options.metrics ?? new Metrics();
   metrics.observePool(pool);
   const checkSecret = secretChecker(options.secret);
@@ -503,6 +552,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
             status: draining ? "draining" : "ok",
             workspaces: pool.size,
             version,
+            ...(codexHealth ? { codex: codexHealth() } : {}),
           });
         },
       },

@@ -42,11 +42,12 @@ import { join, resolve as resolvePath } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { serve, type Server } from "srvx";
-import { createTurnsHandler, VERSION } from "./handler.ts";
+import { type CodexHealth, createTurnsHandler, VERSION } from "./handler.ts";
 import { Metrics } from "./metrics.ts";
 import { Pool, type PoolEvent } from "./pool.ts";
 import { PoolClosedError } from "./errors.ts";
-import { cleanUpLeftovers, createCodexResolver } from "./supervisor.ts";
+import { cleanUpLeftovers, createCodexResolver, defaultCodexCommand } from "./supervisor.ts";
+import { checkCodexCredentials, type CredentialsState } from "./_credentials.ts";
 import { isValidWorkspaceId } from "./_workspace_id.ts";
 import { createFileLeaseStore } from "./file_lease.ts";
 import { Ownership } from "./ownership.ts";
@@ -64,6 +65,7 @@ import { timerDelay } from "./_timer.ts";
 
 // Re-exported so this entry point documents every type its API mentions.
 export type { ApprovalDecision } from "./approvals.ts";
+export type { CredentialsState } from "./_credentials.ts";
 // The command line lives in its own module; it stays part of this entry point's API.
 export { parseDuration, parseFlags, USAGE, UsageError } from "./_flags.ts";
 export type { ParsedFlags } from "./_flags.ts";
@@ -132,6 +134,13 @@ export interface BrokerOptions {
    * at about 150 MB per idle codex, keeping a fifth of the memory free.
    */
   maxWorkspaces?: number;
+  /**
+   * Right after listening, ask a throwaway codex (on a copy of the codex home) whether it has
+   * credentials, in the background and for at most a few seconds; log one warning with what
+   * to run if it has none, and report it in `GET /healthz` as `codex.credentials`. Defaults
+   * to `true`.
+   */
+  checkCredentials?: boolean;
 }
 
 /** A running broker, from {@linkcode startBroker}. */
@@ -151,6 +160,11 @@ export interface Broker {
   close(): Promise<void>;
   /** Ends the grace period of a {@linkcode Broker.close} at once: turns are interrupted now. */
   hurry(): void;
+  /**
+   * Resolves with what codex said about its credentials at start (`unknown` when the check
+   * is off, failed, or was stopped by {@linkcode Broker.close}).
+   */
+  readonly credentials: Promise<CredentialsState>;
 }
 
 /** Options for {@linkcode main}; the defaults are the real process's. */
@@ -198,6 +212,8 @@ const SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
 // Two deliveries of one signal closer than this are one keypress seen twice (see main()).
 const DUPLICATE_SIGNAL_MS = 500;
 const POOL_EVENTS = ["dial", "reap", "evict", "release", "close"] as const;
+// How long the start-up credentials check may take before it reports `unknown`.
+const CREDENTIALS_CHECK_MS = 5_000;
 
 /**
  * Starts a broker: a codex supervisor, a pool over it, the REST handler, and an HTTP server
@@ -346,6 +362,15 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
       { cause: error },
     );
   }
+  // In the background: listening is not delayed, and close() stops the throwaway codex.
+  const health: CodexHealth = { credentials: "unknown" };
+  const checkStop = new AbortController();
+  const credentials = options.checkCredentials === false
+    ? Promise.resolve<CredentialsState>("unknown")
+    : checkCredentials(template, options.codex, checkStop.signal, log).then((state) => {
+      health.credentials = state;
+      return state;
+    });
   holder.id = options.brokerId ?? `${hostname()}:${new URL(url).port}`;
   holder.url = options.advertiseUrl ?? url;
   serving.handler = createTurnsHandler(pool, {
@@ -355,6 +380,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     brokerId: holder.id,
     ownership,
     shutdownSignal: stopping.signal,
+    codexHealth: () => ({ ...health }),
     onRequestEnd: () => inFlight.leave(),
     log: (entry) => {
       const level: LogLevel = entry.msg === "internal error"
@@ -377,9 +403,11 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
       return inFlight.count;
     },
     hurry: () => hurry.abort(),
+    credentials,
     close() {
       closing ??= (async () => {
         const started = performance.now();
+        checkStop.abort();
         // From now on every new turn is answered 503 with Retry-After (and Connection:
         // close); the turns in flight finish. The listener stays open meanwhile: closing it
         // resets connections a proxy has just opened and sent a turn on, which the proxy
@@ -393,6 +421,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
         }
         await pool.close();
         await supervisor.close();
+        await credentials;
         // After every codex stopped: only then may another broker start its workspaces.
         await ownership.close();
         const closed = listener.close();
@@ -581,6 +610,49 @@ async function checkWorkspacesDir(dir: string): Promise<void> {
   } finally {
     if (probe !== undefined) await rm(probe, { recursive: true, force: true }).catch(() => {});
   }
+}
+
+/**
+ * Asks codex whether it has credentials (see `_credentials.ts`) and logs one warning, with
+ * what to run, when it has none.
+ */
+async function checkCredentials(
+  template: string,
+  codex: string | undefined,
+  signal: AbortSignal,
+  log: (entry: LogEntry) => void,
+): Promise<CredentialsState> {
+  const env: Record<string, string> = {};
+  for (const [key, value] of Object.entries(process.env)) {
+    if (value !== undefined && key !== "BROKER_SECRET") env[key] = value;
+  }
+  let command = codex;
+  if (command === undefined) {
+    const found = defaultCodexCommand();
+    command = found.command;
+    for (const [key, value] of Object.entries(found.env)) env[key] ??= value;
+  }
+  const report = await checkCodexCredentials(existsSync(template) ? template : undefined, {
+    command,
+    env,
+    timeoutMs: CREDENTIALS_CHECK_MS,
+    signal,
+  });
+  if (report.state === "missing") {
+    log({
+      level: "warn",
+      msg: "codex has no credentials",
+      codexHome: template,
+      hint: `Every turn will fail until codex can log in to its model provider. Run ` +
+        `CODEX_HOME=${template} npx codex login (ChatGPT), or ` +
+        `printenv OPENAI_API_KEY | CODEX_HOME=${template} npx codex login --with-api-key, ` +
+        `or set OPENAI_API_KEY in the broker's environment, or configure a model provider ` +
+        `in ${join(template, "config.toml")}; then restart the broker`,
+    });
+  } else if (report.state === "unknown" && !signal.aborted) {
+    log({ level: "warn", msg: "cannot check codex credentials", error: report.error });
+  }
+  return report.state;
 }
 
 /** Counts requests in flight and tells when there are none. */

@@ -26,6 +26,7 @@ import { basename, delimiter, dirname, join, resolve as resolvePath } from "node
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { copyCodexHomeTemplate } from "./_codex_home.ts";
+import { writeApiKeyLogin } from "./_credentials.ts";
 import { abortable, delay } from "./_deadline.ts";
 import {
   type HostIdentity,
@@ -665,6 +666,10 @@ class CodexProcess {
       } else if (settings.codexHome !== undefined) {
         await mkdir(settings.codexHome, { recursive: true });
       }
+      // codex 0.169 ignores OPENAI_API_KEY in its environment until `codex login
+      // --with-api-key` stored it: store it as that would, unless the home has a login.
+      const key = settings.env.OPENAI_API_KEY;
+      if (settings.codexHome !== undefined && key) await writeApiKeyLogin(settings.codexHome, key);
     } catch (error) {
       await this.#cleanUp();
       if (cancel.aborted) throw cancel.reason;
@@ -926,6 +931,24 @@ class StderrTail {
 interface DefaultCommand {
   command: string;
   env: Record<string, string>;
+}
+
+/**
+ * The codex executable the supervisor runs when given no `command`, and the environment it
+ * needs (a native binary from `node_modules` wants its vendored `PATH`): next to a compiled
+ * broker, then `@openai/codex` in `node_modules` above this module, then `PATH`.
+ *
+ * @example Run codex the way the supervisor would
+ * ```ts ignore
+ * const { command, env } = defaultCodexCommand();
+ * spawn(command, ["--version"], { env: { ...process.env, ...env } });
+ * ```
+ *
+ * @returns The command (the bare name `codex` when none was found) and its extra environment.
+ */
+export function defaultCodexCommand(): { command: string; env: Record<string, string> } {
+  const found = findDefaultCommand();
+  return { command: found.command, env: { ...found.env } };
 }
 
 // Which package of @openai/codex carries the native binary for this platform.

@@ -65,6 +65,11 @@ export interface MockModel {
 export interface MockModelOptions {
   /** Initial responder. Defaults to {@linkcode echo}. */
   respond?: MockResponder;
+  /**
+   * When set, a request without `Authorization: Bearer <requireKey>` is answered 401 with an
+   * OpenAI-style error body, as the OpenAI API does, and is not counted in `requests`.
+   */
+  requireKey?: string;
 }
 
 /**
@@ -141,6 +146,21 @@ export async function startMockModel(options: MockModelOptions = {}): Promise<Mo
     const raw = await readBody(req);
     if (req.method !== "POST" || !req.url?.startsWith("/v1/responses")) {
       res.writeHead(404, { "content-type": "text/plain" }).end("not found");
+      return;
+    }
+    if (
+      options.requireKey !== undefined &&
+      req.headers.authorization !== `Bearer ${options.requireKey}`
+    ) {
+      res.writeHead(401, { "content-type": "application/json" }).end(
+        JSON.stringify({
+          error: {
+            message: "Incorrect API key provided",
+            type: "invalid_request_error",
+            code: "invalid_api_key",
+          },
+        }),
+      );
       return;
     }
     const body = JSON.parse(raw) as Record<string, unknown>;

@@ -1530,3 +1530,135 @@ test("a request that arrives after shutdownSignal aborted answers 503 with threa
     await h.close();
   }
 });
+
+// --- the last error codex reported --------------------------------------------------------
+
+/** A codex `error` notification for a turn. */
+function errorNote(
+  threadId: string,
+  turnId: string,
+  message: string,
+  codexErrorInfo: unknown,
+  willRetry: boolean,
+) {
+  return {
+    error: { message, codexErrorInfo, additionalDetails: null },
+    willRetry,
+    threadId,
+    turnId,
+  };
+}
+
+test("POST /api/turns puts the last error codex reported for the turn into a brokerTimeout", async () => {
+  const h = await harness((peer) => {
+    // Ahead of codexLike, which answers turn/start (turn-1) and then leaves it hanging.
+    peer.handle((m) => {
+      if (m.method !== "turn/start") return false;
+      const threadId = m.params.threadId;
+      queueMicrotask(() => {
+        const stream = { responseStreamDisconnected: { httpStatusCode: null } };
+        peer.notify("error", errorNote(threadId, "turn-1", "Reconnecting... 1/5", stream, true));
+        peer.notify("error", errorNote(threadId, "turn-1", "Reconnecting... 2/5", stream, true));
+        // Another turn's error is not this turn's.
+        peer.notify("error", errorNote(threadId, "turn-9", "not this turn", "other", false));
+      });
+      return false;
+    });
+    codexLike(peer, { hang: true });
+  });
+  try {
+    await h.pool.get("ws-1");
+    const response = await h.handler(
+      post({ workspaceId: "ws-1", params: { input }, timeoutMs: 300 }),
+    );
+    const body = await response.json();
+    assert.equal(body.transport.code, "brokerTimeout");
+    assert.match(
+      body.transport.message,
+      /turn-1.*did not complete in time; codex last reported: Reconnecting\.\.\. 2\/5$/,
+    );
+    assert.deepEqual(body.transport.codexError, {
+      code: "responseStreamDisconnected",
+      message: "Reconnecting... 2/5",
+      codexErrorInfo: { responseStreamDisconnected: { httpStatusCode: null } },
+      httpStatusCode: null,
+      additionalDetails: null,
+      willRetry: true,
+    });
+    assert.equal(h.logs.at(-1)!.codexError, "responseStreamDisconnected");
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers a brokerTimeout without codexError when codex reported none", async () => {
+  const h = await harness((peer) => codexLike(peer, { hang: true }));
+  try {
+    await h.pool.get("ws-1");
+    const response = await h.handler(
+      post({ workspaceId: "ws-1", params: { input }, timeoutMs: 200 }),
+    );
+    const body = await response.json();
+    assert.equal(body.transport.code, "brokerTimeout");
+    assert.equal("codexError" in body.transport, false);
+    assert.doesNotMatch(body.transport.message, /codex last reported/);
+  } finally {
+    await h.close();
+  }
+});
+
+test("POST /api/turns answers a turn failed by the provider's 401 with codexError.code unauthorized", async () => {
+  const info = { httpConnectionFailed: { httpStatusCode: 401 } };
+  const message = "unexpected status 401 Unauthorized: bad key";
+  const h = await harness((peer) => {
+    peer.handle((m) => {
+      if (m.method === "thread/start") {
+        peer.reply(m as Req, { thread: { id: "thr-1" }, model: "mock" });
+        return true;
+      }
+      if (m.method !== "turn/start") return false;
+      peer.reply(m as Req, { turn: turnObject("turn-1", "inProgress") });
+      peer.notify("error", errorNote("thr-1", "turn-1", message, info, false));
+      peer.notify("turn/completed", {
+        threadId: "thr-1",
+        turn: {
+          ...turnObject("turn-1", "failed"),
+          error: { message, codexErrorInfo: info, additionalDetails: null },
+        },
+      });
+      return true;
+    });
+  });
+  try {
+    const body = await (await h.handler(post({ workspaceId: "ws-1", params: { input } }))).json();
+    assert.equal(body.turn.status, "failed");
+    assert.deepEqual(body.turn.error.codexErrorInfo, info, "codex's own error is kept as is");
+    assert.deepEqual(body.codexError, {
+      code: "unauthorized",
+      message,
+      codexErrorInfo: info,
+      httpStatusCode: 401,
+      additionalDetails: null,
+      willRetry: null,
+    });
+    assert.equal(h.logs.at(-1)!.codexError, "unauthorized");
+  } finally {
+    await h.close();
+  }
+});
+
+test("GET /healthz reports codex's credentials when the handler is given codexHealth", async () => {
+  let credentials: "ok" | "missing" | "unknown" = "unknown";
+  const h = await harness((peer) => codexLike(peer), {
+    handler: { codexHealth: () => ({ credentials }) },
+  });
+  try {
+    const get = async () =>
+      await (await h.handler(new Request("http://broker.test/healthz"))).json();
+    assert.deepEqual((await get()).codex, { credentials: "unknown" });
+    credentials = "missing";
+    assert.deepEqual((await get()).codex, { credentials: "missing" });
+  } finally {
+    await h.close();
+  }
+});
