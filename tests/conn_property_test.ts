@@ -29,8 +29,11 @@ const THREADS = ["thread-0", "thread-1"];
 
 interface RequestPlan {
   readonly kind: "request";
-  /** "twice": the response comes twice; "silent": never, so the call times out. */
-  readonly answer: "result" | "error" | "twice" | "silent";
+  /**
+   * "twice": the response comes twice; "overloaded": the first attempt is answered -32001,
+   * the retry with the result; "silent": never, so the call times out.
+   */
+  readonly answer: "result" | "error" | "twice" | "overloaded" | "silent";
   readonly abort: boolean;
   readonly timeoutMs: number;
 }
@@ -38,8 +41,11 @@ interface RequestPlan {
 interface TurnPlan {
   readonly kind: "turn";
   readonly thread: number;
-  /** The turn/start response; "silent": none, and no notifications either. */
-  readonly answer: "ok" | "error" | "silent";
+  /**
+   * The turn/start response; "overloaded": -32001 to the first attempt, then as "ok";
+   * "silent": none, and no notifications either.
+   */
+  readonly answer: "ok" | "overloaded" | "error" | "silent";
   /** item/completed notifications codex sends for the turn, in this order. */
   readonly items: number;
   /** A delta of the turn before each item. */
@@ -101,7 +107,13 @@ const shortMs = fc.integer({ min: 5, max: 30 });
 
 const requestPlan: fc.Arbitrary<RequestPlan> = fc.record({
   kind: fc.constant("request" as const),
-  answer: fc.constantFrom("result" as const, "error" as const, "twice" as const, "silent" as const),
+  answer: fc.constantFrom(
+    "result" as const,
+    "error" as const,
+    "twice" as const,
+    "overloaded" as const,
+    "silent" as const,
+  ),
   abort: fc.boolean(),
   timeoutMs: shortMs,
 }).map((plan) => ({ ...plan, timeoutMs: plan.answer === "silent" ? plan.timeoutMs : LONG_MS }));
@@ -109,7 +121,13 @@ const requestPlan: fc.Arbitrary<RequestPlan> = fc.record({
 const turnPlan: fc.Arbitrary<TurnPlan> = fc.record({
   kind: fc.constant("turn" as const),
   thread: fc.integer({ min: 0, max: THREADS.length - 1 }),
-  answer: fc.constantFrom("ok" as const, "ok" as const, "error" as const, "silent" as const),
+  answer: fc.constantFrom(
+    "ok" as const,
+    "ok" as const,
+    "overloaded" as const,
+    "error" as const,
+    "silent" as const,
+  ),
   items: fc.integer({ min: 0, max: 3 }),
   deltas: fc.boolean(),
   complete: fc.boolean(),
@@ -119,7 +137,7 @@ const turnPlan: fc.Arbitrary<TurnPlan> = fc.record({
 }).map((plan) => ({
   ...plan,
   // Only a turn codex never finishes (or never answers) may time out; the others must not.
-  timeoutMs: plan.answer === "silent" || (plan.answer === "ok" && !plan.complete)
+  timeoutMs: plan.answer === "silent" || (plan.answer !== "error" && !plan.complete)
     ? plan.timeoutMs
     : LONG_MS,
 }));
@@ -158,7 +176,7 @@ interface Outcome {
   listeners: () => number;
   value?: unknown;
   error?: unknown;
-  /** Items of the turn passed to onNotification, by id, in order. */
+  /** The turn's own deltas, items (by id) and completion passed to onNotification. */
   notified: string[];
   /** onNotification calls after the caller saw the turn fail. */
   lateNotifications: number;
@@ -231,6 +249,8 @@ async function runOn(
   /** Sequences of frames or actions; each runs in order, the sequences interleave. */
   const ready: (() => void)[][] = [];
   let threadCount = 0;
+  /** Calls whose first attempt was answered overloaded. */
+  const overloaded = new Set<string>();
   const approvals: Approvals = s.approvals === "throws"
     ? () => {
       throw new Error("policy failed");
@@ -256,7 +276,12 @@ async function runOn(
     if (method === "test/fresh") return deliverNow(reply(id, { fresh: params.k }));
     if (method === "test/call") {
       const plan = s.calls[params.k as number] as RequestPlan;
-      if (plan.answer === "result" || plan.answer === "twice") {
+      if (plan.answer === "overloaded" && !overloaded.has(`request ${params.k}`)) {
+        overloaded.add(`request ${params.k}`);
+        ready.push([deliver(JSON.stringify({ id, error: { code: -32001, message: "busy" } }))]);
+        return;
+      }
+      if (plan.answer !== "error" && plan.answer !== "silent") {
         ready.push([deliver(reply(id, { k: params.k }))]);
       }
       if (plan.answer === "twice") ready.push([deliver(reply(id, { k: params.k }))]);
@@ -288,8 +313,13 @@ async function runOn(
       if (plan.answer === "silent") return;
       if (plan.answer === "error") {
         ready.push([
-          deliver(JSON.stringify({ id, error: { code: -32000, message: "busy" } })),
+          deliver(JSON.stringify({ id, error: { code: -32000, message: "refused" } })),
         ]);
+        return;
+      }
+      if (plan.answer === "overloaded" && !overloaded.has(turnId)) {
+        overloaded.add(turnId);
+        ready.push([deliver(JSON.stringify({ id, error: { code: -32001, message: "busy" } }))]);
         return;
       }
       ready.push([deliver(reply(id, { turn: { id: turnId, status: "inProgress", items: [] } }))]);
@@ -380,9 +410,11 @@ async function runOn(
         onStart: () => outcome.starts++,
         onNotification: (method, params) => {
           if (failed) outcome.lateNotifications++;
+          if (method === "item/agentMessage/delta") outcome.notified.push("delta");
           if (method === "item/completed") {
             outcome.notified.push((params.item as { id: string }).id);
           }
+          if (method === "turn/completed") outcome.notified.push("completed");
         },
       });
     return call.then(
@@ -432,7 +464,7 @@ async function runOn(
     const error = o.error;
     if (plan.kind === "request") {
       if (error === undefined) {
-        assert.ok(plan.answer === "result" || plan.answer === "twice", `call ${k} resolved`);
+        assert.ok(plan.answer !== "error" && plan.answer !== "silent", `call ${k} resolved`);
         assert.deepEqual(o.value, { k });
       } else if (error instanceof RpcError) {
         assert.equal(plan.answer, "error");
@@ -452,19 +484,24 @@ async function runOn(
       return;
     }
     const expected = Array.from({ length: plan.items }, (_, i) => `${k}-${i}`);
+    const stream = [...expected.flatMap((id) => plan.deltas ? ["delta", id] : [id]), "completed"];
     assert.ok(o.starts <= 1, `turn ${k} starts at most once`);
     assert.equal(o.lateNotifications, 0, `turn ${k} gets no notification once it failed`);
-    // The items it was told of are codex's, in codex's order, with nothing foreign.
-    assert.deepEqual(o.notified, expected.slice(0, o.notified.length), `turn ${k} items order`);
+    // What it was told of is codex's stream for the turn, in codex's order, nothing foreign.
+    assert.deepEqual(o.notified, stream.slice(0, o.notified.length), `turn ${k} stream order`);
     if (error === undefined) {
       const turn = o.value as Turn;
       assert.equal(turn.id, `turn-${k}`);
       assert.equal(turn.status, "completed");
       assert.deepEqual(itemIds(turn.items), expected, `turn ${k} collects its items in order`);
-      assert.deepEqual(o.notified, expected);
+      assert.deepEqual(o.notified, stream);
       assert.equal(o.starts, 1);
     } else if (error instanceof TurnRpcError) {
-      assert.equal(plan.answer, "error");
+      // An overload surfaces when the deadline leaves no room for a retry.
+      assert.ok(
+        plan.answer === "error" || (plan.answer === "overloaded" && error.code === -32001),
+        `turn ${k} failed with ${error.code}`,
+      );
     } else if (error === reasons[k]) {
       assert.ok(plan.abort);
     } else if (error instanceof TimeoutError) {
@@ -474,7 +511,7 @@ async function runOn(
     } else {
       assert.fail(`turn ${k} failed with ${error}`);
     }
-    if (clean && plan.answer === "ok" && plan.complete) {
+    if (clean && (plan.answer === "ok" || plan.answer === "overloaded") && plan.complete) {
       assert.equal(error, undefined, `turn ${k} resolves`);
     }
     if (clean && plan.answer === "error") assert.ok(error instanceof TurnRpcError);
@@ -523,6 +560,7 @@ async function dialFake(
     approvals,
     interruptTimeoutMs: INTERRUPT_TIMEOUT_MS,
     handshakeTimeoutMs: LONG_MS,
+    retry: { initialDelayMs: 2, maxDelayMs: 5 },
   });
   // The constructor ran synchronously inside dial; the socket opens on a microtask.
   socket().onClientFrame = onClientFrame;
