@@ -25,7 +25,9 @@ const SEED = Number(process.env.CONN_PROPERTY_SEED ?? 20261129);
 /** Deadline of calls that must not time out: far beyond a scenario's length. */
 const LONG_MS = 5_000;
 const INTERRUPT_TIMEOUT_MS = 25;
-const THREADS = ["thread-0", "thread-1"];
+/** The last one is not started on the connection: its first turn resumes it. */
+const THREADS = ["thread-0", "thread-1", "thread-2"];
+const STARTED_THREADS = 2;
 
 interface RequestPlan {
   readonly kind: "request";
@@ -249,6 +251,10 @@ async function runOn(
   /** Sequences of frames or actions; each runs in order, the sequences interleave. */
   const ready: (() => void)[][] = [];
   let threadCount = 0;
+  /** Threads started or resumed on the connection. */
+  const attached = new Set<string>();
+  /** While the driver loop runs, answers wait in `ready`; afterwards they come at once. */
+  let driving = true;
   /** Calls whose first attempt was answered overloaded. */
   const overloaded = new Set<string>();
   const approvals: Approvals = s.approvals === "throws"
@@ -271,7 +277,9 @@ async function runOn(
     const deliver = (text: string) => () => void ws.deliver(text);
     if (method === "initialize") return deliverNow(reply(id, { userAgent: "fake" }));
     if (method === "thread/start") {
-      return deliverNow(reply(id, { thread: { id: THREADS[threadCount++] } }));
+      const threadId = THREADS[threadCount++]!;
+      attached.add(threadId);
+      return deliverNow(reply(id, { thread: { id: threadId } }));
     }
     if (method === "test/fresh") return deliverNow(reply(id, { fresh: params.k }));
     if (method === "test/call") {
@@ -295,6 +303,11 @@ async function runOn(
     if (method === "turn/start") {
       const threadId = params.threadId as string;
       const text = (params.input as { text: string }[])[0]!.text;
+      if (!attached.has(threadId)) {
+        // Like codex: a thread must be started or resumed on the connection first.
+        const error = { code: -32600, message: `thread not found: ${threadId}` };
+        return deliverNow(JSON.stringify({ id, error }));
+      }
       if (text === "fresh") {
         const turnId = `fresh-${threadId}`;
         deliverNow(reply(id, { turn: { id: turnId, status: "inProgress", items: [] } }));
@@ -347,11 +360,22 @@ async function runOn(
       }
       return;
     }
+    if (method === "thread/resume") {
+      attached.add(params.threadId as string);
+      const answer = reply(id, { thread: { id: params.threadId } });
+      if (driving) ready.push([deliver(answer)]);
+      else deliverNow(answer);
+      return;
+    }
     throw new Error(`Unexpected request ${method}`);
   };
 
   const conn = await dialFake(approvals, socket, onClientFrame);
-  for (let i = 0; i < THREADS.length; i++) await conn.startThread({}, { timeoutMs: LONG_MS });
+  for (let i = 0; i < STARTED_THREADS; i++) await conn.startThread({}, { timeoutMs: LONG_MS });
+  let closeEvents = 0;
+  let serverRequestEvents = 0;
+  conn.addEventListener("close", () => closeEvents++);
+  conn.addEventListener("serverrequest", () => serverRequestEvents++);
   const ws = socket();
 
   // Noise and the close are ready from the start; calls' frames once the call is sent.
@@ -454,6 +478,7 @@ async function runOn(
     await sleep(2);
   }
   await Promise.all(promises);
+  driving = false;
 
   // Every call settled exactly once, with an outcome its plan allows.
   s.calls.forEach((plan, k) => {
@@ -527,6 +552,8 @@ async function runOn(
     for (const answer of answered) assert.ok("result" in answer || "error" in answer);
   }
   assert.equal(answers.length, deliveredRequests.length, "no answer to anything else");
+  assert.equal(serverRequestEvents, deliveredRequests.length, "one event per server request");
+  assert.equal(closeEvents, closedAt ? 1 : 0, "one close event once closed");
   assert.equal(conn.stats.dropped.invalidJson, badJson);
   assert.equal(conn.stats.dropped.binary, badBinary);
   assert.equal(conn.inFlight, 0);
@@ -549,6 +576,7 @@ async function runOn(
   conn.close();
   await conn.finished;
   assert.equal(ws.readyState, FakeWebSocket.CLOSED);
+  assert.equal(closeEvents, 1, "exactly one close event");
 }
 
 async function dialFake(
