@@ -37,6 +37,8 @@ interface RequestPlan {
    */
   readonly answer: "result" | "error" | "twice" | "overloaded" | "silent";
   readonly abort: boolean;
+  /** Started by a ready action rather than at once: after some frames, maybe after a close. */
+  readonly late: boolean;
   readonly timeoutMs: number;
 }
 
@@ -57,6 +59,7 @@ interface TurnPlan {
   /** What codex does on turn/interrupt: completes the turn as interrupted, or nothing. */
   readonly onInterrupt: "complete" | "ignore";
   readonly abort: boolean;
+  readonly late: boolean;
   readonly timeoutMs: number;
 }
 
@@ -117,6 +120,7 @@ const requestPlan: fc.Arbitrary<RequestPlan> = fc.record({
     "silent" as const,
   ),
   abort: fc.boolean(),
+  late: fc.boolean(),
   timeoutMs: shortMs,
 }).map((plan) => ({ ...plan, timeoutMs: plan.answer === "silent" ? plan.timeoutMs : LONG_MS }));
 
@@ -135,6 +139,7 @@ const turnPlan: fc.Arbitrary<TurnPlan> = fc.record({
   complete: fc.boolean(),
   onInterrupt: fc.constantFrom("complete" as const, "ignore" as const),
   abort: fc.boolean(),
+  late: fc.boolean(),
   timeoutMs: shortMs,
 }).map((plan) => ({
   ...plan,
@@ -412,7 +417,8 @@ async function runOn(
 
   const outcomes: Outcome[] = [];
   const reasons: Error[] = [];
-  const promises = s.calls.map((plan, k) => {
+  const promises: Promise<void>[] = [];
+  s.calls.forEach((plan, k) => {
     const controller = new AbortController();
     const outcome: Outcome = {
       settled: 0,
@@ -426,32 +432,37 @@ async function runOn(
     reasons.push(reason);
     if (plan.abort) ready.push([() => controller.abort(reason)]);
     let failed = false;
-    const call: Promise<unknown> = plan.kind === "request"
-      ? conn.request("test/call", { k }, { signal: controller.signal, timeoutMs: plan.timeoutMs })
-      : conn.turn(THREADS[plan.thread]!, { input: input(String(k)) }, {
-        signal: controller.signal,
-        timeoutMs: plan.timeoutMs,
-        onStart: () => outcome.starts++,
-        onNotification: (method, params) => {
-          if (failed) outcome.lateNotifications++;
-          if (method === "item/agentMessage/delta") outcome.notified.push("delta");
-          if (method === "item/completed") {
-            outcome.notified.push((params.item as { id: string }).id);
-          }
-          if (method === "turn/completed") outcome.notified.push("completed");
+    const startCall = (): Promise<unknown> =>
+      plan.kind === "request"
+        ? conn.request("test/call", { k }, { signal: controller.signal, timeoutMs: plan.timeoutMs })
+        : conn.turn(THREADS[plan.thread]!, { input: input(String(k)) }, {
+          signal: controller.signal,
+          timeoutMs: plan.timeoutMs,
+          onStart: () => outcome.starts++,
+          onNotification: (method, params) => {
+            if (failed) outcome.lateNotifications++;
+            if (method === "item/agentMessage/delta") outcome.notified.push("delta");
+            if (method === "item/completed") {
+              outcome.notified.push((params.item as { id: string }).id);
+            }
+            if (method === "turn/completed") outcome.notified.push("completed");
+          },
+        });
+    const settle = (call: Promise<unknown>) =>
+      call.then(
+        (value) => {
+          outcome.settled++;
+          outcome.value = value;
         },
-      });
-    return call.then(
-      (value) => {
-        outcome.settled++;
-        outcome.value = value;
-      },
-      (error) => {
-        failed = true;
-        outcome.settled++;
-        outcome.error = error;
-      },
-    );
+        (error) => {
+          failed = true;
+          outcome.settled++;
+          outcome.error = error;
+        },
+      );
+    const start = () => promises.push(settle(startCall()));
+    if (plan.late) ready.push([start]);
+    else start();
   });
 
   // The server side: one ready frame or action at a time, in the order the picks choose;
