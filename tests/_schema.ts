@@ -22,6 +22,7 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import type { TestOptions } from "./_test.ts";
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));
 const CODEX = join(ROOT, "node_modules", ".bin", "codex");
@@ -266,4 +267,123 @@ export function codexSchema(): CodexSchema {
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+type Fn = () => void | Promise<void>;
+type Register = (name: string, options: TestOptions | Fn, fn?: Fn) => void;
+
+/** What the broker's WebSockets sent while a {@linkcode SentFrameTap} was installed. */
+export interface SentFrameTap {
+  /** Every frame sent, parsed (a frame that is not JSON as its text). */
+  readonly frames: unknown[];
+  /** The frames that break codex's schema. */
+  readonly violations: SchemaViolationError[];
+  /** Puts `WebSocket.prototype` back as it was. */
+  restore(): void;
+}
+
+/**
+ * Wraps the global `WebSocket.prototype` so every text frame any socket of this process sends
+ * is recorded and checked against codex's schema. Server requests are seen through the
+ * `onmessage` handlers set while installed, so an answer is checked against its request's
+ * method; the broker sets `onmessage` right after the socket opens, so dial after installing.
+ *
+ * @returns The tap; call `restore()` when done.
+ */
+export function tapSentFrames(): SentFrameTap {
+  const schema = codexSchema();
+  const proto = globalThis.WebSocket.prototype;
+  const send = proto.send;
+  const onmessage = Object.getOwnPropertyDescriptor(proto, "onmessage");
+  if (!onmessage?.set || !onmessage.get) throw new Error("WebSocket.prototype has no onmessage");
+  const { get, set } = onmessage;
+  const serverRequests = new WeakMap<WebSocket, Map<unknown, string>>();
+  const requestsOf = (ws: WebSocket) => {
+    let requests = serverRequests.get(ws);
+    if (!requests) serverRequests.set(ws, requests = new Map());
+    return requests;
+  };
+  const frames: unknown[] = [];
+  const violations: SchemaViolationError[] = [];
+  proto.send = function (this: WebSocket, data: Parameters<WebSocket["send"]>[0]) {
+    let frame: unknown = data;
+    if (typeof data !== "string") {
+      violations.push(new SchemaViolationError("client sent a binary frame", undefined, data));
+    } else {
+      try {
+        frame = JSON.parse(data);
+      } catch {
+        violations.push(
+          new SchemaViolationError("client sent a frame that is not JSON", undefined, data),
+        );
+      }
+      if (frame !== data) {
+        const violation = schema.checkClientFrame(frame, (id) => requestsOf(this).get(id));
+        if (violation) violations.push(violation);
+      }
+    }
+    frames.push(frame);
+    return send.call(this, data);
+  };
+  Object.defineProperty(proto, "onmessage", {
+    ...onmessage,
+    set(this: WebSocket, handler: ((event: MessageEvent) => unknown) | null) {
+      if (handler === null) return set.call(this, null);
+      set.call(this, (event: MessageEvent) => {
+        if (typeof event.data === "string") {
+          try {
+            const message = JSON.parse(event.data);
+            if (typeof message?.method === "string" && "id" in message) {
+              requestsOf(this).set(message.id, message.method);
+            }
+          } catch {
+            // Not JSON: the broker drops it, and it asks for no answer.
+          }
+        }
+        return handler.call(this, event);
+      });
+    },
+    get(this: WebSocket) {
+      return get.call(this);
+    },
+  });
+  return {
+    frames,
+    violations,
+    restore() {
+      proto.send = send;
+      Object.defineProperty(proto, "onmessage", onmessage);
+    },
+  };
+}
+
+/**
+ * Wraps a test registration so each test runs with a {@linkcode tapSentFrames} tap and fails
+ * if a frame the broker sent during it breaks codex's schema.
+ *
+ * @param register `test` from tests/_test.ts.
+ * @returns A registration with the same signature.
+ */
+export function checkingSentFrames(register: Register): Register {
+  return (name, options, fn) => {
+    const body = typeof options === "function" ? options : fn!;
+    const checked: Fn = async () => {
+      const tap = tapSentFrames();
+      try {
+        await body();
+      } finally {
+        tap.restore();
+      }
+      if (tap.violations.length > 0) {
+        const [first] = tap.violations;
+        throw new SchemaViolationError(
+          tap.violations.map((v) => v.message).join("\n"),
+          first!.method,
+          first!.frame,
+        );
+      }
+    };
+    if (typeof options === "function") register(name, checked);
+    else register(name, options, checked);
+  };
 }
