@@ -29,6 +29,23 @@ const CODEX = join(ROOT, "node_modules", ".bin", "codex");
 const BUNDLE = "codex_app_server_protocol.schemas.json";
 const SCHEMA_ID = "codex";
 
+const WARM_CLIENT_REQUESTS = [
+  "initialize",
+  "thread/start",
+  "thread/resume",
+  "turn/start",
+  "turn/interrupt",
+];
+const WARM_SERVER_NOTIFICATIONS = [
+  "error",
+  "thread/status/changed",
+  "turn/started",
+  "turn/completed",
+  "item/started",
+  "item/completed",
+  "item/agentMessage/delta",
+];
+
 /** Who sent a frame: the broker (client) or codex (server). */
 export type Sender = "client" | "server";
 
@@ -94,6 +111,22 @@ export class CodexSchema {
     this.#serverRequests = union(definitions, "ServerRequest");
     this.#clientNotifications = union(definitions, "ClientNotification");
     this.#serverNotifications = union(definitions, "ServerNotification");
+    // Compiling a validator takes milliseconds; done lazily inside a frame's send, that would
+    // delay the fake's answers in timing-sensitive tests. So the messages the broker and the
+    // fake exchange are compiled now, the rest on first use.
+    for (const method of WARM_CLIENT_REQUESTS) {
+      this.#compile(this.#clientRequests.entries.get(method));
+      this.#compile(this.#clientRequests.responses.get(method));
+    }
+    for (const pointer of this.#clientNotifications.entries.values()) this.#compile(pointer);
+    for (const [method, pointer] of this.#serverRequests.entries) {
+      this.#compile(pointer);
+      this.#compile(this.#serverRequests.responses.get(method));
+    }
+    for (const method of WARM_SERVER_NOTIFICATIONS) {
+      this.#compile(this.#serverNotifications.entries.get(method));
+    }
+    this.#compile("#/definitions/JSONRPCErrorError");
   }
 
   /** Every client request method the schema knows. */
@@ -190,13 +223,19 @@ export class CodexSchema {
     return errors === undefined ? undefined : violation(`${method} response: ${errors}`, method);
   }
 
-  /** The errors of `value` against the schema at `pointer`, or `undefined`. */
-  #validate(pointer: string, value: unknown, root: string): string | undefined {
+  #compile(pointer: string | undefined): ValidateFunction | undefined {
+    if (pointer === undefined) return undefined;
     let validate = this.#validators.get(pointer);
     if (!validate) {
       validate = this.#ajv.compile({ $ref: `${SCHEMA_ID}${pointer}` });
       this.#validators.set(pointer, validate);
     }
+    return validate;
+  }
+
+  /** The errors of `value` against the schema at `pointer`, or `undefined`. */
+  #validate(pointer: string, value: unknown, root: string): string | undefined {
+    const validate = this.#compile(pointer)!;
     if (validate(value)) return undefined;
     return formatErrors(validate.errors ?? [], root);
   }
