@@ -1,6 +1,13 @@
 // deno-lint-ignore-file no-explicit-any -- the fake reads and writes arbitrary JSON-RPC; tests assert on shapes.
 // A scripted fake codex app-server on 127.0.0.1, port 0. Tests drive each connection
 // ("peer") by hand: wait for a request, answer it, reorder, delay, drop or inject frames.
+//
+// Every frame it sends through `send` (and `reply`, `replyError`, `notify`, `request`) is
+// checked against the installed codex's own schema (tests/_schema.ts), so the fake cannot
+// drift from the real codex: a violation is recorded and thrown by `scriptsDone()` and
+// `close()`, which fails the test. A frame a test means to be malformed goes through
+// `sendRaw` or `sendUnchecked`.
+import { codexSchema, type SchemaViolationError } from "./_schema.ts";
 import { createServer, type IncomingMessage, type Server } from "node:http";
 import type { Duplex } from "node:stream";
 import { type WebSocket, WebSocketServer } from "ws";
@@ -27,6 +34,11 @@ export interface FakeServerOptions {
   handshake?: boolean;
   /** Answer thread/resume automatically. Default true. */
   autoResume?: boolean;
+  /**
+   * Check every frame sent through `send` against codex's schema. Default true; off only for
+   * a server that speaks methods of its own (the bench's control requests).
+   */
+  schema?: boolean;
 }
 
 type Handler = (message: Message) => boolean;
@@ -41,10 +53,27 @@ export class FakePeer {
   #waiters: { match: (m: Message) => boolean; resolve: (m: Message) => void }[] = [];
   #handlers: Handler[] = [];
   #serverRequests = new Map<number | string, (m: Message) => void>();
+  #check: ((frame: Message) => void) | undefined;
 
-  constructor(ws: WebSocket, headers: IncomingMessage["headers"]) {
+  /**
+   * @param ws The server side of the connection.
+   * @param headers The upgrade request's headers.
+   * @param violations Where frames that break codex's schema are recorded; unchecked if absent.
+   */
+  constructor(
+    ws: WebSocket,
+    headers: IncomingMessage["headers"],
+    violations?: SchemaViolationError[],
+  ) {
     this.ws = ws;
     this.headers = headers;
+    if (violations) {
+      const schema = codexSchema();
+      this.#check = (frame) => {
+        const violation = schema.checkServerFrame(frame, (id) => this.#requestMethod(id));
+        if (violation) violations.push(violation);
+      };
+    }
     this.closed = new Promise((resolve) => ws.once("close", () => resolve()));
     ws.on("message", (data, isBinary) => {
       if (isBinary) return;
@@ -98,8 +127,24 @@ export class FakePeer {
     return new Promise((resolve) => this.#waiters.push({ match, resolve }));
   }
 
+  /** Sends a frame that must conform to codex's schema (see `FakeServerOptions.schema`). */
   send(message: unknown): void {
+    this.#check?.(message as Message);
+    this.sendUnchecked(message);
+  }
+
+  /** Sends a frame as is, unchecked: for frames a test makes malformed on purpose. */
+  sendUnchecked(message: unknown): void {
     if (this.ws.readyState === this.ws.OPEN) this.ws.send(JSON.stringify(message));
+  }
+
+  /** The method of the latest client request with this id. */
+  #requestMethod(id: unknown): string | undefined {
+    for (let i = this.received.length - 1; i >= 0; i--) {
+      const message = this.received[i]!;
+      if (message.id === id && message.method !== undefined) return message.method;
+    }
+    return undefined;
   }
 
   sendRaw(data: string | Uint8Array): void {
@@ -121,10 +166,19 @@ export class FakePeer {
     this.send({ method, params });
   }
 
-  /** Sends a server→client request and resolves with the client's answer. */
-  request(method: string, params: unknown, id: number | string): Promise<Message> {
+  /**
+   * Sends a server→client request and resolves with the client's answer. `unchecked` skips
+   * the schema check, for a request codex would never send (an unknown method).
+   */
+  request(
+    method: string,
+    params: unknown,
+    id: number | string,
+    options: { unchecked?: boolean } = {},
+  ): Promise<Message> {
     const answer = new Promise<Message>((resolve) => this.#serverRequests.set(id, resolve));
-    this.send({ id, method, params });
+    if (options.unchecked) this.sendUnchecked({ id, method, params });
+    else this.send({ id, method, params });
     return answer;
   }
 
@@ -155,6 +209,10 @@ export async function startFakeAppServer(
 ): Promise<FakeAppServer> {
   const peers: FakePeer[] = [];
   const errors: unknown[] = [];
+  const violations: SchemaViolationError[] | undefined = options.schema === false ? undefined : [];
+  // Generated before the first connection, so no test's first frame pays for it.
+  if (violations) codexSchema();
+  const failure = () => errors[0] ?? violations?.[0];
   const scripts: Promise<void>[] = [];
   const peerWaiters: ((peer: FakePeer) => void)[] = [];
   const readyPeers: FakePeer[] = [];
@@ -171,11 +229,11 @@ export async function startFakeAppServer(
       return;
     }
     wss.handleUpgrade(req, socket, head, (ws) => {
-      const peer = new FakePeer(ws, req.headers);
+      const peer = new FakePeer(ws, req.headers, violations);
       if (options.autoResume !== false) {
         peer.handle((m) => {
           if (m.method !== "thread/resume") return false;
-          peer.send({ id: m.id, result: { thread: { id: m.params?.threadId } } });
+          peer.send({ id: m.id, result: threadResult(m.params?.threadId) });
           return true;
         });
       }
@@ -216,7 +274,8 @@ export async function startFakeAppServer(
     },
     async scriptsDone() {
       await Promise.all(scripts);
-      if (errors.length > 0) throw errors[0];
+      const error = failure();
+      if (error !== undefined) throw error;
     },
     async close() {
       for (const peer of peers) peer.terminate();
@@ -224,7 +283,8 @@ export async function startFakeAppServer(
       wss.close();
       http.closeAllConnections();
       await new Promise<void>((resolve) => http.close(() => resolve()));
-      if (errors.length > 0) throw errors[0];
+      const error = failure();
+      if (error !== undefined) throw error;
     },
   };
 }
@@ -248,6 +308,81 @@ export function agentMessage(id: string, text: string): any {
   return { type: "agentMessage", id, text, phase: null };
 }
 
+/** A thread as codex sends it in thread/start and thread/resume results. */
+export function threadObject(id: string, turns: unknown[] = []): any {
+  return {
+    id,
+    sessionId: `session-${id}`,
+    projectId: null,
+    preview: "",
+    ephemeral: false,
+    modelProvider: "mock",
+    createdAt: 1,
+    updatedAt: 1,
+    status: { type: "idle" },
+    cwd: "/tmp/fake",
+    cliVersion: "0.0.0",
+    source: "appServer",
+    turns,
+  };
+}
+
+/** The result of thread/start or thread/resume, as codex sends it. */
+export function threadResult(id: string, turns: unknown[] = []): any {
+  return {
+    thread: threadObject(id, turns),
+    model: "mock",
+    modelProvider: "mock",
+    cwd: "/tmp/fake",
+    approvalPolicy: "never",
+    approvalsReviewer: "user",
+    sandbox: { type: "readOnly" },
+  };
+}
+
+/**
+ * Params codex could send with a server request, for tests that care only about the answer.
+ *
+ * @param method A server request method of codex's schema.
+ * @returns Params that conform to the schema.
+ */
+export function serverRequestParams(method: string): any {
+  const about = { threadId: "thr-0", turnId: "turn-0" };
+  switch (method) {
+    case "item/commandExecution/requestApproval":
+    case "item/fileChange/requestApproval":
+      return { ...about, itemId: "item-0", startedAtMs: 1 };
+    case "item/permissions/requestApproval":
+      return {
+        ...about,
+        itemId: "item-0",
+        startedAtMs: 1,
+        cwd: "/tmp/fake",
+        permissions: { network: { enabled: true } },
+      };
+    case "item/tool/requestUserInput":
+      return { ...about, itemId: "item-0", isBlocking: true, questions: [] };
+    case "mcpServer/elicitation/request":
+      return {
+        ...about,
+        serverName: "mock",
+        mode: "form",
+        message: "Your name?",
+        requestedSchema: { type: "object", properties: {} },
+      };
+    case "item/tool/call":
+      return { ...about, callId: "call-0", tool: "mock", arguments: {} };
+    case "applyPatchApproval":
+      return { conversationId: "thr-0", callId: "call-0", fileChanges: {} };
+  }
+  throw new TypeError(`No sample params for server request ${method}`);
+}
+
+/** The params of item/completed, as codex sends them. */
+export function itemCompleted(threadId: string, turnId: string, item: unknown): any {
+  return { threadId, turnId, item, completedAtMs: 1 };
+}
+
 export interface CodexLikeOptions {
   /** Text of the agent message per turn. */
   text?: (input: unknown) => string;
@@ -267,11 +402,11 @@ export function codexLike(peer: FakePeer, options: CodexLikeOptions = {}): void 
   const running = new Map<string, string>();
   peer.handle((m) => {
     if (m.method === "thread/start") {
-      peer.send({ id: m.id, result: { thread: { id: `thr-${++threads}` }, model: "mock" } });
+      peer.send({ id: m.id, result: threadResult(`thr-${++threads}`) });
       return true;
     }
     if (m.method === "thread/resume") {
-      peer.send({ id: m.id, result: { thread: { id: m.params.threadId } } });
+      peer.send({ id: m.id, result: threadResult(m.params.threadId) });
       return true;
     }
     if (m.method === "turn/interrupt") {
@@ -292,12 +427,15 @@ export function codexLike(peer: FakePeer, options: CodexLikeOptions = {}): void 
     const text = options.text ? options.text(m.params.input) : `echo ${turnId}`;
     const item = agentMessage(`msg-${turnId}`, text);
     const complete = () => {
-      peer.notify("item/completed", {
-        threadId,
-        turnId,
-        item: { type: "userMessage", id: `user-${turnId}`, content: m.params.input },
-      });
-      peer.notify("item/completed", { threadId, turnId, item });
+      peer.notify(
+        "item/completed",
+        itemCompleted(threadId, turnId, {
+          type: "userMessage",
+          id: `user-${turnId}`,
+          content: m.params.input,
+        }),
+      );
+      peer.notify("item/completed", itemCompleted(threadId, turnId, item));
       peer.notify("turn/completed", { threadId, turn: turnObject(turnId, "completed", [item]) });
     };
     const respond = () =>

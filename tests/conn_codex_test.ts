@@ -9,7 +9,8 @@
  * `after`, outside every test, since a process a test did not start must not exit in it.
  */
 
-import { test } from "./_test.ts";
+import { test as register } from "./_test.ts";
+import { checkingSentFrames } from "./_schema.ts";
 import { useCodexFixture } from "./_codex_fixture.ts";
 import { isAlive, waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
@@ -28,6 +29,9 @@ import {
 } from "../mod.ts";
 import type { Endpoint } from "../src/resolver.ts";
 import { echo, execThenReply, reply } from "./_mock_model.ts";
+
+// Every frame the broker sends to the real codex must conform to codex's own schema.
+const test = checkingSentFrames(register);
 
 const WORKSPACE = "conn-codex";
 const COMMAND_APPROVAL = "item/commandExecution/requestApproval";

@@ -20,9 +20,12 @@ import {
   agentMessage,
   codexLike,
   type FakePeer,
+  itemCompleted,
   type Message,
   type Req,
+  serverRequestParams,
   startFakeAppServer,
+  threadResult,
   turnObject,
 } from "./_fake_app_server.ts";
 
@@ -62,7 +65,12 @@ test("Conn.dial() sends initialize with clientInfo, then initialized, with the u
       clientInfo: { name: "test_client", title: "Test", version: "1.2.3" },
       capabilities: null,
     });
-    peer.reply(init, { userAgent: "fake" });
+    peer.reply(init, {
+      userAgent: "fake",
+      codexHome: "/tmp/fake",
+      platformFamily: "unix",
+      platformOs: "linux",
+    });
     const conn = await dialing;
     const initialized = await peer.next();
     assert.equal(initialized.method, "initialized");
@@ -242,13 +250,12 @@ test("Conn.turn() collects item/completed in arrival order, sets itemsView full 
     const start = await peer.expect("turn/start");
     const { threadId } = start.params;
     peer.reply(start, { turn: turnObject("u1", "inProgress") });
-    peer.notify("item/completed", {
-      threadId,
-      turnId: "u1",
-      item: { type: "userMessage", id: "a" },
-    });
-    peer.notify("item/completed", { threadId, turnId: "other", item: { type: "x", id: "stray" } });
-    peer.notify("item/completed", { threadId, turnId: "u1", item: agentMessage("b", "done") });
+    peer.notify(
+      "item/completed",
+      itemCompleted(threadId, "u1", { type: "userMessage", id: "a", content: [] }),
+    );
+    peer.notify("item/completed", itemCompleted(threadId, "other", agentMessage("stray", "")));
+    peer.notify("item/completed", itemCompleted(threadId, "u1", agentMessage("b", "done")));
     peer.notify("turn/completed", {
       threadId,
       turn: {
@@ -316,13 +323,17 @@ test("Conn tells a server request with id 0 from the response to client request 
     // Server request ids start at 0 like the client's: the same id, different meaning.
     const answer0 = await peer.request(
       "item/commandExecution/requestApproval",
-      { threadId: "t", turnId: "u", itemId: "i", command: "ls" },
+      { ...serverRequestParams("item/commandExecution/requestApproval"), command: "ls" },
       start.id,
     );
     assert.equal(answer0.result.decision, "decline");
-    const answer1 = await peer.request("item/tool/requestUserInput", {}, 0);
+    const answer1 = await peer.request(
+      "item/tool/requestUserInput",
+      serverRequestParams("item/tool/requestUserInput"),
+      0,
+    );
     assert.deepEqual(answer1.result, { answers: {} });
-    peer.reply(start, { thread: { id: "thr-x" } });
+    peer.reply(start, threadResult("thr-x"));
   }, { handshake: true });
   const conn = await Conn.dial(server.url);
   try {
@@ -726,7 +737,9 @@ test("Conn answers each server request per the default decline policy", async ()
       "something/unknown",
     ];
     for (const [i, method] of methods.entries()) {
-      const answer = await peer.request(method, { permissions: { network: true } }, i);
+      const answer = method === "something/unknown"
+        ? await peer.request(method, {}, i, { unchecked: true })
+        : await peer.request(method, serverRequestParams(method), i);
       answers[method] = answer.error ? { code: answer.error.code } : answer.result;
     }
   });
@@ -759,20 +772,17 @@ test("Conn answers each server request per the default decline policy", async ()
 test("Conn answers approvals with accept when approvals is accept", async () => {
   const answers: unknown[] = [];
   const server = await startFakeAppServer(async (peer) => {
-    answers.push((await peer.request("item/commandExecution/requestApproval", {}, 0)).result);
-    answers.push(
-      (await peer.request(
-        "item/permissions/requestApproval",
-        { permissions: { network: true } },
-        1,
-      ))
-        .result,
-    );
+    for (const [i, method] of ["commandExecution", "permissions"].entries()) {
+      const name = `item/${method}/requestApproval`;
+      answers.push((await peer.request(name, serverRequestParams(name), i)).result);
+    }
   });
   const conn = await Conn.dial(server.url, { approvals: "accept" });
   try {
     await server.scriptsDone();
-    assert.deepEqual(answers, [{ decision: "accept" }, { permissions: { network: true } }]);
+    assert.deepEqual(answers, [{ decision: "accept" }, {
+      permissions: { network: { enabled: true } },
+    }]);
   } finally {
     conn.close();
     await server.close();
@@ -783,7 +793,8 @@ test("Conn answers with an approval function, and with an error when it throws o
   const answers: unknown[] = [];
   const server = await startFakeAppServer(async (peer) => {
     for (const [i, method] of ["ok", "sync-throw", "async-reject", "undefined"].entries()) {
-      answers.push(await peer.request(method, { n: i }, i));
+      // Methods of the test's own: the policy function sees any method codex may add.
+      answers.push(await peer.request(method, { n: i }, i, { unchecked: true }));
     }
   });
   const conn = await Conn.dial(server.url, {
@@ -830,7 +841,7 @@ test("Conn drops and counts bad frames and stays usable", async () => {
     peer.sendRaw(
       JSON.stringify({ method: "item/agentMessage/delta", params: { ok: "é".repeat(300) } }),
     );
-    peer.reply(start, { thread: { id: "thr-ok" } });
+    peer.reply(start, threadResult("thr-ok"));
     codexLike(peer);
   });
   const conn = await Conn.dial(server.url, { maxMessageBytes: 1_000 });
@@ -928,17 +939,43 @@ test("Conn.turn() hands onNotification its own turn's notifications in order, ea
     const second = await peer.expect("turn/start");
     // Before the turn/start response: a late one of u1, then u2's own (codex does not order
     // these and the response).
-    peer.notify("item/agentMessage/delta", { threadId: "t1", turnId: "u1", delta: "late" });
-    peer.notify("thread/status/changed", { threadId: "t1", status: { type: "active" } });
+    peer.notify("item/agentMessage/delta", {
+      threadId: "t1",
+      turnId: "u1",
+      itemId: "m",
+      delta: "late",
+    });
+    peer.notify("thread/status/changed", {
+      threadId: "t1",
+      status: { type: "active", activeFlags: [] },
+    });
     peer.notify("turn/started", { threadId: "t1", turn: turnObject("u2", "inProgress") });
     peer.reply(second, { turn: turnObject("u2", "inProgress") });
-    peer.notify("item/agentMessage/delta", { threadId: "t1", turnId: "u2", delta: "a" });
-    peer.notify("item/agentMessage/delta", { threadId: "t1", turnId: "u1", delta: "later" });
-    peer.notify("item/agentMessage/delta", { threadId: "t2", turnId: "u2", delta: "elsewhere" });
-    peer.notify("item/completed", { threadId: "t1", turnId: "u2", item: agentMessage("m", "a") });
+    peer.notify("item/agentMessage/delta", {
+      threadId: "t1",
+      turnId: "u2",
+      itemId: "m",
+      delta: "a",
+    });
+    peer.notify("item/agentMessage/delta", {
+      threadId: "t1",
+      turnId: "u1",
+      itemId: "m",
+      delta: "later",
+    });
+    peer.notify("item/agentMessage/delta", {
+      threadId: "t2",
+      turnId: "u2",
+      itemId: "m",
+      delta: "elsewhere",
+    });
+    peer.notify("item/completed", itemCompleted("t1", "u2", agentMessage("m", "a")));
     peer.notify("thread/status/changed", { threadId: "t1", status: { type: "idle" } });
     completeTurn(peer, "t1", "u2");
-    peer.notify("thread/status/changed", { threadId: "t1", status: { type: "active" } });
+    peer.notify("thread/status/changed", {
+      threadId: "t1",
+      status: { type: "active", activeFlags: [] },
+    });
   });
   const conn = await Conn.dial(server.url);
   try {
@@ -973,8 +1010,16 @@ test("Conn.turn() hands a turn waiting in line none of the running turn's notifi
     const first = await peer.expect("turn/start");
     peer.reply(first, { turn: turnObject("u1", "inProgress") });
     for (let i = 0; i < flood / 2; i++) {
-      peer.notify("item/agentMessage/delta", { threadId: "t1", turnId: "u1", delta: `${i}` });
-      peer.notify("thread/status/changed", { threadId: "t1", status: { type: "active" } });
+      peer.notify("item/agentMessage/delta", {
+        threadId: "t1",
+        turnId: "u1",
+        itemId: "m",
+        delta: `${i}`,
+      });
+      peer.notify("thread/status/changed", {
+        threadId: "t1",
+        status: { type: "active", activeFlags: [] },
+      });
     }
     completeTurn(peer, "t1", "u1");
     const second = await peer.expect("turn/start");
@@ -1015,7 +1060,7 @@ test("Conn answers with an error when an approval policy's result cannot be sent
   const methods = ["bigint", "circular", "function", "sync-bigint", "odd-throw", "ok"];
   const server = await startFakeAppServer(async (peer) => {
     for (const [i, method] of methods.entries()) {
-      answers.set(method, await peer.request(method, {}, i));
+      answers.set(method, await peer.request(method, {}, i, { unchecked: true }));
     }
   });
   const rejections = watchUnhandledRejections();
@@ -1190,7 +1235,7 @@ test("Conn.turn() times out, not with a stale overload, when turn/start gets no 
     peer.handle((m) => {
       if (m.method === "thread/resume") {
         if (resumes++ === 0) peer.replyError(m as Req, -32001, "Server overloaded; retry later.");
-        else peer.reply(m as Req, { thread: { id: "t1" } });
+        else peer.reply(m as Req, threadResult("t1"));
         return true;
       }
       return m.method === "turn/start"; // never answered

@@ -10,7 +10,9 @@ import {
   type FakePeer,
   type Message,
   type Req,
+  serverRequestParams,
   startFakeAppServer,
+  threadResult,
   turnObject,
 } from "./_fake_app_server.ts";
 
@@ -151,7 +153,7 @@ function trackIntervals(): { readonly live: number; restore(): void } {
 function fixedTurn(peer: FakePeer, gate: () => Promise<void> = async () => {}): void {
   peer.handle((m) => {
     if (m.method === "thread/start") {
-      peer.reply(m as Req, { thread: { id: "thr-1" } });
+      peer.reply(m as Req, threadResult("thr-1"));
       return true;
     }
     if (m.method !== "turn/start") return false;
@@ -160,14 +162,20 @@ function fixedTurn(peer: FakePeer, gate: () => Promise<void> = async () => {}): 
     peer.notify("turn/started", { threadId, turn: turnObject("turn-1", "inProgress") });
     // Another thread's event on the same connection: must not show in this turn's stream.
     peer.notify("item/completed", {
+      completedAtMs: 1,
       threadId: "thr-other",
       turnId: "x",
       item: agentMessage("o", "no"),
     });
     void gate().then(() => {
       const item = agentMessage("msg-1", "hello");
-      peer.notify("item/agentMessage/delta", { threadId, turnId: "turn-1", delta: "hello" });
-      peer.notify("item/completed", { threadId, turnId: "turn-1", item });
+      peer.notify("item/agentMessage/delta", {
+        threadId,
+        turnId: "turn-1",
+        itemId: "m1",
+        delta: "hello",
+      });
+      peer.notify("item/completed", { completedAtMs: 1, threadId, turnId: "turn-1", item });
       peer.notify("turn/completed", { threadId, turn: turnObject("turn-1", "completed", [item]) });
     });
     return true;
@@ -536,7 +544,7 @@ test("POST /api/turns answers transport subprocessCrash with threadId null when 
 test("POST /api/turns answers transport wsDisconnect with the thread when the socket dies mid-turn", async () => {
   const h = await harness(async (peer) => {
     const start = await peer.expect("thread/start");
-    peer.reply(start, { thread: { id: "thr-1" } });
+    peer.reply(start, threadResult("thr-1"));
     await peer.expect("turn/start");
     peer.terminate();
   });
@@ -555,7 +563,7 @@ test("POST /api/turns answers transport wsDisconnect with the thread when the so
 test("POST /api/turns answers transport subprocessCrash when the app-server died mid-turn", async () => {
   const server = await startFakeAppServer(async (peer) => {
     const start = await peer.expect("thread/start");
-    peer.reply(start, { thread: { id: "thr-1" } });
+    peer.reply(start, threadResult("thr-1"));
     await peer.expect("turn/start");
     peer.terminate();
   });
@@ -584,7 +592,7 @@ test("POST /api/turns answers transport subprocessCrash when the app-server died
 test("POST /api/turns answers transport rpcError with the JSON-RPC code and data", async () => {
   const h = await harness(async (peer) => {
     const start = await peer.expect("thread/start");
-    peer.reply(start, { thread: { id: "thr-1" } });
+    peer.reply(start, threadResult("thr-1"));
     const turn = await peer.expect("turn/start");
     peer.replyError(turn, -32602, "Invalid input", { field: "input" });
   });
@@ -728,6 +736,7 @@ test("POST /api/turns streams only its own turn's events when it waited behind a
     peer.reply(first, { turn: turnObject("u1", "inProgress") });
     const second = peer.expect("turn/start");
     peer.notify("item/completed", {
+      completedAtMs: 1,
       threadId: "t1",
       turnId: "u1",
       item: { type: "agentMessage", id: "a1", text: "first" },
@@ -737,6 +746,7 @@ test("POST /api/turns streams only its own turn's events when it waited behind a
     peer.notify("turn/started", { threadId: "t1", turn: turnObject("u2", "inProgress") });
     peer.reply(start, { turn: turnObject("u2", "inProgress") });
     peer.notify("item/completed", {
+      completedAtMs: 1,
       threadId: "t1",
       turnId: "u2",
       item: { type: "agentMessage", id: "a2", text: "second" },
@@ -820,7 +830,7 @@ function floodingCodex(count: number, size: number) {
       let turns = 0;
       peer.handle((m) => {
         if (m.method === "thread/start") {
-          peer.reply(m as Req, { thread: { id: "thr-1" } });
+          peer.reply(m as Req, threadResult("thr-1"));
           return true;
         }
         if (m.method === "turn/interrupt") {
@@ -844,7 +854,7 @@ function floodingCodex(count: number, size: number) {
           }
         } else {
           const item = agentMessage(`msg-${turnId}`, "after the flood");
-          peer.notify("item/completed", { threadId, turnId, item });
+          peer.notify("item/completed", { completedAtMs: 1, threadId, turnId, item });
           peer.notify("turn/completed", {
             threadId,
             turn: turnObject(turnId, "completed", [item]),
@@ -1216,8 +1226,12 @@ test("GET /metrics answers Prometheus text with turns, durations, connections, s
   const h = await harness(async (peer) => {
     codexLike(peer);
     // One approval request, and one with a method that needs label escaping.
-    await peer.request("item/commandExecution/requestApproval", { threadId: "thr-0" }, "a1");
-    await peer.request('odd"\\method\n', {}, "a2");
+    await peer.request(
+      "item/commandExecution/requestApproval",
+      serverRequestParams("item/commandExecution/requestApproval"),
+      "a1",
+    );
+    await peer.request('odd"\\method\n', {}, "a2", { unchecked: true });
   });
   try {
     for (let i = 0; i < 2; i++) {

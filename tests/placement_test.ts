@@ -25,6 +25,7 @@ import {
   type Message,
   type Req,
   startFakeAppServer,
+  threadResult,
   turnObject,
 } from "./_fake_app_server.ts";
 import { waitFor } from "./_wait.ts";
@@ -290,7 +291,7 @@ test(
     const codex = (peer: FakePeer) => {
       peer.handle((m) => {
         if (m.method === "thread/start") {
-          peer.reply(m as Req, { thread: { id: "thr-1" } });
+          peer.reply(m as Req, threadResult("thr-1"));
           return true;
         }
         if (m.method !== "turn/start") return false;
@@ -300,7 +301,7 @@ test(
         // The rest only once the client has seen turn/started through both brokers.
         void gate.promise.then(() => {
           const item = agentMessage("msg-1", "hello");
-          peer.notify("item/completed", { threadId, turnId: "turn-1", item });
+          peer.notify("item/completed", { completedAtMs: 1, threadId, turnId: "turn-1", item });
           peer.notify("turn/completed", {
             threadId,
             turn: turnObject("turn-1", "completed", [item]),
@@ -396,7 +397,7 @@ test(
     const codex = (peer: FakePeer) => {
       peer.handle((m) => {
         if (m.method === "thread/start") {
-          peer.reply(m as Req, { thread: { id: "thr-1" } });
+          peer.reply(m as Req, threadResult("thr-1"));
           return true;
         }
         if (m.method !== "turn/start") return false;

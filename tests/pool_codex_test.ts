@@ -10,7 +10,8 @@
  * stops it before it returns (`pool.close()` releases it, or the test closes its own resolver).
  */
 
-import { test } from "./_test.ts";
+import { test as register } from "./_test.ts";
+import { checkingSentFrames } from "./_schema.ts";
 import { fixtureResolver, useCodexFixture } from "./_codex_fixture.ts";
 import { isAlive, waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
@@ -33,6 +34,9 @@ import {
 } from "../mod.ts";
 import type { CodexResolver } from "../src/supervisor.ts";
 import { echo, execThenReply, reply } from "./_mock_model.ts";
+
+// Every frame the broker sends to the real codex must conform to codex's own schema.
+const test = checkingSentFrames(register);
 
 const TURN_TIMEOUT_MS = 10_000;
 /** The workspaces whose codex processes every test may use through {@linkcode keepAlive}. */

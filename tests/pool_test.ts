@@ -221,7 +221,12 @@ test("Pool never reaps a connection whose long turn keeps streaming", async () =
     await waitFor("turn/start", () => peer.received.some((m) => m.method === "turn/start"));
     for (let i = 0; i < 6; i++) {
       await new Promise((resolve) => setTimeout(resolve, 15));
-      peer.notify("item/agentMessage/delta", { threadId: "t1", turnId: "turn-1", delta: "x" });
+      peer.notify("item/agentMessage/delta", {
+        threadId: "t1",
+        turnId: "turn-1",
+        itemId: "m1",
+        delta: "x",
+      });
     }
     peer.notify("turn/completed", {
       threadId: "t1",
