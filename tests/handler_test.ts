@@ -1627,7 +1627,7 @@ test("POST /api/turns answers a turn failed by the provider's 401 with codexErro
   const h = await harness((peer) => {
     peer.handle((m) => {
       if (m.method === "thread/start") {
-        peer.reply(m as Req, { thread: { id: "thr-1" }, model: "mock" });
+        peer.reply(m as Req, threadResult("thr-1"));
         return true;
       }
       if (m.method !== "turn/start") return false;
