@@ -15,9 +15,10 @@
  * socket, timer or directory behind (Deno's test sanitizers stay quiet).
  *
  * @example Run a turn against the fake app-server
- * ```ts ignore
+ * ```ts
  * import { Conn } from "@codex-broker/broker";
  * import { codexLike, startFakeAppServer } from "@codex-broker/broker/testing";
+ * import assert from "node:assert/strict";
  *
  * const server = await startFakeAppServer({
  *   token: "test-token",
@@ -31,7 +32,8 @@
  *   const turn = await conn.turn(threadId, {
  *     input: [{ type: "text", text: "hi", text_elements: [] }],
  *   });
- *   console.log(turn.status, turn.items.at(-1)); // completed { type: "agentMessage", … }
+ *   assert.equal(turn.status, "completed");
+ *   assert.equal(turn.items.at(-1)?.text, "hello from the fake");
  *   conn.close();
  *   await conn.finished;
  * } finally {
