@@ -56,6 +56,12 @@ export interface MockModel {
 export interface MockModelOptions {
   /** Initial responder. Defaults to {@linkcode echo}. */
   respond?: MockResponder;
+  /**
+   * When set, a request without `Authorization: Bearer API_KEY` gets 401 with an
+   * OpenAI-style `invalid_api_key` error, as a real provider answers, and is not recorded
+   * in {@linkcode MockModel.requests}.
+   */
+  apiKey?: string;
 }
 
 /**
@@ -132,7 +138,7 @@ export function execThenReply(cmd: string, text = "done"): MockResponder {
  * await model.close(); // also ends the hung stream
  * ```
  *
- * @param options The initial responder.
+ * @param options The initial responder and the API key it requires, if any.
  * @returns The running mock; `close()` it when done.
  */
 export async function startMockModel(options: MockModelOptions = {}): Promise<MockModel> {
@@ -153,6 +159,16 @@ export async function startMockModel(options: MockModelOptions = {}): Promise<Mo
     const raw = await readBody(req);
     if (req.method !== "POST" || !req.url?.startsWith("/v1/responses")) {
       res.writeHead(404, { "content-type": "text/plain" }).end("not found");
+      return;
+    }
+    if (options.apiKey !== undefined && req.headers.authorization !== `Bearer ${options.apiKey}`) {
+      res.writeHead(401, { "content-type": "application/json" }).end(JSON.stringify({
+        error: {
+          message: "Incorrect API key provided",
+          type: "invalid_request_error",
+          code: "invalid_api_key",
+        },
+      }));
       return;
     }
     const body = JSON.parse(raw) as Record<string, unknown>;

@@ -290,6 +290,28 @@ test("FakePeer.sendRaw() with fragmentSize sends a text frame, then continuation
   }
 });
 
+test("startMockModel() with apiKey answers 401 invalid_api_key without the bearer key", async () => {
+  const model = await startMockModel({ apiKey: "sk-test", respond: reply("hi") });
+  try {
+    const post = (headers: Record<string, string>) =>
+      fetch(`${model.baseUrl}/responses`, {
+        method: "POST",
+        headers: { "content-type": "application/json", ...headers },
+        body: JSON.stringify({ model: "mock-model", input: [] }),
+      });
+    const refused = await post({ authorization: "Bearer wrong" });
+    assert.equal(refused.status, 401);
+    assert.equal((await refused.json()).error.code, "invalid_api_key");
+    assert.equal(model.requests.length, 0);
+    const accepted = await post({ authorization: "Bearer sk-test" });
+    assert.equal(accepted.status, 200);
+    assert.match(await accepted.text(), /event: response\.completed/);
+    assert.equal(model.requests.length, 1);
+  } finally {
+    await model.close();
+  }
+});
+
 test("The ./testing module example passes under deno test --doc", { timeout: 60_000 }, async () => {
   // The package imports itself by name (`@codex-broker/broker/testing`), which Deno resolves
   // from deno.json without JSR. The real-codex example is `ignore`d there: the next test runs it.
