@@ -57,11 +57,11 @@ export interface MockModelOptions {
   /** Initial responder. Defaults to {@linkcode echo}. */
   respond?: MockResponder;
   /**
-   * When set, a request without `Authorization: Bearer API_KEY` gets 401 with an
+   * When set, a request without `Authorization: Bearer <requireKey>` gets 401 with an
    * OpenAI-style `invalid_api_key` error, as a real provider answers, and is not recorded
    * in {@linkcode MockModel.requests}.
    */
-  apiKey?: string;
+  requireKey?: string;
 }
 
 /**
@@ -161,7 +161,10 @@ export async function startMockModel(options: MockModelOptions = {}): Promise<Mo
       res.writeHead(404, { "content-type": "text/plain" }).end("not found");
       return;
     }
-    if (options.apiKey !== undefined && req.headers.authorization !== `Bearer ${options.apiKey}`) {
+    if (
+      options.requireKey !== undefined &&
+      req.headers.authorization !== `Bearer ${options.requireKey}`
+    ) {
       res.writeHead(401, { "content-type": "application/json" }).end(JSON.stringify({
         error: {
           message: "Incorrect API key provided",

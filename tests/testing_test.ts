@@ -290,8 +290,8 @@ test("FakePeer.sendRaw() with fragmentSize sends a text frame, then continuation
   }
 });
 
-test("startMockModel() with apiKey answers 401 invalid_api_key without the bearer key", async () => {
-  const model = await startMockModel({ apiKey: "sk-test", respond: reply("hi") });
+test("startMockModel() with requireKey answers 401 invalid_api_key without the bearer key", async () => {
+  const model = await startMockModel({ requireKey: "sk-test", respond: reply("hi") });
   try {
     const post = (headers: Record<string, string>) =>
       fetch(`${model.baseUrl}/responses`, {
