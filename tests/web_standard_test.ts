@@ -21,7 +21,7 @@ const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
  * Subpath exports that may use runtime APIs. Keep in sync with `RUNTIME_SPECIFIC_EXPORTS` in
  * tests/_run_all.ts.
  */
-const RUNTIME_SPECIFIC_EXPORTS = new Set(["./supervisor", "./main"]);
+const RUNTIME_SPECIFIC_EXPORTS = new Set(["./supervisor", "./main", "./testing"]);
 
 /** Globals that exist only on some runtimes. */
 const FORBIDDEN_GLOBALS = new Set([
