@@ -403,6 +403,45 @@ export interface CodexLikeOptions {
 }
 
 /**
+ * The result of `thread/start` or `thread/resume` as codex 0.169 sends it: the whole thread
+ * (no turns) and the settings it runs with.
+ *
+ * @example Answer thread/start by hand
+ * ```ts ignore
+ * const start = await peer.expect("thread/start");
+ * peer.reply(start, threadResult("thr-1"));
+ * ```
+ *
+ * @param threadId The thread's id.
+ * @returns The result object.
+ */
+export function threadResult(threadId: string): Record<string, unknown> {
+  return {
+    thread: {
+      id: threadId,
+      sessionId: `session-${threadId}`,
+      projectId: null,
+      preview: "",
+      ephemeral: false,
+      modelProvider: "mock",
+      createdAt: 1,
+      updatedAt: 1,
+      status: { type: "idle" },
+      cwd: "/tmp/fake",
+      cliVersion: "0.0.0",
+      source: "appServer",
+      turns: [],
+    },
+    model: "mock",
+    modelProvider: "mock",
+    cwd: "/tmp/fake",
+    approvalPolicy: "never",
+    approvalsReviewer: "user",
+    sandbox: { type: "readOnly" },
+  };
+}
+
+/**
  * Makes a peer answer `thread/start`, `thread/resume`, `turn/start` and `turn/interrupt` the
  * way codex does, with the full notification sequence of each turn and no delay.
  *
@@ -424,11 +463,11 @@ export function codexLike(peer: FakePeer, options: CodexLikeOptions = {}): void 
     if (m.id === undefined) return false;
     const request = m as FakeRequest;
     if (m.method === "thread/start") {
-      peer.reply(request, { thread: { id: `thr-${++threads}` }, model: "mock" });
+      peer.reply(request, threadResult(`thr-${++threads}`));
       return true;
     }
     if (m.method === "thread/resume") {
-      peer.reply(request, { thread: { id: m.params?.threadId } });
+      peer.reply(request, threadResult(String(m.params?.threadId)));
       return true;
     }
     if (m.method === "turn/interrupt") {
@@ -453,8 +492,9 @@ export function codexLike(peer: FakePeer, options: CodexLikeOptions = {}): void 
         threadId,
         turnId,
         item: { type: "userMessage", id: `user-${turnId}`, content: m.params?.input },
+        completedAtMs: Date.now(),
       });
-      peer.notify("item/completed", { threadId, turnId, item });
+      peer.notify("item/completed", { threadId, turnId, item, completedAtMs: Date.now() });
       peer.notify("turn/completed", { threadId, turn: turnObject(turnId, { items: [item] }) });
     };
     const respond = () =>

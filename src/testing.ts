@@ -87,6 +87,7 @@ export {
   type FakeSendOptions,
   type FakeTurn,
   startFakeAppServer,
+  threadResult,
   turnObject,
   type TurnObjectOptions,
 } from "./_testing_fake_app_server.ts";

@@ -5,6 +5,7 @@
  */
 
 import { test } from "./_test.ts";
+import { codexSchema } from "./_schema.ts";
 import { isAlive } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
@@ -392,4 +393,69 @@ test("The real codex runs a turn against startMockModel() with a makeCodexHome()
   }
   assert.ok(pid !== undefined);
   assert.equal(isAlive(pid), false);
+});
+
+test("codexLike() of ./testing sends only frames codex's own schema accepts", async () => {
+  const schema = codexSchema();
+  const server = await startFakeAppServer({ script: (peer) => codexLike(peer) });
+  const frames: unknown[] = [];
+  const methods = new Map<unknown, string>();
+  const ws = new WebSocket(server.url);
+  try {
+    await new Promise((resolve, reject) => {
+      ws.onopen = resolve;
+      ws.onerror = reject;
+    });
+    const waiters: {
+      match: (frame: { id?: unknown; method?: unknown }) => boolean;
+      resolve: () => void;
+    }[] = [];
+    ws.onmessage = (event) => {
+      const frame = JSON.parse(String(event.data));
+      frames.push(frame);
+      for (const waiter of waiters.splice(0)) {
+        if (waiter.match(frame)) waiter.resolve();
+        else waiters.push(waiter);
+      }
+    };
+    const until = (match: (frame: { id?: unknown; method?: unknown }) => boolean) => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      return Promise.race([
+        new Promise<void>((resolve) => waiters.push({ match, resolve })),
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(
+            () => reject(new Error(`Timed out; got ${frames.length} frames`)),
+            5_000,
+          );
+        }),
+      ]).finally(() => clearTimeout(timer));
+    };
+    const call = (id: number, method: string, params: unknown) => {
+      methods.set(id, method);
+      const answered = until((frame) => frame.id === id && frame.method === undefined);
+      ws.send(JSON.stringify({ id, method, params }));
+      return answered;
+    };
+    await call(0, "initialize", {
+      clientInfo: { name: "t", title: "t", version: "0" },
+      capabilities: null,
+    });
+    ws.send(JSON.stringify({ method: "initialized" }));
+    await call(1, "thread/start", {});
+    const completed = until((frame) => frame.method === "turn/completed");
+    await call(2, "turn/start", {
+      threadId: "thr-1",
+      input: [{ type: "text", text: "hi", text_elements: [] }],
+    });
+    await completed;
+    const violations = frames
+      .map((frame) => schema.checkServerFrame(frame, (id) => methods.get(id)))
+      .filter((violation) => violation !== undefined)
+      .map((violation) => violation.message);
+    assert.deepEqual(violations, []);
+    assert.ok(frames.length >= 6, `only ${frames.length} frames`);
+  } finally {
+    ws.close();
+    await server.close();
+  }
 });
