@@ -24,6 +24,18 @@ export interface CodexHomeOptions {
    * header (e.g. `[features]`); top-level keys written here would land in that table.
    */
   extraToml?: string;
+  /** `request_max_retries` of the mock provider. Defaults to 0: a failing mock fails at once. */
+  requestMaxRetries?: number;
+  /**
+   * `stream_max_retries` of the mock provider. Defaults to 0. codex reports each of these
+   * retries to the client as an `error` notification (`Reconnecting... n/m`, `willRetry`).
+   */
+  streamMaxRetries?: number;
+  /**
+   * Sets `requires_openai_auth = true` on the mock provider: codex then sends its OpenAI
+   * login (an API key) as `Authorization: Bearer`, and reports a missing login.
+   */
+  requiresOpenaiAuth?: boolean;
 }
 
 const MODEL_CATALOG_FILE = "model-catalog.json";
@@ -109,8 +121,9 @@ export async function makeCodexHome(
     `name = "mock"`,
     `base_url = ${JSON.stringify(baseUrl)}`,
     `wire_api = "responses"`,
-    `request_max_retries = 0`,
-    `stream_max_retries = 0`,
+    `request_max_retries = ${options.requestMaxRetries ?? 0}`,
+    `stream_max_retries = ${options.streamMaxRetries ?? 0}`,
+    ...(options.requiresOpenaiAuth ? [`requires_openai_auth = true`] : []),
     ``,
     options.extraToml ?? "",
   ].join("\n");
