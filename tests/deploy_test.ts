@@ -7,6 +7,7 @@
  */
 
 import { test } from "./_test.ts";
+import { within } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
@@ -39,21 +40,6 @@ const BIN = join(ROOT, "node_modules", ".bin");
 function pathWithoutCodex(): string {
   return (process.env.PATH ?? "").split(delimiter)
     .filter((dir) => dir !== "" && !existsSync(join(dir, "codex"))).join(delimiter);
-}
-
-/** Resolves with `promise`, or rejects after `ms` naming `what`. */
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`${what} took over ${ms} ms`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 interface Deployment {

@@ -1,4 +1,5 @@
 import { test } from "./_test.ts";
+import { within } from "./_wait.ts";
 import { readEvents } from "./_sse_events.ts";
 import assert from "node:assert/strict";
 import { Pool, PoolClosedError, type PoolOptions } from "../mod.ts";
@@ -101,19 +102,6 @@ async function errorOf(response: Response): Promise<{ code: string; message: str
 function assertNothingReachedCodex(h: Harness): void {
   assert.equal(h.server.peers.length, 0, "no connection was made to the app-server");
   assert.equal(h.pool.size, 0);
-}
-
-/** Resolves with `promise`, or fails after `ms` naming what did not happen. */
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`Timed out waiting for ${what}`)), ms);
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 /**

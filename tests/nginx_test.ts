@@ -2,7 +2,7 @@
 // answer with their own id in X-Broker-Id, as brokers do. What these tests prove holds for
 // the shipped file: the harness replaces only its server lines and its listen port.
 import { test } from "./_test.ts";
-import { waitFor } from "./_wait.ts";
+import { waitFor, within } from "./_wait.ts";
 import {
   type Directive,
   effectiveDirective,
@@ -169,21 +169,6 @@ const WORKSPACES = Array.from({ length: 30 }, (_, i) => `ws-${String(i).padStart
 function busiest(brokers: Broker[], routing: Map<string, string>): Broker {
   const count = (b: Broker) => [...routing.values()].filter((id) => id === b.id).length;
   return brokers.reduce((best, b) => count(b) > count(best) ? b : best);
-}
-
-/** Resolves with `promise`, or rejects after `ms`; leaves no timer behind. */
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`Timed out waiting for ${what}`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 /** The directives named `name` anywhere in a parsed config. */

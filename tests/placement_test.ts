@@ -28,7 +28,7 @@ import {
   threadResult,
   turnObject,
 } from "./_fake_app_server.ts";
-import { waitFor } from "./_wait.ts";
+import { waitFor, within } from "./_wait.ts";
 
 const SECRET = "placement-test-secret";
 const FORWARDED = "x-codex-broker-forwarded";
@@ -178,19 +178,6 @@ async function startBroker(
 
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-/** Resolves with `promise`, or fails after `ms` naming what did not happen. */
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`Timed out waiting for ${what}`)), ms);
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 interface TurnBody {

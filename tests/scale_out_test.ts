@@ -7,6 +7,7 @@
  */
 
 import { test } from "./_test.ts";
+import { waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
@@ -183,14 +184,6 @@ function watchCodex(dir: string): { violations: string[]; stop(): void } {
   return { violations, stop: () => clearInterval(timer) };
 }
 
-async function waitUntil(what: string, check: () => boolean | Promise<boolean>, ms: number) {
-  const deadline = Date.now() + ms;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`Timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 25));
-  }
-}
-
 test(
   "nginx in front of three brokers on one shared volume: affinity, forwarding, failover, drain and restart keep every thread, with one codex per workspace",
   TIMEOUT,
@@ -295,10 +288,11 @@ test(
       const killedAt = Date.now();
       brokers.get(victim)!.process.kill("SIGKILL");
       await brokers.get(victim)!.process.status;
-      await waitUntil(
+      await waitFor(
         "the killed broker's codex processes to die",
         () => victimCodex.every((pid) => !isRunning(pid)),
         5_000,
+        25,
       );
       for (const ws of moved) {
         const run = join(dir, ws.id, "run");
@@ -330,13 +324,14 @@ test(
       const requestsBefore = model.requests.length;
       const slowTurn = turn(base, slow, "path", ":slow");
       slowTurn.catch(() => {}); // read below
-      await waitUntil(
+      await waitFor(
         "the slow turn to reach the model",
         () =>
           model.requests.slice(requestsBefore).some((r) =>
             history(r).at(-1)?.endsWith(":slow") ?? false
           ),
         10_000,
+        25,
       );
       brokers.get(drained)!.process.kill("SIGTERM");
       await inParallel(rest, 4, async (ws) => {
@@ -355,15 +350,18 @@ test(
       // last failure. /healthz is answered by the broker nginx picks (never forwarded), so it
       // tells when nginx sends the workspace's requests to the broker again: the change after
       // which its turns must move within three.
-      await waitUntil(`nginx to send ${moved[0]!.id} to ${victim} again`, async () => {
-        const response = await fetch(`${base}/healthz`, {
-          headers: { "x-workspace-id": moved[0]!.id },
-        });
-        await response.body?.cancel();
-        if (response.headers.get("x-broker-id") === victim) return true;
-        await new Promise((resolve) => setTimeout(resolve, 200));
-        return false;
-      }, 15_000);
+      await waitFor(
+        `nginx to send ${moved[0]!.id} to ${victim} again`,
+        async () => {
+          const response = await fetch(`${base}/healthz`, {
+            headers: { "x-workspace-id": moved[0]!.id },
+          });
+          await response.body?.cancel();
+          return response.headers.get("x-broker-id") === victim;
+        },
+        15_000,
+        200,
+      );
       await inParallel(moved, 6, async (ws) => {
         for (let i = 0; i < 3 && ws.ranOn.at(-1) !== victim; i++) {
           const answer = await turn(base, ws);
@@ -400,7 +398,7 @@ test(
       for (const { process } of brokers.values()) process.kill("SIGTERM");
       await Promise.all([...brokers.values()].map(({ process }) => process.status));
       await model.close();
-      await waitUntil("every codex to exit", () => codexByWorkspace(dir).size === 0, 10_000)
+      await waitFor("every codex to exit", () => codexByWorkspace(dir).size === 0, 10_000, 25)
         .finally(async () => {
           await home.cleanup();
           await rm(dir, { recursive: true, force: true });
