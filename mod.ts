@@ -5,6 +5,7 @@
  *
  * - {@linkcode Conn}: one connection; `dial`, `startThread`, `turn`, `interrupt`, `request`.
  * - {@linkcode Pool}: one connection per workspace, dialed once and reaped when idle.
+ * - {@linkcode parsePolicy}, {@linkcode createParamsCheck}: what callers may ask codex for.
  *
  * @example Run one turn
  * ```ts ignore
@@ -64,6 +65,29 @@ export type {
   Approvals,
   ServerRequestAnswer,
 } from "./src/approvals.ts";
+export {
+  createParamsCheck,
+  DEFAULT_POLICY,
+  DEFAULT_RULES,
+  parsePolicy,
+  PolicyError,
+} from "./src/policy.ts";
+export type {
+  ApprovalPolicyName,
+  ApprovalsReviewerName,
+  CredentialKind,
+  CredentialRules,
+  ExtraFields,
+  ParamsCheck,
+  ParamsCheckOptions,
+  Policy,
+  PolicyContext,
+  PolicyDefaults,
+  PolicyVerdict,
+  SandboxMode,
+  TurnParamsRequest,
+  WorkspacePathResolver,
+} from "./src/policy.ts";
 export type { BackoffOptions } from "./src/_backoff.ts";
 export type { Endpoint, Resolver, WsUrlResolver } from "./src/resolver.ts";
 export { Ownership } from "./src/ownership.ts";
