@@ -20,6 +20,7 @@
 import { Metrics, METRICS_CONTENT_TYPE } from "./metrics.ts";
 import type { Ownership } from "./ownership.ts";
 import type { Pool } from "./pool.ts";
+import type { ParamsCheck } from "./policy.ts";
 import type { ThreadStartParams, Turn, TurnParams } from "./protocol.ts";
 import { FORWARDED_HEADER } from "./_forward.ts";
 import { placeTurn } from "./_placement.ts";
@@ -33,6 +34,13 @@ export { Metrics, METRICS_CONTENT_TYPE, TURN_DURATION_BUCKETS } from "./metrics.
 export { Ownership } from "./ownership.ts";
 export type { Claim, OwnershipOptions } from "./ownership.ts";
 export type { AcquireResult, LeaseHolder, LeaseRecord, LeaseStore } from "./lease.ts";
+export type {
+  CredentialKind,
+  ParamsCheck,
+  PolicyContext,
+  PolicyVerdict,
+  TurnParamsRequest,
+} from "./policy.ts";
 
 /** The broker's version, answered by `GET /healthz` unless the options say otherwise. */
 export const VERSION = "0.1.0"; // keep in sync with deno.json
@@ -107,6 +115,14 @@ export interface TurnsHandlerOptions {
    * resolver does): after a turn, a lease with no codex attached is released.
    */
   ownership?: Ownership;
+  /**
+   * What callers may ask codex for (see `createParamsCheck` in `policy.ts`): run on every
+   * authenticated, valid turn request before anything else happens to it. A refusal is
+   * answered 403 `forbiddenParam` with `error.field` naming the field, and nothing reaches
+   * codex; otherwise the turn runs with the parameters it answers (paths resolved, defaults
+   * filled in). Without it, parameters reach codex as they came.
+   */
+  checkParams?: ParamsCheck;
 }
 
 /** The `codex` field of `GET /healthz`. */
@@ -200,6 +216,7 @@ export type ErrorCode =
   | "threadIdInParams"
   | "invalidTimeout"
   | "invalidThreadParams"
+  | "forbiddenParam"
   | "unauthorized"
   | "notFound"
   | "methodNotAllowed"
@@ -219,8 +236,11 @@ export type ErrorCode =
  * event stream that ended without its turn's answer (`slowReader`).
  */
 export interface ErrorAnswer {
-  /** What is wrong; `owner` names the broker that owns the workspace (`workspaceBusy`). */
-  error: { code: ErrorCode; message: string; owner?: string };
+  /**
+   * What is wrong; `owner` names the broker that owns the workspace (`workspaceBusy`),
+   * `field` the parameter the policy refused (`forbiddenParam`, e.g. `threadParams.cwd`).
+   */
+  error: { code: ErrorCode; message: string; owner?: string; field?: string };
 }
 
 /** A fetch handler: one `Request` in, one `Response` out. */
@@ -302,9 +322,10 @@ function endWithBody(response: Response, onEnd: () => void): Response {
  *   answers 200 `{ threadId, turn }` or 200 `{ threadId, transport: { code, message, data? } }`
  *   with `code` one of `brokerTimeout`, `subprocessCrash`, `wsDisconnect`, `rpcError`,
  *   `overloaded` (with `Retry-After`). A request the handler refuses never reaches codex
- *   and is answered `{ error: { code, message } }` with 400, 401, 404, 405 (with `Allow`),
- *   413 or 415; a closed pool gives 503 `unavailable` and a pool whose every workspace is
- *   busy 503 `atCapacity`, both with `Retry-After`; anything unexpected 500. An
+ *   and is answered `{ error: { code, message } }` with 400, 401, 403 (`forbiddenParam`
+ *   from `checkParams`, with `field`), 404, 405 (with `Allow`), 413 or 415; a closed pool
+ *   gives 503 `unavailable` and a pool whose every workspace is busy 503 `atCapacity`,
+ *   both with `Retry-After`; anything unexpected 500. An
  *   answer given before the body was read to its end (413) carries `Connection: close`.
  * - With `Accept: text/event-stream` a valid request is answered with Server-Sent Events:
  *   `event: thread` as soon as the thread is known, one event per codex notification of
@@ -393,7 +414,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     log,
     shutdownSignal: options.shutdownSignal,
   });
-  const { ownership, brokerId } = options;
+  const { ownership, brokerId, checkParams } = options;
 
   function refuse(
     status: number,
@@ -401,11 +422,13 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     message: string,
     headers: Record<string, string> = {},
     owner?: string,
+    field?: string,
   ): Response {
     metrics.observeBadRequest(status);
-    log({ msg: "bad request", status, code });
+    log({ msg: "bad request", status, code, ...(field === undefined ? {} : { field }) });
     const error: ErrorAnswer["error"] = { code, message };
     if (owner !== undefined) error.owner = owner;
+    if (field !== undefined) error.field = field;
     return json(status, { error } satisfies ErrorAnswer, headers);
   }
 
@@ -488,7 +511,19 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     }
     const read = await readTurnRequest(request, limits, pathWorkspaceId);
     if (!read.ok) return refuse(read.status, read.code, read.message, read.headers);
-    const turn = read.value;
+    let turn = read.value;
+    if (checkParams) {
+      // The credential kind is the operator's secret until tokens come.
+      const verdict = await checkParams(turn, {
+        credential: "secret",
+        workspaceId: turn.workspaceId,
+      });
+      if (!verdict.allowed) {
+        return refuse(403, "forbiddenParam", verdict.message, {}, undefined, verdict.field);
+      }
+      const { threadParams, params } = verdict;
+      turn = { ...turn, params, ...(threadParams ? { threadParams } : {}) };
+    }
     let served = () => {};
     if (ownership) {
       let placement;
