@@ -7,9 +7,10 @@
  * @module
  */
 
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { resolve as resolvePath } from "node:path";
 import type { BrokerOptions } from "./main.ts";
+import { parsePolicy, PolicyError } from "./policy.ts";
 
 /** What {@linkcode parseFlags} found: a request for help, or the options to start with. */
 export type ParsedFlags =
@@ -246,6 +247,32 @@ const FLAGS: readonly Flag[] = [
         );
       }
       options.maxWorkspaces = Number(text);
+    },
+  },
+  {
+    name: "policy",
+    value: "<file>",
+    help: [
+      "JSON policy on what callers may set in threadParams and params",
+      "(sandbox, approvals, models, cwd, …) per credential kind; see the",
+      "README. Default: no danger-full-access, cwd inside the workspace",
+    ],
+    apply(file, options) {
+      const where = `Invalid --policy ${JSON.stringify(file)}`;
+      let text: string;
+      try {
+        text = readFileSync(file, "utf8");
+      } catch (error) {
+        throw new UsageError(`${where}: cannot read it: ${(error as Error).message}`);
+      }
+      try {
+        options.policy = parsePolicy(text);
+      } catch (error) {
+        if (!(error instanceof PolicyError)) throw error;
+        throw new UsageError(
+          `${where}: ${error.path === "" ? "" : `${error.path}: `}${error.reason}`,
+        );
+      }
     },
   },
 ];

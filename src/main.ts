@@ -52,6 +52,8 @@ import { isValidWorkspaceId } from "./_workspace_id.ts";
 import { createFileLeaseStore } from "./file_lease.ts";
 import { Ownership } from "./ownership.ts";
 import { leasedResolver } from "./_leased_resolver.ts";
+import { createParamsCheck, DEFAULT_POLICY, type Policy } from "./policy.ts";
+import { workspacePathResolver } from "./_workspace_path.ts";
 import type { ApprovalDecision } from "./approvals.ts";
 import {
   MIN_SECRET_BYTES,
@@ -66,6 +68,16 @@ import { timerDelay } from "./_timer.ts";
 // Re-exported so this entry point documents every type its API mentions.
 export type { ApprovalDecision } from "./approvals.ts";
 export type { CredentialsState } from "./_credentials.ts";
+export type {
+  ApprovalPolicyName,
+  ApprovalsReviewerName,
+  CredentialKind,
+  CredentialRules,
+  ExtraFields,
+  Policy,
+  PolicyDefaults,
+  SandboxMode,
+} from "./policy.ts";
 // The command line lives in its own module; it stays part of this entry point's API.
 export { parseDuration, parseFlags, USAGE, UsageError } from "./_flags.ts";
 export type { ParsedFlags } from "./_flags.ts";
@@ -141,6 +153,12 @@ export interface BrokerOptions {
    * to `true`.
    */
   checkCredentials?: boolean;
+  /**
+   * What callers may set in `threadParams` and `params` (see `parsePolicy`); anything else
+   * is refused with 403 `forbiddenParam`. A `cwd` or writable root must resolve inside the
+   * workspace's `work/` directory, symlinks included. Defaults to `DEFAULT_POLICY`.
+   */
+  policy?: Policy;
 }
 
 /** A running broker, from {@linkcode startBroker}. */
@@ -379,6 +397,9 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     metrics,
     brokerId: holder.id,
     ownership,
+    checkParams: createParamsCheck(options.policy ?? DEFAULT_POLICY, {
+      resolvePath: workspacePathResolver(work),
+    }),
     shutdownSignal: stopping.signal,
     codexHealth: () => ({ ...health }),
     onRequestEnd: () => inFlight.leave(),
