@@ -51,6 +51,7 @@ export {
   PoolFullError,
   RpcError,
   TimeoutError,
+  TurnLostError,
   TurnRpcError,
   WorkspaceOwnedError,
   WorkspaceUnavailableError,
