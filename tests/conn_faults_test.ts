@@ -8,7 +8,8 @@ import { trackTimers } from "./_timers.ts";
 import { watchUnhandledRejections } from "./_unhandled.ts";
 import { FakeWebSocket, installFakeWebSocket } from "./_fake_socket.ts";
 import assert from "node:assert/strict";
-import { Conn, ConnectionClosedError, RpcError, TurnLostError } from "../mod.ts";
+import { Conn, ConnectionClosedError, Pool, RpcError, TurnLostError } from "../mod.ts";
+import { createTurnsHandler } from "../src/handler.ts";
 import {
   agentMessage,
   type FakePeer,
@@ -216,6 +217,50 @@ test("Conn.turn() leaves no timer, alarm or pending thread/read once a watched t
   }
 });
 
+test("POST /api/turns answers transport turnLost with the thread, and the thread takes the next turn", async () => {
+  const server = await startFakeAppServer(async (peer) => {
+    peer.reply(await peer.expect("thread/start"), threadResult("thr-1"));
+    await acceptTurn(peer, "turn-1");
+    peer.reply(await peer.expect("thread/read"), threadReadResult("thr-1", "idle"));
+    await runNextTurn(peer, "turn-2");
+  });
+  const pool = new Pool(() => Promise.resolve(server.url), {
+    dial: { turnSilenceMs: SILENCE_MS },
+  });
+  const logs: Record<string, unknown>[] = [];
+  const secret = "test-secret-0123456789";
+  const handler = createTurnsHandler(pool, { secret, log: (entry) => logs.push(entry) });
+  const post = (body: unknown) =>
+    handler(
+      new Request("http://broker.test/api/turns", {
+        method: "POST",
+        headers: { "content-type": "application/json", "x-internal-secret": secret },
+        body: JSON.stringify(body),
+      }),
+    );
+  try {
+    const lost = await post({ workspaceId: "ws-1", params: { input }, timeoutMs: 10_000 });
+    assert.equal(lost.status, 200);
+    const body = await lost.json();
+    assert.equal(body.threadId, "thr-1");
+    assert.equal(body.transport.code, "turnLost");
+    assert.match(body.transport.message, /Turn turn-1 on thread thr-1 was lost/);
+    assert.equal(logs.at(-1)!.outcome, "turnLost");
+    assert.equal(logs.at(-1)!.turnId, "turn-1");
+    const next = await post({
+      workspaceId: "ws-1",
+      threadId: "thr-1",
+      params: { input },
+      timeoutMs: 10_000,
+    });
+    assert.equal((await next.json()).turn.id, "turn-2");
+    await server.scriptsDone();
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
 // 2. codex stops reading its socket
 
 /** Dials a FakeWebSocket whose server side answers initialize and thread/start only. */
@@ -238,50 +283,63 @@ async function dialFake(maxSendBufferBytes: number): Promise<{ conn: Conn; ws: F
 
 test("Conn closes as stalled when a send finds more than maxSendBufferBytes unsent, settling every call", async () => {
   const { conn, ws } = await dialFake(1_000);
-  const before = ws.sent.length;
-  const pending = conn.request("thread/list");
-  assert.equal(ws.sent.length, before + 1);
-  ws.bufferedAmount = 1_001;
-  const stalled = conn.request("thread/list");
-  await assert.rejects(stalled, (error) => {
+  try {
+    const before = ws.sent.length;
+    // Deadlines only so that a connection that does not close fails the test, not hangs it.
+    const pending = conn.request("thread/list", undefined, { timeoutMs: 1_000 });
+    assert.equal(ws.sent.length, before + 1);
+    ws.bufferedAmount = 1_001;
+    const stalled = conn.request("thread/list", undefined, { timeoutMs: 1_000 });
+    const [stalledOutcome, pendingOutcome] = await Promise.allSettled([stalled, pending]);
+    assert.equal(stalledOutcome.status, "rejected");
+    const error = (stalledOutcome as PromiseRejectedResult).reason;
     assert.ok(error instanceof ConnectionClosedError);
     assert.match(
       error.message,
       /codex stopped reading \(1001 bytes unsent, over maxSendBufferBytes 1000\)/,
     );
-    return true;
-  });
-  await assert.rejects(pending, ConnectionClosedError);
-  assert.equal(ws.sent.length, before + 1, "nothing more was queued");
-  assert.equal(conn.closed, true);
-  assert.equal(conn.inFlight, 0);
-  await conn.finished;
+    assert.equal(pendingOutcome.status, "rejected");
+    assert.equal((pendingOutcome as PromiseRejectedResult).reason, error);
+    assert.equal(ws.sent.length, before + 1, "nothing more was queued");
+    assert.equal(conn.closed, true);
+    assert.equal(conn.inFlight, 0);
+  } finally {
+    conn.close();
+    await conn.finished;
+  }
 });
 
 test("Conn sends while the unsent bytes stay within maxSendBufferBytes", async () => {
   const { conn, ws } = await dialFake(1_000);
-  ws.bufferedAmount = 1_000;
-  const call = conn.request("thread/list");
-  const { id } = JSON.parse(ws.sent.at(-1)!) as { id: number };
-  ws.deliver(JSON.stringify({ id, result: { data: [] } }));
-  assert.deepEqual(await call, { data: [] });
-  assert.equal(conn.closed, false);
-  conn.close();
-  await conn.finished;
+  try {
+    ws.bufferedAmount = 1_000;
+    const call = conn.request("thread/list");
+    const { id } = JSON.parse(ws.sent.at(-1)!) as { id: number };
+    ws.deliver(JSON.stringify({ id, result: { data: [] } }));
+    assert.deepEqual(await call, { data: [] });
+    assert.equal(conn.closed, false);
+  } finally {
+    conn.close();
+    await conn.finished;
+  }
 });
 
 test("Conn closes as stalled instead of queueing the answer to a server request", async () => {
   const { conn, ws } = await dialFake(1_000);
-  const sent = ws.sent.length;
-  ws.bufferedAmount = 5_000;
-  ws.deliver(JSON.stringify({
-    id: 0,
-    method: "item/commandExecution/requestApproval",
-    params: { threadId: "t", turnId: "u", itemId: "i" },
-  }));
-  assert.equal(ws.sent.length, sent);
-  assert.equal(conn.closed, true);
-  await conn.finished;
+  try {
+    const sent = ws.sent.length;
+    ws.bufferedAmount = 5_000;
+    ws.deliver(JSON.stringify({
+      id: 0,
+      method: "item/commandExecution/requestApproval",
+      params: { threadId: "t", turnId: "u", itemId: "i" },
+    }));
+    assert.equal(ws.sent.length, sent);
+    assert.equal(conn.closed, true);
+  } finally {
+    conn.close();
+    await conn.finished;
+  }
 });
 
 test("Conn bounds its send backlog when codex stops reading its socket", {
