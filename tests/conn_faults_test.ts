@@ -6,7 +6,7 @@ import { test } from "./_test.ts";
 import { waitFor, within } from "./_wait.ts";
 import { trackTimers } from "./_timers.ts";
 import { watchUnhandledRejections } from "./_unhandled.ts";
-import { FakeWebSocket, installFakeWebSocket } from "./_fake_socket.ts";
+import { type FakeWebSocket, installFakeWebSocket } from "./_fake_socket.ts";
 import assert from "node:assert/strict";
 import { Conn, ConnectionClosedError, Pool, RpcError, TurnLostError } from "../mod.ts";
 import { createTurnsHandler } from "../src/handler.ts";
