@@ -565,8 +565,9 @@ export class Conn extends EventTarget {
       session.call("thread/read", { threadId: active.threadId, includeTurns: true }, scope)
         .then(
           (result) => this.#judgeSilentTurn(active, result, silenceMs),
-          // An error answer, a timeout or a malformed thread proves nothing: watch on, the
-          // turn's deadline still bounds the wait. A close has settled the turn already.
+          // An error answer or a timeout proves nothing (nor does a malformed thread, above):
+          // watch on, the turn's deadline still bounds the wait. A close, or the caller's
+          // end (which drops the read), has settled the turn already.
           () => "running" as const,
         )
         .then((verdict) => {
