@@ -52,6 +52,7 @@ export {
   PoolFullError,
   RpcError,
   TimeoutError,
+  TurnLostError,
   TurnRpcError,
   WorkspaceOwnedError,
   WorkspaceUnavailableError,

@@ -40,6 +40,8 @@ export interface ActiveTurn {
   readonly completed: PromiseWithResolvers<Turn>;
   /** True once turn/completed was applied. */
   done: boolean;
+  /** `performance.now()` of the turn's last notification (or of its acceptance). */
+  lastFrameAt: number;
   /** Set once the caller gave up: runs when codex has stopped the turn (or gave up on it). */
   onFinished: (() => void) | undefined;
 }
@@ -48,6 +50,11 @@ export interface ActiveTurn {
 function turnIdOf(method: string, params: Record<string, unknown>): unknown {
   if (method !== TURN_COMPLETED && params.turnId !== undefined) return params.turnId;
   return isObject(params.turn) ? params.turn.id : undefined;
+}
+
+/** Whether turn/completed params name their turn: `turn.id`, a string. */
+function hasTurnId(params: unknown): boolean {
+  return isObject(params) && isObject(params.turn) && typeof params.turn.id === "string";
 }
 
 /** The running turns of one connection, by thread. */
@@ -93,6 +100,7 @@ export class ActiveTurns {
       onNotification,
       completed: Promise.withResolvers<Turn>(),
       done: false,
+      lastFrameAt: performance.now(),
       onFinished: undefined,
     };
     // Swallow here: the caller may have given up, and the rejection is read there if not.
@@ -116,6 +124,7 @@ export class ActiveTurns {
     }
     const turnId = turn.id;
     active.turnId = turnId;
+    active.lastFrameAt = performance.now();
     const early = active.early;
     active.early = [];
     for (const entry of early) {
@@ -147,6 +156,12 @@ export class ActiveTurns {
    * @param params Its params.
    */
   route(method: string, params: unknown): void {
+    if (method === TURN_COMPLETED && !hasTurnId(params)) {
+      // No turn to complete: it cannot be told from a turn that ran before. Dropped rather
+      // than guessed; a caller left waiting is found by the silence watchdog.
+      this.#dropped.invalidMessage++;
+      return;
+    }
     let active: ActiveTurn | undefined;
     if (isObject(params) && typeof params.threadId === "string") {
       active = this.#turns.get(params.threadId);
@@ -160,6 +175,38 @@ export class ActiveTurns {
 
   #dropIfTurnNotification(method: string): void {
     if (method === TURN_COMPLETED || method === ITEM_COMPLETED) this.#dropped.unknownTurn++;
+  }
+
+  /**
+   * Completes a turn from codex's own record of it (`thread/read`), as if its turn/completed
+   * had come: with the record's items when they are complete (`itemsView` `"full"`, the
+   * schema's default), else with the items collected so far.
+   *
+   * @param active The turn.
+   * @param turn codex's record of the turn, ended.
+   */
+  settle(active: ActiveTurn, turn: Turn): void {
+    if (active.done) return;
+    const view = turn.itemsView ?? "full";
+    if (view === "full" && Array.isArray(turn.items)) {
+      this.#complete(active, { ...turn, itemsView: "full" }, true);
+    } else {
+      this.#complete(active, turn);
+    }
+  }
+
+  /**
+   * Fails a turn that codex will not complete, and forgets it.
+   *
+   * @param active The turn.
+   * @param error What the caller gets.
+   */
+  fail(active: ActiveTurn, error: unknown): void {
+    if (active.done) return;
+    active.done = true;
+    this.remove(active);
+    active.completed.reject(error);
+    active.onFinished?.();
   }
 
   /**
@@ -186,6 +233,7 @@ export class ActiveTurns {
       // turn/completed (and the rest) can be processed before the turn/start response.
       active.early.push({ method, turnId, params });
     } else if (turnId === active.turnId) {
+      active.lastFrameAt = performance.now();
       this.#deliver(active, method, params);
       if (method === ITEM_COMPLETED) {
         if (isObject(params.item)) active.items.push(params.item as ThreadItem);
@@ -193,6 +241,7 @@ export class ActiveTurns {
         this.#complete(active, params.turn as Turn);
       }
     } else if (turnId === undefined && method !== TURN_COMPLETED && method !== ITEM_COMPLETED) {
+      active.lastFrameAt = performance.now();
       this.#deliver(active, method, params);
     } else {
       this.#dropIfTurnNotification(method);
@@ -209,11 +258,11 @@ export class ActiveTurns {
     }
   }
 
-  #complete(active: ActiveTurn, turn: Turn): void {
+  #complete(active: ActiveTurn, turn: Turn, asIs = false): void {
     active.done = true;
     this.remove(active);
     active.completed.resolve(
-      active.items.length > 0 ? { ...turn, items: active.items, itemsView: "full" } : turn,
+      !asIs && active.items.length > 0 ? { ...turn, items: active.items, itemsView: "full" } : turn,
     );
     active.onFinished?.();
   }

@@ -27,7 +27,18 @@ export interface Scope {
   dispose(): void;
 }
 
-class ScopeImpl implements Scope {
+/** What a {@linkcode DeadlineClock} keeps in its heap: a scope, or an alarm. */
+interface ClockEntry {
+  readonly deadline: number;
+  /** Position in its clock's heap; -1 while not in one. */
+  heapIndex: number;
+  /** The deadline passed. */
+  expire(): void;
+  /** The clock closed with `reason`. */
+  abort(reason: unknown): void;
+}
+
+class ScopeImpl implements Scope, ClockEntry {
   readonly #controller = new AbortController();
   readonly deadline: number;
   readonly timeoutMs: number;
@@ -112,6 +123,28 @@ class ScopeImpl implements Scope {
   }
 }
 
+/** A callback at a time, served by a clock's timer; closing the clock drops it. */
+class Alarm implements ClockEntry {
+  readonly deadline: number;
+  heapIndex = -1;
+  #fn: (() => void) | undefined;
+
+  constructor(deadline: number, fn: () => void) {
+    this.deadline = deadline;
+    this.#fn = fn;
+  }
+
+  expire(): void {
+    const fn = this.#fn;
+    this.#fn = undefined;
+    fn?.();
+  }
+
+  abort(): void {
+    this.#fn = undefined;
+  }
+}
+
 /**
  * The deadlines of one connection's calls, in a min-heap by deadline, served by one timer.
  * Adding and removing a call costs a heap operation instead of setTimeout + clearTimeout.
@@ -121,7 +154,7 @@ class ScopeImpl implements Scope {
  * {@linkcode DeadlineClock.close} clears it too.
  */
 export class DeadlineClock {
-  #heap: ScopeImpl[] = [];
+  #heap: ClockEntry[] = [];
   #timer: ReturnType<typeof setTimeout> | undefined;
   /** `performance.now()` the timer is armed for; Infinity while disarmed. */
   #armedAt = Infinity;
@@ -133,8 +166,26 @@ export class DeadlineClock {
     return this.#heap.length;
   }
 
+  /**
+   * Calls `fn` once, `delayMs` from now, unless cancelled or the clock closes first. Costs a
+   * heap entry rather than a timer of its own.
+   *
+   * @param delayMs Milliseconds from now.
+   * @param fn The callback; it must not throw.
+   * @returns Cancels the alarm. Idempotent.
+   */
+  alarm(delayMs: number, fn: () => void): () => void {
+    if (this.closedReason !== undefined) return () => {};
+    const alarm = new Alarm(performance.now() + delayMs, fn);
+    this.add(alarm);
+    return () => {
+      alarm.abort();
+      this.delete(alarm);
+    };
+  }
+
   /** Starts tracking a scope's deadline. */
-  add(scope: ScopeImpl): void {
+  add(scope: ClockEntry): void {
     const heap = this.#heap;
     heap.push(scope);
     this.#siftUp(scope, heap.length - 1);
@@ -142,7 +193,7 @@ export class DeadlineClock {
   }
 
   /** Stops tracking a settled scope; disarms the clock when it was the last one. */
-  delete(scope: ScopeImpl): void {
+  delete(scope: ClockEntry): void {
     const index = scope.heapIndex;
     if (index === -1) return;
     this.#removeAt(index);
@@ -164,7 +215,7 @@ export class DeadlineClock {
     this.#armedAt = Infinity;
     const heap = this.#heap;
     const now = performance.now();
-    const due: ScopeImpl[] = [];
+    const due: ClockEntry[] = [];
     while (heap.length > 0 && heap[0]!.deadline <= now) {
       const scope = heap[0]!;
       this.#removeAt(0);
@@ -185,7 +236,7 @@ export class DeadlineClock {
     if (last.heapIndex === index) this.#siftUp(last, index);
   }
 
-  #siftUp(scope: ScopeImpl, index: number): void {
+  #siftUp(scope: ClockEntry, index: number): void {
     const heap = this.#heap;
     while (index > 0) {
       const parentIndex = (index - 1) >> 1;
@@ -199,7 +250,7 @@ export class DeadlineClock {
     scope.heapIndex = index;
   }
 
-  #siftDown(scope: ScopeImpl, index: number): void {
+  #siftDown(scope: ClockEntry, index: number): void {
     const heap = this.#heap;
     const length = heap.length;
     for (;;) {

@@ -120,6 +120,22 @@ const FLAGS: readonly Flag[] = [
     },
   },
   {
+    name: "turn-silence",
+    value: "<duration>",
+    help: [
+      "A turn with no frame from codex for this long is looked up with",
+      "thread/read: returned if it ended, failed with turnLost if its",
+      "thread is idle (default 60s)",
+    ],
+    apply(text, options) {
+      const ms = parseDuration(text, "--turn-silence");
+      if (ms <= 0) {
+        throw new UsageError(`Invalid --turn-silence ${JSON.stringify(text)}: must be positive`);
+      }
+      options.turnSilenceMs = ms;
+    },
+  },
+  {
     name: "workspaces-dir",
     value: "<dir>",
     help: [

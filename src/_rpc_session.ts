@@ -53,6 +53,8 @@ export interface SessionOptions {
   readonly maxMessageBytes: number;
   /** Backoff between retries of overloaded (-32001) calls. */
   readonly retry: BackoffOptions;
+  /** A send that finds more than this many bytes still unsent closes the session as stalled. */
+  readonly maxSendBufferBytes: number;
 }
 
 /** What a session reports to its owner. Each runs synchronously and must not throw. */
@@ -134,6 +136,7 @@ export class RpcSession {
   readonly #approvals: Approvals;
   readonly #maxMessageBytes: number;
   readonly #retry: BackoffOptions;
+  readonly #maxSendBufferBytes: number;
   #nextId = 0;
   #pending = new Map<RequestId, Pending>();
   #clock = new DeadlineClock();
@@ -169,6 +172,7 @@ export class RpcSession {
     this.#approvals = options.approvals;
     this.#maxMessageBytes = options.maxMessageBytes;
     this.#retry = options.retry;
+    this.#maxSendBufferBytes = options.maxSendBufferBytes;
     ws.binaryType = "arraybuffer";
     ws.onmessage = (event) => this.#onFrame(event.data);
     ws.onclose = (event) => {
@@ -214,6 +218,18 @@ export class RpcSession {
    */
   scope(signal: AbortSignal | undefined, timeoutMs: number): Scope {
     return createScope([signal], timeoutMs, this.#clock);
+  }
+
+  /**
+   * Calls `fn` once, `delayMs` from now, on the session's deadline clock (no timer of its
+   * own), unless cancelled or the session closes first.
+   *
+   * @param delayMs Milliseconds from now.
+   * @param fn The callback; it must not throw.
+   * @returns Cancels the alarm.
+   */
+  alarm(delayMs: number, fn: () => void): () => void {
+    return this.#clock.alarm(delayMs, fn);
   }
 
   /**
@@ -353,9 +369,27 @@ export class RpcSession {
 
   #send(message: unknown): void {
     if (this.#closeError) throw this.#closeError;
+    this.#assertDraining();
     this.#ws.send(JSON.stringify(message));
     this.stats.framesOut++;
     this.#lastActivity = Date.now();
+  }
+
+  /**
+   * Closes the session when codex has stopped reading: the socket's backlog would otherwise
+   * grow with every send. Closing rather than refusing this one send, because a peer that
+   * reads nothing answers nothing: the calls already sent, and the turns waiting on answers
+   * to codex's own requests, could only wait for their deadlines, and the connection would
+   * keep taking new work. Closed, every caller settles now and a pool dials afresh.
+   */
+  #assertDraining(): void {
+    const backlog = this.#ws.bufferedAmount;
+    if (!(backlog > this.#maxSendBufferBytes)) return;
+    this.close(
+      `Connection to ${this.#url} closed: codex stopped reading (${backlog} bytes unsent, ` +
+        `over maxSendBufferBytes ${this.#maxSendBufferBytes})`,
+    );
+    throw this.#closeError;
   }
 
   /**
@@ -436,20 +470,24 @@ export class RpcSession {
       return;
     }
     this.#pending.delete(id);
-    if (isObject(message.error)) {
+    const hasError = message.error !== undefined && message.error !== null;
+    const hasResult = "result" in message;
+    if (hasError && hasResult) {
+      // JSON-RPC allows one or the other: neither can be trusted to be the answer.
+      this.#reject(pending, "Invalid response: both result and error", message);
+    } else if (isObject(message.error)) {
       this.#onErrorResponse(pending, message.error as unknown as JsonRpcErrorObject);
-    } else if ("result" in message) {
+    } else if (hasResult) {
       pending.resolve(message.result);
+    } else if (hasError) {
+      this.#reject(pending, "Invalid response: error is not an object", message);
     } else {
-      pending.reject(
-        new pending.ErrorClass(
-          pending.method,
-          INTERNAL_ERROR_CODE,
-          "Invalid response: neither result nor error",
-          message,
-        ),
-      );
+      this.#reject(pending, "Invalid response: neither result nor error", message);
     }
+  }
+
+  #reject(pending: Pending, message: string, frame: unknown): void {
+    pending.reject(new pending.ErrorClass(pending.method, INTERNAL_ERROR_CODE, message, frame));
   }
 
   #onErrorResponse(pending: Pending, error: JsonRpcErrorObject): void {
@@ -527,6 +565,7 @@ export class RpcSession {
   #answerFrame(request: ServerRequest, frame: string, outcome: ServerRequestOutcome): void {
     if (this.#closeError) return;
     try {
+      this.#assertDraining();
       this.#ws.send(frame);
     } catch {
       // The socket is going away; its close event settles everything else.

@@ -13,6 +13,7 @@ import {
   PoolFullError,
   RpcError,
   TimeoutError,
+  TurnLostError,
   WorkspaceUnavailableError,
 } from "./errors.ts";
 import type { CodexError, ErrorAnswer, TransportFailure, TurnAnswer } from "./handler.ts";
@@ -153,6 +154,10 @@ function transportFailure(error: unknown): TransportFailure | undefined {
   if (error instanceof ConnectionClosedError) {
     return { code: "wsDisconnect", message: error.message };
   }
+  if (error instanceof TurnLostError) {
+    // Answered 200 like every transport failure: the thread exists and takes the next turn.
+    return { code: "turnLost", message: error.message };
+  }
   return undefined;
 }
 
@@ -249,7 +254,7 @@ export function createTurnRunner(
       result = { status: 200, headers: {}, body };
     } catch (error) {
       failure = error instanceof Error ? error.message : String(error);
-      if (error instanceof TimeoutError) turnId = error.turnId;
+      if (error instanceof TimeoutError || error instanceof TurnLostError) turnId = error.turnId;
       let transport = transportFailure(error);
       if (transport?.code === "wsDisconnect" && await pool.crashed(turn.workspaceId)) {
         // The connection closed because the app-server died, not the other way round.

@@ -13,6 +13,7 @@ import {
   DialError,
   RpcError,
   TimeoutError,
+  TurnLostError,
   TurnRpcError,
 } from "./errors.ts";
 import { ConnCloseEvent, NotificationEvent, ServerRequestEvent } from "./events.ts";
@@ -54,6 +55,20 @@ export interface DialOptions {
    * is forgotten first and simply resumed again before its next turn. Defaults to 10,000.
    */
   maxAttachedThreads?: number;
+  /**
+   * A running turn with no frame for this long (codex's `turn/completed` can go missing) is
+   * looked up with `thread/read`: a turn codex ended is returned as if `turn/completed` had
+   * come, a turn of a thread that is no longer active fails with {@linkcode TurnLostError},
+   * and a turn still running is watched on. Defaults to 60 s.
+   */
+  turnSilenceMs?: number;
+  /**
+   * A send that finds more than this many bytes still queued on the socket (codex stopped
+   * reading) closes the connection: every call on it rejects with
+   * {@linkcode ConnectionClosedError}. Defaults to 64 MiB. Bun's client WebSocket reports
+   * its queue only until the event loop turns, so there the bound catches a burst only.
+   */
+  maxSendBufferBytes?: number;
 }
 
 /** Options for {@linkcode Conn.request}, {@linkcode Conn.startThread} and {@linkcode Conn.interrupt}. */
@@ -90,6 +105,9 @@ const DEFAULT_CLIENT_INFO: ClientInfo = {
 };
 const DEFAULT_TURN_TIMEOUT_MS = 5 * 60_000;
 const DEFAULT_MAX_ATTACHED_THREADS = 10_000;
+const DEFAULT_TURN_SILENCE_MS = 60_000;
+const DEFAULT_MAX_SEND_BUFFER_BYTES = 64 * 1024 * 1024;
+const ENDED_STATUSES: ReadonlySet<unknown> = new Set(["completed", "failed", "interrupted"]);
 
 function assertTimeout(name: string, value: number | undefined): void {
   if (value !== undefined && (!Number.isFinite(value) || value <= 0)) {
@@ -128,6 +146,7 @@ export class Conn extends EventTarget {
   #calls = 0;
   #requestTimeoutMs: number;
   #interruptTimeoutMs: number;
+  #turnSilenceMs: number;
 
   /**
    * Wraps an open socket. Use {@linkcode Conn.dial}, which also performs the handshake.
@@ -140,11 +159,13 @@ export class Conn extends EventTarget {
     super();
     this.#requestTimeoutMs = options.requestTimeoutMs ?? 60_000;
     this.#interruptTimeoutMs = options.interruptTimeoutMs ?? 10_000;
+    this.#turnSilenceMs = options.turnSilenceMs ?? DEFAULT_TURN_SILENCE_MS;
     this.#attached = new LruSet(options.maxAttachedThreads ?? DEFAULT_MAX_ATTACHED_THREADS);
     this.#session = new RpcSession(ws, url, {
       approvals: options.approvals ?? "decline",
       maxMessageBytes: options.maxMessageBytes ?? 64 * 1024 * 1024,
       retry: options.retry ?? {},
+      maxSendBufferBytes: options.maxSendBufferBytes ?? DEFAULT_MAX_SEND_BUFFER_BYTES,
     }, {
       notification: (method, params) => {
         this.#turns.route(method, params);
@@ -177,7 +198,8 @@ export class Conn extends EventTarget {
    * @param options Headers, deadline, approval policy, limits.
    * @returns A connection ready for calls.
    * @throws {TypeError} If the URL is not a WebSocket URL.
-   * @throws {RangeError} If a timeout or `maxAttachedThreads` is not a positive number.
+   * @throws {RangeError} If a timeout, `maxAttachedThreads` or `maxSendBufferBytes` is not a
+   * positive number.
    * @throws {DialError} If the connection is refused, the upgrade is rejected (e.g. HTTP
    * 401), `initialize` fails, the socket closes during the handshake or the deadline passes.
    * @throws {unknown} `options.signal.reason` if the signal aborts.
@@ -190,6 +212,13 @@ export class Conn extends EventTarget {
     assertTimeout("handshakeTimeoutMs", options.handshakeTimeoutMs);
     assertTimeout("requestTimeoutMs", options.requestTimeoutMs);
     assertTimeout("interruptTimeoutMs", options.interruptTimeoutMs);
+    assertTimeout("turnSilenceMs", options.turnSilenceMs);
+    const maxSend = options.maxSendBufferBytes;
+    if (maxSend !== undefined && (!Number.isSafeInteger(maxSend) || maxSend <= 0)) {
+      throw new RangeError(
+        `Invalid maxSendBufferBytes: expected a positive integer, got ${maxSend}`,
+      );
+    }
     const maxAttached = options.maxAttachedThreads;
     if (maxAttached !== undefined && (!Number.isSafeInteger(maxAttached) || maxAttached <= 0)) {
       throw new RangeError(
@@ -398,6 +427,8 @@ export class Conn extends EventTarget {
    * @throws {TypeError} If `params` is not an object with an `input` array, or holds `threadId`.
    * @throws {TimeoutError} If the deadline passes.
    * @throws {TurnRpcError} If `turn/start` (or `thread/resume`) is answered with an error.
+   * @throws {TurnLostError} If codex went silent on the turn for `turnSilenceMs` and
+   * `thread/read` shows it will not complete it.
    * @throws {ConnectionClosedError} If the connection is or becomes closed.
    * @throws {unknown} `options.signal.reason` if the signal aborts.
    */
@@ -444,7 +475,12 @@ export class Conn extends EventTarget {
         );
         turnId = this.#turns.bind(active, result);
         options.onStart?.(turnId);
-        return await abortable(active.completed.promise, scope);
+        const unwatch = this.#watchSilence(active);
+        try {
+          return await abortable(active.completed.promise, scope);
+        } finally {
+          unwatch();
+        }
       } catch (error) {
         if (scope.signal.aborted && !this.closed) {
           // The caller gave up but codex may still be working: interrupt it, and keep the
@@ -498,6 +534,88 @@ export class Conn extends EventTarget {
       return new TimeoutError(threadId, turnId, { cause: error });
     }
     return error;
+  }
+
+  /**
+   * Watches a running turn for silence: once no frame of it came for `turnSilenceMs`, asks
+   * codex for the thread (`thread/read` with its turns) and settles the turn from that, or
+   * watches on. Served by the session's deadline clock, so a turn costs no timer.
+   *
+   * @returns Stops watching, and drops a `thread/read` still in flight.
+   */
+  #watchSilence(active: ActiveTurn): () => void {
+    const silenceMs = this.#turnSilenceMs;
+    const session = this.#session;
+    let cancel: (() => void) | undefined;
+    let reading: AbortController | undefined;
+    let stopped = false;
+    const arm = (delayMs: number) => {
+      cancel = session.alarm(delayMs, check);
+    };
+    const check = () => {
+      cancel = undefined;
+      if (stopped || active.done) return;
+      const quiet = performance.now() - active.lastFrameAt;
+      if (quiet < silenceMs) {
+        arm(silenceMs - quiet);
+        return;
+      }
+      reading = new AbortController();
+      const scope = session.scope(reading.signal, this.#requestTimeoutMs);
+      session.call("thread/read", { threadId: active.threadId, includeTurns: true }, scope)
+        .then(
+          (result) => this.#judgeSilentTurn(active, result, silenceMs),
+          // An error answer or a timeout proves nothing (nor does a malformed thread, above):
+          // watch on, the turn's deadline still bounds the wait. A close, or the caller's
+          // end (which drops the read), has settled the turn already.
+          () => "running" as const,
+        )
+        .then((verdict) => {
+          scope.dispose();
+          reading = undefined;
+          if (verdict === "running" && !stopped && !active.done && !this.closed) {
+            active.lastFrameAt = performance.now();
+            arm(silenceMs);
+          }
+        });
+    };
+    arm(silenceMs);
+    return () => {
+      stopped = true;
+      cancel?.();
+      reading?.abort();
+    };
+  }
+
+  /**
+   * Settles a silent turn from `thread/read`'s answer: with codex's record of the turn if
+   * it ended, with {@linkcode TurnLostError} if the thread is not active and the turn did
+   * not end.
+   *
+   * @returns `"running"` when the turn is to be watched on; `"settled"` otherwise.
+   */
+  #judgeSilentTurn(
+    active: ActiveTurn,
+    result: unknown,
+    silenceMs: number,
+  ): "running" | "settled" {
+    if (active.done) return "settled";
+    const thread = isObject(result) ? result.thread : undefined;
+    if (!isObject(thread) || !isObject(thread.status)) return "running";
+    const status = thread.status.type;
+    if (typeof status !== "string") return "running";
+    const turns = Array.isArray(thread.turns) ? thread.turns : [];
+    const turn = turns.find((entry) => isObject(entry) && entry.id === active.turnId);
+    if (isObject(turn) && ENDED_STATUSES.has(turn.status)) {
+      this.#turns.settle(active, turn as unknown as Turn);
+      return "settled";
+    }
+    if (status === "active") return "running";
+    this.#turns.fail(
+      active,
+      new TurnLostError(active.threadId, active.turnId!, status, silenceMs),
+    );
+    return "settled";
   }
 
   /** Interrupts a turn the caller gave up on, and frees its thread once it has stopped. */

@@ -44,6 +44,57 @@ export class TimeoutError extends Error {
 }
 
 /**
+ * Thrown when codex went silent on a running turn (no `turn/completed` and no other frame of
+ * the turn for `turnSilenceMs`) and `thread/read` then showed the turn is not running: the
+ * thread is idle (or not loaded, or failed) and holds no finished record of the turn. codex
+ * will not complete it, so the thread accepts the next turn.
+ *
+ * @example Tell a lost turn from a timeout
+ * ```ts ignore
+ * try {
+ *   await conn.turn(threadId, params);
+ * } catch (error) {
+ *   if (error instanceof TurnLostError) console.log(error.turnId, error.threadStatus);
+ * }
+ * ```
+ */
+export class TurnLostError extends Error {
+  /** Thread the turn ran on. */
+  readonly threadId: string;
+  /** The lost turn. */
+  readonly turnId: string;
+  /** The thread's status `type` per `thread/read` (`idle`, `notLoaded`, `systemError`, …). */
+  readonly threadStatus: string;
+
+  /**
+   * Creates the error.
+   *
+   * @param threadId Thread the turn ran on.
+   * @param turnId The lost turn.
+   * @param threadStatus The thread's status type per `thread/read`.
+   * @param silenceMs How long codex had been silent on the turn.
+   * @param options Standard error options (`cause`).
+   */
+  constructor(
+    threadId: string,
+    turnId: string,
+    threadStatus: string,
+    silenceMs: number,
+    options?: ErrorOptions,
+  ) {
+    super(
+      `Turn ${turnId} on thread ${threadId} was lost: no frame for ${silenceMs} ms, and ` +
+        `thread/read reports the thread ${threadStatus} without the turn's end`,
+      options,
+    );
+    this.name = "TurnLostError";
+    this.threadId = threadId;
+    this.turnId = turnId;
+    this.threadStatus = threadStatus;
+  }
+}
+
+/**
  * A JSON-RPC error answered by the app-server to one of our requests. The message is the
  * server's message.
  *

@@ -155,7 +155,8 @@ export type TransportCode =
   | "subprocessCrash"
   | "wsDisconnect"
   | "rpcError"
-  | "overloaded";
+  | "overloaded"
+  | "turnLost";
 
 /**
  * An error codex reported for a turn: its last `error` notification, or a failed turn's

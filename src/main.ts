@@ -109,6 +109,12 @@ export interface BrokerOptions {
   /** A workspace's connection and codex are stopped after this long idle. Defaults to 5 min. */
   idleTtlMs?: number;
   /**
+   * A turn with no frame from codex for this long is looked up with `thread/read`: returned
+   * if codex ended it, failed with transport code `turnLost` if its thread is idle. Defaults
+   * to 60 s.
+   */
+  turnSilenceMs?: number;
+  /**
    * Each workspace's state lives in `<workspacesDir>/<workspaceId>`, created on demand:
    * `work/` (codex's working directory), `codex-home/` (its own `CODEX_HOME`), `run/` (its
    * capability token) and `lease/`. Share it between brokers to scale out. Defaults to
@@ -326,7 +332,10 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   const pool: Pool = new Pool(resolver, {
     idleTtlMs: options.idleTtlMs ?? DEFAULT_IDLE_TTL_MS,
     maxConnections: options.maxWorkspaces ?? defaultMaxWorkspaces(),
-    dial: { approvals: options.approvals ?? "decline" },
+    dial: {
+      approvals: options.approvals ?? "decline",
+      ...(options.turnSilenceMs === undefined ? {} : { turnSilenceMs: options.turnSilenceMs }),
+    },
   });
   const onPoolEvent = (event: Event) => {
     const { type, workspaceId } = event as PoolEvent;

@@ -308,8 +308,15 @@ export function agentMessage(id: string, text: string): any {
   return { type: "agentMessage", id, text, phase: null };
 }
 
-/** A thread as codex sends it in thread/start and thread/resume results. */
-export function threadObject(id: string, turns: unknown[] = []): any {
+/**
+ * A thread as codex sends it in thread/start, thread/resume and thread/read results.
+ * `status` is codex's ThreadStatus, `{ type: "idle" }` by default.
+ */
+export function threadObject(
+  id: string,
+  turns: unknown[] = [],
+  status: unknown = { type: "idle" },
+): any {
   return {
     id,
     sessionId: `session-${id}`,
@@ -319,7 +326,7 @@ export function threadObject(id: string, turns: unknown[] = []): any {
     modelProvider: "mock",
     createdAt: 1,
     updatedAt: 1,
-    status: { type: "idle" },
+    status,
     cwd: "/tmp/fake",
     cliVersion: "0.0.0",
     source: "appServer",
@@ -338,6 +345,18 @@ export function threadResult(id: string, turns: unknown[] = []): any {
     approvalsReviewer: "user",
     sandbox: { type: "readOnly" },
   };
+}
+
+/**
+ * The result of `thread/read` with `includeTurns: true`, as codex sends it.
+ *
+ * @param id The thread.
+ * @param status Its status type: `"active"` (working, no flags), `"idle"`, `"notLoaded"`, ….
+ * @param turns Its turns, e.g. from {@linkcode turnObject}.
+ */
+export function threadReadResult(id: string, status: string, turns: unknown[] = []): any {
+  const threadStatus = status === "active" ? { type: "active", activeFlags: [] } : { type: status };
+  return { thread: threadObject(id, turns, threadStatus) };
 }
 
 /**

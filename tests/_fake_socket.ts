@@ -21,6 +21,8 @@ export class FakeWebSocket {
   onmessage: MessageHandler | null = null;
   onclose: CloseHandler | null = null;
   onerror: ((event: Event) => void) | null = null;
+  /** What the test says is queued unsent; the client reads it before each send. */
+  bufferedAmount = 0;
   /** Every text frame the client sent, in order. */
   readonly sent: string[] = [];
   /** Called synchronously with each frame the client sends. */

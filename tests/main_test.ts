@@ -440,6 +440,17 @@ test("parseFlags() refuses an --idle-ttl or --grace past 24 days, which timers c
   assert.equal(parseDuration("0", "--grace"), 0);
 });
 
+test("parseFlags() reads --turn-silence as a positive duration", () => {
+  const parsed = parseFlags(["--turn-silence", "90s"], { BROKER_SECRET: "s" });
+  assert.ok(!parsed.help);
+  assert.equal(parsed.options.turnSilenceMs, 90_000);
+  assert.throws(
+    () => parseFlags(["--turn-silence", "0"]),
+    /Invalid --turn-silence "0": must be positive/,
+  );
+  assert.throws(() => parseFlags(["--turn-silence", "soon"]), /Invalid --turn-silence "soon"/);
+});
+
 test("USAGE lists every flag parseFlags() takes, and the duration limit", () => {
   for (const flag of USAGE.matchAll(/^ {2}(--[a-z-]+)/gm)) {
     if (flag[1] === "--help") continue;
