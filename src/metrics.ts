@@ -47,6 +47,7 @@ const KNOWN_OUTCOMES = [
   "wsDisconnect",
   "rpcError",
   "overloaded",
+  "turnLost",
   "unavailable",
   "internal",
   "cancelled",

@@ -1240,6 +1240,7 @@ test("GET /metrics answers Prometheus text with turns, durations, connections, s
         "# TYPE codex_broker_turns_total counter",
         'codex_broker_turns_total{outcome="completed"} 2',
         'codex_broker_turns_total{outcome="brokerTimeout"} 0',
+        'codex_broker_turns_total{outcome="turnLost"} 0',
         "# TYPE codex_broker_turn_duration_seconds histogram",
         'codex_broker_turn_duration_seconds_bucket{le="+Inf"} 2',
         "codex_broker_turn_duration_seconds_count 2",
