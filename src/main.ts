@@ -53,6 +53,7 @@ import { createFileLeaseStore } from "./file_lease.ts";
 import { Ownership } from "./ownership.ts";
 import { leasedResolver } from "./_leased_resolver.ts";
 import type { ApprovalDecision } from "./approvals.ts";
+import type { CodexUser } from "./_codex_user.ts";
 import {
   MIN_SECRET_BYTES,
   type ParsedFlags,
@@ -66,9 +67,10 @@ import { timerDelay } from "./_timer.ts";
 // Re-exported so this entry point documents every type its API mentions.
 export type { ApprovalDecision } from "./approvals.ts";
 export type { CredentialsState } from "./_credentials.ts";
+export type { CodexUser } from "./_codex_user.ts";
 // The command line lives in its own module; it stays part of this entry point's API.
 export { parseDuration, parseFlags, USAGE, UsageError } from "./_flags.ts";
-export type { ParsedFlags } from "./_flags.ts";
+export type { ParsedFlags, SecretSource } from "./_flags.ts";
 
 /** Severity of a {@linkcode LogEntry}. */
 export type LogLevel = "info" | "warn" | "error";
@@ -141,6 +143,12 @@ export interface BrokerOptions {
    * to `true`.
    */
   checkCredentials?: boolean;
+  /**
+   * Run every codex (and so every command its model runs) as this user, which then owns
+   * each workspace's `work/` and `codex-home/` (0700), while `run/` and `lease/` stay the
+   * broker's. The broker must run as root. Defaults to the broker's own user.
+   */
+  codexUser?: CodexUser;
 }
 
 /** A running broker, from {@linkcode startBroker}. */
@@ -169,7 +177,10 @@ export interface Broker {
 
 /** Options for {@linkcode main}; the defaults are the real process's. */
 export interface MainOptions {
-  /** Environment to read `BROKER_SECRET` from. Defaults to `process.env`. */
+  /**
+   * Environment to read `BROKER_SECRET` from; the variable is deleted from it once read, so
+   * no child inherits it. Defaults to `process.env`.
+   */
   env?: Record<string, string | undefined>;
   /** Receives `--help`. Defaults to the process's stdout. */
   stdout?: (text: string) => void;
@@ -240,6 +251,11 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   const problem = secretProblem(options.secret);
   if (problem !== undefined) throw new TypeError(`Cannot start broker: invalid secret: ${problem}`);
   const log = options.log ?? (() => {});
+  if (options.codexUser !== undefined && process.getuid?.() !== 0) {
+    throw new TypeError(
+      "Cannot start broker: codexUser needs a broker running as root, to switch user",
+    );
+  }
   const graceMs = options.graceMs ?? DEFAULT_GRACE_MS;
   if (!(graceMs >= 0)) {
     throw new RangeError(`Invalid graceMs: expected a non-negative number, got ${graceMs}`);
@@ -278,6 +294,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     codexHome: (workspaceId) => join(workspacesDir, workspaceId, "codex-home"),
     ...(existsSync(template) ? { codexHomeTemplate: template } : {}),
     runDir: run,
+    ...(options.codexUser === undefined ? {} : { user: options.codexUser }),
     ...(options.brokerId === undefined ? {} : { brokerId: options.brokerId }),
     // codex runs model-chosen commands, which must not find the key to this broker.
     env: { BROKER_SECRET: undefined },
@@ -473,12 +490,16 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
   };
 
   let parsed: ParsedFlags;
+  const env = options.env ?? process.env;
   try {
-    parsed = parseFlags(args, options.env ?? process.env);
+    parsed = parseFlags(args, env);
   } catch (error) {
     if (!(error instanceof UsageError)) throw error;
     stderr(`codex-broker: ${error.message}\nRun with --help for usage\n`);
     return 2;
+  } finally {
+    // Read once: no child inherits it from here on, whatever spawns it.
+    delete env.BROKER_SECRET;
   }
   if (parsed.help) {
     stdout(USAGE);
@@ -536,7 +557,18 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       idleTtlMs: brokerOptions.idleTtlMs ?? DEFAULT_IDLE_TTL_MS,
       graceMs: brokerOptions.graceMs ?? DEFAULT_GRACE_MS,
       secretFrom: parsed.secretSource,
+      codexUser: brokerOptions.codexUser?.name ?? null,
     });
+    if (parsed.secretFile !== undefined && (parsed.secretFile.mode & 0o077) !== 0) {
+      log({
+        level: "warn",
+        msg: "secret file readable by others",
+        path: parsed.secretFile.path,
+        mode: `0${parsed.secretFile.mode.toString(8)}`,
+        hint: `Other users (and codex, with --codex-user) may read it: chmod 600 ` +
+          parsed.secretFile.path,
+      });
+    }
     // Bytes, as the header carries them; the secret is ASCII (see secretProblem).
     if (parsed.secretSource !== "generated" && brokerOptions.secret.length < MIN_SECRET_BYTES) {
       log({
