@@ -63,6 +63,7 @@ import {
   UsageError,
 } from "./_flags.ts";
 import { timerDelay } from "./_timer.ts";
+import { scrubInitialEnvironment } from "./_environ_scrub.ts";
 
 // Re-exported so this entry point documents every type its API mentions.
 export type { ApprovalDecision } from "./approvals.ts";
@@ -491,6 +492,7 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
 
   let parsed: ParsedFlags;
   const env = options.env ?? process.env;
+  const envSecret = env.BROKER_SECRET;
   try {
     parsed = parseFlags(args, env);
   } catch (error) {
@@ -501,6 +503,10 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
     // Read once: no child inherits it from here on, whatever spawns it.
     delete env.BROKER_SECRET;
   }
+  // The kernel still shows it in /proc/<pid>/environ, the environment this process started
+  // with, to every process of its user: erase it there too, where that can be done.
+  const scrubbed = envSecret === undefined || env !== process.env ||
+    scrubInitialEnvironment("BROKER_SECRET", envSecret);
   if (parsed.help) {
     stdout(USAGE);
     return 0;
@@ -559,6 +565,15 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       secretFrom: parsed.secretSource,
       codexUser: brokerOptions.codexUser?.name ?? null,
     });
+    if (!scrubbed) {
+      log({
+        level: "warn",
+        msg: "BROKER_SECRET stays readable",
+        hint: `This platform keeps BROKER_SECRET in the environment this process started ` +
+          `with, where processes of the same user can read it (/proc/${process.pid}/environ, ` +
+          `ps e): use --secret-file instead`,
+      });
+    }
     if (parsed.secretFile !== undefined && (parsed.secretFile.mode & 0o077) !== 0) {
       log({
         level: "warn",

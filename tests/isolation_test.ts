@@ -1,0 +1,255 @@
+/**
+ * What a command the model runs can find of the broker, through the real codex on the
+ * loopback model: a broker subprocess (src/main.ts) whose model asks codex to run `env` and
+ * to read the broker's `/proc/<pid>/environ`, and, as root, one that runs codex as another
+ * user (`--codex-user`). The command's output is read from the turn's `commandExecution`
+ * item.
+ */
+
+import { test } from "./_test.ts";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { existsSync, readFileSync } from "node:fs";
+import { chmod, mkdtemp, realpath, rm, stat, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import process from "node:process";
+import {
+  type BrokerProcess,
+  childEnv,
+  descendants,
+  isRunning,
+  records,
+  spawnBroker,
+} from "./_broker_process.ts";
+import { makeCodexHome, type TempCodexHome } from "./_codex_home.ts";
+import { execThenReply, type MockModel, startMockModel } from "./_mock_model.ts";
+
+const SECRET = "isolation-test-secret-7c1e9a";
+const TIMEOUT = { timeout: 60_000 };
+const IS_ROOT = process.getuid?.() === 0;
+const TEST_USER = "codex-broker-test";
+// Proves that the command could read the broker's environment at all: a /proc read that
+// failed would otherwise pass for one that found no secret.
+const MARKER = "ISOLATION_TEST_MARKER=visible-to-commands";
+
+interface Fixture {
+  model: MockModel;
+  home: TempCodexHome;
+  dir: string;
+  broker: BrokerProcess;
+  url: string;
+  cleanup(): Promise<void>;
+}
+
+async function startFixture(args: string[], env: Record<string, string>): Promise<Fixture> {
+  const model = await startMockModel();
+  const home = await makeCodexHome(model.baseUrl);
+  // Its config.toml names its model catalogue by path, which codex then reads: as another
+  // user with --codex-user (the copied config.toml and auth.json it gets in its own home).
+  await chmod(home.path, 0o755);
+  const dir = await realpath(await mkdtemp(join(tmpdir(), "isolation-test-")));
+  // mkdtemp makes it 0700; another user must reach the workspaces below it.
+  await chmod(dir, 0o755);
+  const broker = spawnBroker([
+    "--port",
+    "0",
+    "--workspaces-dir",
+    join(dir, "workspaces"),
+    "--codex-home",
+    home.path,
+    ...args,
+  ], childEnv({ ISOLATION_TEST_MARKER: "visible-to-commands", ...env }));
+  const cleanup = async () => {
+    await model.close();
+    broker.kill("SIGTERM");
+    await broker.status;
+    await home.cleanup();
+    await rm(dir, { recursive: true, force: true });
+  };
+  try {
+    const line = await broker.waitForLine((l) => l.includes('"msg":"listening"'), "listening");
+    return { model, home, dir, broker, url: JSON.parse(line).url as string, cleanup };
+  } catch (error) {
+    await cleanup();
+    throw error;
+  }
+}
+
+/**
+ * Runs one turn whose model has codex run `script`, and returns the command's output, split
+ * into the sections the script announces with `echo "== name"`.
+ */
+async function runCommand(
+  fx: Fixture,
+  script: string,
+  workspaceId = "ws-1",
+): Promise<Record<string, string>> {
+  fx.model.respond = execThenReply(script, "ran it");
+  const response = await fetch(`${fx.url}/api/turns`, {
+    method: "POST",
+    headers: { "content-type": "application/json", "x-internal-secret": SECRET },
+    body: JSON.stringify({
+      workspaceId,
+      threadParams: { approvalPolicy: "never", sandbox: "danger-full-access" },
+      params: { input: [{ type: "text", text: "run it", text_elements: [] }] },
+    }),
+  });
+  assert.equal(response.status, 200);
+  const body = await response.json();
+  assert.equal(body.turn?.status, "completed", JSON.stringify(body));
+  const commands = (body.turn.items as Record<string, unknown>[]).filter((item) =>
+    item.type === "commandExecution"
+  );
+  assert.equal(commands.length, 1, JSON.stringify(body.turn.items));
+  const output = String(commands[0]!.aggregatedOutput ?? "");
+  const sections: Record<string, string> = {};
+  let current = "";
+  for (const line of output.split("\n")) {
+    const heading = /^== (\S+)$/.exec(line);
+    if (heading) current = heading[1]!;
+    else sections[current] = `${sections[current] ?? ""}${line}\n`;
+  }
+  return sections;
+}
+
+/** `env`, then the broker's initial environment from /proc, one variable a line. */
+function envScript(brokerPid: number): string {
+  return `echo "== env"; env; echo "== proc"; tr '\\0' '\\n' < /proc/${brokerPid}/environ`;
+}
+
+test(
+  "a command the model runs finds the broker's --secret-file secret neither in its environment nor in /proc/<broker pid>/environ",
+  TIMEOUT,
+  async () => {
+    const secretDir = await realpath(await mkdtemp(join(tmpdir(), "isolation-secret-")));
+    const secretFile = join(secretDir, "secret");
+    await writeFile(secretFile, `${SECRET}\n`, { mode: 0o600 });
+    const fx = await startFixture(["--secret-file", secretFile], {});
+    try {
+      const out = await runCommand(fx, envScript(fx.broker.pid));
+      assert.ok(out.env?.includes("CODEX_HOME="), out.env);
+      assert.ok(out.proc?.includes(MARKER), `the broker's environ was not read: ${out.proc}`);
+      assert.ok(!JSON.stringify(out).includes(SECRET), JSON.stringify(out));
+      assert.ok(!fx.broker.lines.some((line) => line.includes(SECRET)));
+      assert.equal(records(fx.broker.lines).find((r) => r.msg === "start")?.secretFrom, "file");
+    } finally {
+      await fx.cleanup();
+      await rm(secretDir, { recursive: true, force: true });
+    }
+  },
+);
+
+test(
+  "a command the model runs finds BROKER_SECRET neither in its environment nor, on Linux, in /proc/<broker pid>/environ",
+  TIMEOUT,
+  async () => {
+    const fx = await startFixture([], { BROKER_SECRET: SECRET });
+    try {
+      const out = await runCommand(fx, envScript(fx.broker.pid));
+      assert.ok(out.env?.includes("CODEX_HOME="), out.env);
+      assert.ok(!out.env?.includes("BROKER_SECRET"), out.env);
+      // The kernel shows the environment the broker started with, which unsetting the
+      // variable does not change: the broker erased the value's bytes there itself.
+      assert.ok(out.proc?.includes(MARKER), `the broker's environ was not read: ${out.proc}`);
+      assert.ok(!out.proc?.includes(SECRET), out.proc);
+      assert.ok(out.proc?.includes("BROKER_SECRET="), "only the value is erased");
+      assert.ok(!fx.broker.lines.some((line) => line.includes("BROKER_SECRET stays readable")));
+    } finally {
+      await fx.cleanup();
+    }
+  },
+);
+
+test(
+  "a command the model runs in one workspace finds no capability token of another workspace's codex on disk",
+  TIMEOUT,
+  async () => {
+    const fx = await startFixture(["--secret", SECRET], {});
+    try {
+      const workspaces = join(fx.dir, "workspaces");
+      await runCommand(fx, "true", "ws-b");
+      // Every file in every run directory but the process records (which name a process,
+      // and the token's digest that its command line shows anyway).
+      const out = await runCommand(
+        fx,
+        `echo "== ls"; ls ${workspaces}/ws-b/run/codex-broker-*/; echo "== files"; ` +
+          `for f in ${workspaces}/*/run/codex-broker-*/* ${tmpdir()}/codex-broker-*/*; do ` +
+          `case "$f" in *codex.json) ;; *) echo "$f"; cat "$f" 2>&1; echo ;; esac; done`,
+        "ws-a",
+      );
+      // Same user, so the directory can be read; it holds nothing that opens ws-b's codex.
+      assert.match(out.ls ?? "", /codex\.json/);
+      assert.doesNotMatch(out.files ?? "", /[0-9a-f]{64}/, out.files);
+    } finally {
+      await fx.cleanup();
+    }
+  },
+);
+
+/** The real and effective uid of a process, from /proc. */
+function uidOf(pid: number): [number, number] {
+  const match = /^Uid:\s+(\d+)\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+  assert.ok(match, `no Uid line for ${pid}`);
+  return [Number(match[1]), Number(match[2])];
+}
+
+/** Creates the test's system user if it is missing; returns its uid. */
+function ensureTestUser(): number {
+  try {
+    return Number(execFileSync("id", ["-u", TEST_USER], { encoding: "utf8" }).trim());
+  } catch {
+    execFileSync("useradd", ["--system", "--no-create-home", TEST_USER], { stdio: "ignore" });
+    return Number(execFileSync("id", ["-u", TEST_USER], { encoding: "utf8" }).trim());
+  }
+}
+
+test(
+  "with --codex-user, codex and the commands it runs are that user, which cannot read the broker's secret file or its /proc environ" +
+    (IS_ROOT ? "" : " (skipped: --codex-user needs a broker running as root)"),
+  { ...TIMEOUT, skip: !IS_ROOT },
+  async () => {
+    const uid = ensureTestUser();
+    const secretDir = await realpath(await mkdtemp(join(tmpdir(), "isolation-secret-")));
+    const secretFile = join(secretDir, "secret");
+    await writeFile(secretFile, `${SECRET}\n`, { mode: 0o600 });
+    // Reachable, so that only the file's own mode keeps the user out.
+    await chmod(secretDir, 0o755);
+    const fx = await startFixture(
+      ["--secret-file", secretFile, "--codex-user", TEST_USER],
+      { BROKER_SECRET: "ignored-in-favour-of-the-file" },
+    );
+    try {
+      const out = await runCommand(
+        fx,
+        `echo "== id"; id -u; echo "== file"; cat ${secretFile} 2>&1; ` +
+          `echo "== proc"; cat /proc/${fx.broker.pid}/environ 2>&1; echo "== env"; env`,
+      );
+      assert.equal(out.id?.trim(), String(uid));
+      assert.match(out.file ?? "", /Permission denied/);
+      assert.match(out.proc ?? "", /Permission denied/);
+      assert.ok(out.env?.includes("CODEX_HOME="), out.env);
+      assert.ok(!JSON.stringify(out).includes(SECRET), JSON.stringify(out));
+      assert.ok(!JSON.stringify(out).includes("ignored-in-favour-of-the-file"));
+
+      const codex = records(fx.broker.lines).find((r) => r.msg === "dial")?.pid as number;
+      assert.ok(isRunning(codex));
+      assert.deepEqual(uidOf(codex), [uid, uid]);
+      // Its watchdog (and whatever else it started) too.
+      for (const pid of descendants(codex)) {
+        if (isRunning(pid)) assert.deepEqual(uidOf(pid), [uid, uid], `pid ${pid}`);
+      }
+      const workspace = join(fx.dir, "workspaces", "ws-1");
+      for (const [name, owner] of [["work", uid], ["codex-home", uid], ["run", 0]] as const) {
+        const stats = await stat(join(workspace, name));
+        assert.equal(stats.uid, owner, name);
+        assert.equal(stats.mode & 0o777, 0o700, name);
+      }
+      assert.equal((await stat(join(workspace, "codex-home", "config.toml"))).uid, uid);
+    } finally {
+      await fx.cleanup();
+      await rm(secretDir, { recursive: true, force: true });
+    }
+    assert.equal(existsSync(fx.dir), false);
+  },
+);
