@@ -10,7 +10,17 @@ import { test } from "./_test.ts";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
-import { chmod, mkdtemp, realpath, rm, stat, writeFile } from "node:fs/promises";
+import {
+  chmod,
+  lstat,
+  mkdir,
+  mkdtemp,
+  realpath,
+  rm,
+  stat,
+  symlink,
+  writeFile,
+} from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
@@ -42,7 +52,11 @@ interface Fixture {
   cleanup(): Promise<void>;
 }
 
-async function startFixture(args: string[], env: Record<string, string>): Promise<Fixture> {
+async function startFixture(
+  args: string[],
+  env: Record<string, string>,
+  prepare?: (dir: string) => Promise<void>,
+): Promise<Fixture> {
   const model = await startMockModel();
   const home = await makeCodexHome(model.baseUrl);
   // Its config.toml names its model catalogue by path, which codex then reads: as another
@@ -51,6 +65,7 @@ async function startFixture(args: string[], env: Record<string, string>): Promis
   const dir = await realpath(await mkdtemp(join(tmpdir(), "isolation-test-")));
   // mkdtemp makes it 0700; another user must reach the workspaces below it.
   await chmod(dir, 0o755);
+  await prepare?.(dir);
   const broker = spawnBroker([
     "--port",
     "0",
@@ -251,5 +266,42 @@ test(
       await rm(secretDir, { recursive: true, force: true });
     }
     assert.equal(existsSync(fx.dir), false);
+  },
+);
+
+test(
+  "with --codex-user, handing a workspace's directories to the user never follows a link out of them" +
+    (IS_ROOT ? "" : " (skipped: --codex-user needs a broker running as root)"),
+  { ...TIMEOUT, skip: !IS_ROOT },
+  async () => {
+    const uid = ensureTestUser();
+    let victim = "";
+    const fx = await startFixture(
+      ["--secret", SECRET, "--codex-user", TEST_USER],
+      {},
+      async (dir) => {
+        // A workspace a broker without --codex-user ran before: root's, with links in it.
+        victim = join(dir, "victim");
+        await writeFile(victim, "root's own file", { mode: 0o600 });
+        const workspace = join(dir, "workspaces", "ws-1");
+        for (const name of ["work", "codex-home"]) {
+          await mkdir(join(workspace, name, "sub"), { recursive: true });
+          await symlink(victim, join(workspace, name, "sub", "link"));
+        }
+      },
+    );
+    try {
+      const out = await runCommand(fx, `echo "== id"; id -u`);
+      assert.equal(out.id?.trim(), String(uid));
+      assert.equal((await stat(victim)).uid, 0);
+      const workspace = join(fx.dir, "workspaces", "ws-1");
+      // What the workspace held is the user's now: the links themselves included.
+      for (const name of ["work", "codex-home"]) {
+        assert.equal((await lstat(join(workspace, name, "sub", "link"))).uid, uid);
+        assert.equal((await lstat(join(workspace, name, "sub"))).uid, uid);
+      }
+    } finally {
+      await fx.cleanup();
+    }
   },
 );

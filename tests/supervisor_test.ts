@@ -30,8 +30,8 @@ import {
   isDead,
   killGroup,
   liveGroupMembers,
-  runScript,
   runDirOf,
+  runScript,
   runtimeCommand,
   tokenDigestOf,
 } from "./_processes.ts";
