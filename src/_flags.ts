@@ -280,8 +280,9 @@ const FLAGS: readonly Flag[] = [
     value: "<user>",
     help: [
       "Run every codex, and so every command the model runs, as this",
-      "user (a name or uid), which cannot read the broker's files; the",
-      "broker must run as root. Its work/, codex-home/ are chowned to it",
+      "user (a name or uid), kept out of the broker's own files (0600)",
+      "and processes; needs a broker running as root. Each workspace's",
+      "work/ and codex-home/ become the user's",
     ],
     apply(name, options) {
       const uid = process.getuid?.();
@@ -329,8 +330,8 @@ ${usageLines()}
 
 Durations are milliseconds ("1500") or a number with a unit: ms, s, m, h ("30s", "5m"),
 at most 24 days (576h).
-Environment: BROKER_SECRET (see --secret; read once, then removed from the broker's
-environment, though /proc/<pid>/environ keeps showing it), BROKER_ID (see --broker-id). codex itself
+Environment: BROKER_SECRET (see --secret; read once, removed from the environment and,
+on Linux, erased from /proc/<pid>/environ), BROKER_ID (see --broker-id). codex itself
 uses the user's login or OPENAI_API_KEY. Logs are JSON lines on stderr. Exit codes: 0
 after a clean shutdown, 1 if the server cannot start, 2 for a bad flag.
 `;

@@ -35,6 +35,7 @@
  * @module
  */
 
+import { spawnSync } from "node:child_process";
 import { existsSync, realpathSync } from "node:fs";
 import { mkdir, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
 import { homedir, hostname, totalmem } from "node:os";
@@ -264,6 +265,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   const workspacesDir = resolvePath(options.workspacesDir ?? DEFAULT_WORKSPACES_DIR);
   const codexHome = options.codexHome === undefined ? undefined : resolvePath(options.codexHome);
   await checkWorkspacesDir(workspacesDir);
+  if (options.codexUser !== undefined) checkReachable(workspacesDir, options.codexUser);
 
   // One directory per workspace holds everything codex keeps for it, so the workspace
   // moves as a unit to whichever broker serves it next (see the README's layout).
@@ -656,6 +658,29 @@ async function checkWorkspacesDir(dir: string): Promise<void> {
     fail("is not writable", error);
   } finally {
     if (probe !== undefined) await rm(probe, { recursive: true, force: true }).catch(() => {});
+  }
+}
+
+/**
+ * Proves that the codex user can enter the workspaces directory (every directory above it
+ * must let it pass, `o+x`): otherwise every codex start fails on its working directory.
+ *
+ * @throws {Error} Naming the directory, the user and what the shell said.
+ */
+function checkReachable(dir: string, user: CodexUser): void {
+  const result = spawnSync("/bin/sh", ["-c", 'cd "$1"', "sh", dir], {
+    uid: user.uid,
+    gid: user.gid,
+    encoding: "utf8",
+    stdio: ["ignore", "ignore", "pipe"],
+    timeout: 5_000,
+  });
+  if (result.status !== 0) {
+    const why = (result.stderr ?? "").trim() || messageOf(result.error ?? "unknown failure");
+    throw new Error(
+      `Cannot start broker: the codex user ${user.name} cannot reach the workspaces dir ` +
+        `${dir}: ${why}; let it pass every directory on the way (chmod o+x)`,
+    );
   }
 }
 

@@ -167,7 +167,7 @@ export interface CodexResolver extends Resolver {
    * it to exit. A later resolve starts a new one.
    *
    * @param workspaceId The workspace.
-   * @returns Once the process has exited and its token file is gone.
+   * @returns Once the process has exited and its run directory is gone.
    * @throws {TypeError} If the workspace id is invalid.
    */
   release(workspaceId: string): Promise<void>;
@@ -280,10 +280,10 @@ export class SpawnError extends Error {
  * No codex outlives the process that created the resolver. codex in WebSocket mode does not
  * notice that its parent died, so on every platform with a `/bin/sh` (all but Windows) it
  * runs under a tiny shell watchdog holding a pipe to this process: when this process ends,
- * even by SIGKILL or the OOM killer, the watchdog removes the token and kills codex's
+ * even by SIGKILL or the OOM killer, the watchdog removes its run directory and kills codex's
  * process group within milliseconds. Whatever codex left in its group (the commands a model
  * ran) goes with it, on a stop or a crash too. For what survives anyway (the watchdog
- * itself was killed), each token has a process record beside it; see
+ * itself was killed), each codex has a process record in its run directory; see
  * {@linkcode cleanUpLeftovers}.
  *
  * @example Resolve, use and stop a workspace's codex
@@ -602,7 +602,7 @@ class CodexProcess {
     return exit.signal !== null && !this.#signalled.has(exit.signal);
   }
 
-  /** Resolves once the process has exited and its token is gone. */
+  /** Resolves once the process has exited and its run directory is gone. */
   get gone(): Promise<void> {
     return this.#gone.promise;
   }

@@ -33,6 +33,7 @@ import {
   spawnBroker,
 } from "./_broker_process.ts";
 import { makeCodexHome, type TempCodexHome } from "./_codex_home.ts";
+import { startBroker } from "../src/main.ts";
 import { execThenReply, type MockModel, startMockModel } from "./_mock_model.ts";
 
 const SECRET = "isolation-test-secret-7c1e9a";
@@ -189,7 +190,7 @@ test(
       const out = await runCommand(
         fx,
         `echo "== ls"; ls ${workspaces}/ws-b/run/codex-broker-*/; echo "== files"; ` +
-          `for f in ${workspaces}/*/run/codex-broker-*/* ${tmpdir()}/codex-broker-*/*; do ` +
+          `for f in ${workspaces}/*/run/codex-broker-*/*; do ` +
           `case "$f" in *codex.json) ;; *) echo "$f"; cat "$f" 2>&1; echo ;; esac; done`,
         "ws-a",
       );
@@ -302,6 +303,37 @@ test(
       }
     } finally {
       await fx.cleanup();
+    }
+  },
+);
+
+test(
+  "startBroker() with a codexUser refuses a workspaces dir that user cannot reach, naming both" +
+    (IS_ROOT ? "" : " (skipped: a codexUser needs a broker running as root)"),
+  { ...TIMEOUT, skip: !IS_ROOT },
+  async () => {
+    const uid = ensureTestUser();
+    const gid = Number(execFileSync("id", ["-g", TEST_USER], { encoding: "utf8" }).trim());
+    // mkdtemp's 0700 keeps every other user out.
+    const dir = await realpath(await mkdtemp(join(tmpdir(), "isolation-closed-")));
+    try {
+      await assert.rejects(
+        startBroker({
+          secret: SECRET,
+          port: 0,
+          workspacesDir: join(dir, "workspaces"),
+          codexUser: { name: TEST_USER, uid, gid },
+          checkCredentials: false,
+        }),
+        (error: unknown) =>
+          error instanceof Error &&
+          error.message.startsWith(
+            `Cannot start broker: the codex user ${TEST_USER} cannot reach the workspaces dir ` +
+              `${join(dir, "workspaces")}: `,
+          ),
+      );
+    } finally {
+      await rm(dir, { recursive: true, force: true });
     }
   },
 );
