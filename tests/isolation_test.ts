@@ -33,7 +33,7 @@ import {
   spawnBroker,
 } from "./_broker_process.ts";
 import { makeCodexHome, type TempCodexHome } from "./_codex_home.ts";
-import { startBroker } from "../src/main.ts";
+import { startBroker, USAGE } from "../src/main.ts";
 import { execThenReply, type MockModel, startMockModel } from "./_mock_model.ts";
 
 const SECRET = "isolation-test-secret-7c1e9a";
@@ -43,6 +43,14 @@ const TEST_USER = "codex-broker-test";
 // Proves that the command could read the broker's environment at all: a /proc read that
 // failed would otherwise pass for one that found no secret.
 const MARKER = "ISOLATION_TEST_MARKER=visible-to-commands";
+const POLICY = {
+  credentials: {
+    secret: {
+      sandbox: ["read-only", "workspace-write", "danger-full-access"],
+      neverWithNetwork: true,
+    },
+  },
+};
 
 interface Fixture {
   model: MockModel;
@@ -67,7 +75,14 @@ async function startFixture(
   // mkdtemp makes it 0700; another user must reach the workspaces below it.
   await chmod(dir, 0o755);
   await prepare?.(dir);
+  // The commands must run outside codex's sandbox, whose pid namespace hides the broker's
+  // /proc entry. A broker with a policy (issue 11 §2) refuses danger-full-access by
+  // default: the operator allows it for the secret, as for a trusted caller.
+  const policy = join(dir, "policy.json");
+  await writeFile(policy, JSON.stringify(POLICY));
+  const policyArgs = USAGE.includes("--policy ") ? ["--policy", policy] : [];
   const broker = spawnBroker([
+    ...policyArgs,
     "--port",
     "0",
     "--workspaces-dir",
