@@ -6,13 +6,13 @@
 import { test } from "./_test.ts";
 import assert from "node:assert/strict";
 import { execFileSync, spawn } from "node:child_process";
+import { existsSync } from "node:fs";
 import { chmod, mkdir, mkdtemp, realpath, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { main, parseFlags, UsageError } from "../src/main.ts";
-import { scrubInitialEnvironment } from "../src/_environ_scrub.ts";
 import { runtimeCommand } from "./_processes.ts";
 
 const SECRET = "secret-test-0123456789abcdef";
@@ -152,12 +152,49 @@ test(
   },
 );
 
-test("scrubInitialEnvironment() erases nothing it cannot find exactly, and reports it", () => {
-  assert.equal(scrubInitialEnvironment("SECRET_TEST_NEVER_SET", "some-value"), false);
-  assert.equal(scrubInitialEnvironment("PATH", "not-the-path"), false);
-  // The variable stays as the runtime reads it.
-  assert.ok((process.env.PATH ?? "").length > 0);
-});
+const HAS_PROC_MEM = existsSync("/proc/self/mem");
+
+test(
+  "scrubInitialEnvironment() erases a variable's value from /proc/self/environ, and nothing it does not find exactly" +
+    (HAS_PROC_MEM ? "" : " (skipped: no /proc/self/mem)"),
+  { ...TIMEOUT, skip: !HAS_PROC_MEM },
+  async () => {
+    await withDir(async (dir) => {
+      const script = join(dir, "scrub.ts");
+      const module = fileURLToPath(new URL("../src/_environ_scrub.ts", import.meta.url));
+      await writeFile(
+        script,
+        `import { readFileSync } from "node:fs";
+import { scrubInitialEnvironment } from ${JSON.stringify(module)};
+const erased = scrubInitialEnvironment("SCRUB_TEST_SECRET", "s3cret-scrub-value");
+const missed = scrubInitialEnvironment("SCRUB_TEST_OTHER", "not-its-value");
+const environ = readFileSync("/proc/self/environ", "latin1").split("\\0");
+console.log(JSON.stringify({ erased, missed, environ }));
+`,
+      );
+      const [command, args] = runtimeCommand(script);
+      const out = execFileSync(command, args, {
+        encoding: "utf8",
+        env: {
+          PATH: process.env.PATH ?? "/usr/bin:/bin",
+          ...(process.env.HOME === undefined ? {} : { HOME: process.env.HOME }),
+          SCRUB_TEST_SECRET: "s3cret-scrub-value",
+          SCRUB_TEST_OTHER: "its-value",
+        },
+      });
+      const { erased, missed, environ } = JSON.parse(out) as {
+        erased: boolean;
+        missed: boolean;
+        environ: string[];
+      };
+      assert.equal(erased, true);
+      assert.equal(missed, false);
+      assert.ok(environ.includes("SCRUB_TEST_SECRET="), environ.join(" "));
+      assert.ok(!environ.some((entry) => entry.includes("s3cret-scrub-value")));
+      assert.ok(environ.includes("SCRUB_TEST_OTHER=its-value"));
+    });
+  },
+);
 
 test(
   "parseFlags() refuses --codex-user for a user that does not exist, and for root" +
