@@ -22,7 +22,7 @@ import {
   writeFile,
 } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import process from "node:process";
 import {
   type BrokerProcess,
@@ -152,6 +152,18 @@ async function runCommand(
   return sections;
 }
 
+/** Runs `fn` with a 0600 file holding the secret and a newline, removed afterwards. */
+async function withSecretFile(fn: (file: string) => Promise<void>): Promise<void> {
+  const dir = await realpath(await mkdtemp(join(tmpdir(), "isolation-secret-")));
+  try {
+    const file = join(dir, "secret");
+    await writeFile(file, `${SECRET}\n`, { mode: 0o600 });
+    await fn(file);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
 /** `env`, then the broker's initial environment from /proc, one variable a line. */
 function envScript(brokerPid: number): string {
   return `echo "== env"; env; echo "== proc"; tr '\\0' '\\n' < /proc/${brokerPid}/environ`;
@@ -161,21 +173,22 @@ test(
   "a command the model runs finds the broker's --secret-file secret neither in its environment nor in /proc/<broker pid>/environ",
   TIMEOUT,
   async () => {
-    const secretDir = await realpath(await mkdtemp(join(tmpdir(), "isolation-secret-")));
-    const secretFile = join(secretDir, "secret");
-    await writeFile(secretFile, `${SECRET}\n`, { mode: 0o600 });
-    const fx = await startFixture(["--secret-file", secretFile], {});
-    try {
-      const out = await runCommand(fx, envScript(fx.broker.pid));
-      assert.ok(out.env?.includes("CODEX_HOME="), out.env);
-      assert.ok(out.proc?.includes(MARKER), `the broker's environ was not read: ${out.proc}`);
-      assert.ok(!JSON.stringify(out).includes(SECRET), JSON.stringify(out));
-      assert.ok(!fx.broker.lines.some((line) => line.includes(SECRET)));
-      assert.equal(records(fx.broker.lines).find((r) => r.msg === "start")?.secretFrom, "file");
-    } finally {
-      await fx.cleanup();
-      await rm(secretDir, { recursive: true, force: true });
-    }
+    await withSecretFile(async (secretFile) => {
+      const fx = await startFixture(["--secret-file", secretFile], {});
+      try {
+        const out = await runCommand(fx, envScript(fx.broker.pid));
+        assert.ok(out.env?.includes("CODEX_HOME="), out.env);
+        assert.ok(out.proc?.includes(MARKER), `the broker's environ was not read: ${out.proc}`);
+        assert.ok(!JSON.stringify(out).includes(SECRET), JSON.stringify(out));
+        assert.ok(!fx.broker.lines.some((line) => line.includes(SECRET)));
+        assert.equal(
+          records(fx.broker.lines).find((r) => r.msg === "start")?.secretFrom,
+          "file",
+        );
+      } finally {
+        await fx.cleanup();
+      }
+    });
   },
 );
 
@@ -249,47 +262,45 @@ test(
   { ...TIMEOUT, skip: !IS_ROOT },
   async () => {
     const uid = ensureTestUser();
-    const secretDir = await realpath(await mkdtemp(join(tmpdir(), "isolation-secret-")));
-    const secretFile = join(secretDir, "secret");
-    await writeFile(secretFile, `${SECRET}\n`, { mode: 0o600 });
-    // Reachable, so that only the file's own mode keeps the user out.
-    await chmod(secretDir, 0o755);
-    const fx = await startFixture(
-      ["--secret-file", secretFile, "--codex-user", TEST_USER],
-      { BROKER_SECRET: "ignored-in-favour-of-the-file" },
-    );
-    try {
-      const out = await runCommand(
-        fx,
-        `echo "== id"; id -u; echo "== file"; cat ${secretFile} 2>&1; ` +
-          `echo "== proc"; cat /proc/${fx.broker.pid}/environ 2>&1; echo "== env"; env`,
+    await withSecretFile(async (secretFile) => {
+      // Reachable, so that only the file's own mode keeps the user out.
+      await chmod(dirname(secretFile), 0o755);
+      const fx = await startFixture(
+        ["--secret-file", secretFile, "--codex-user", TEST_USER],
+        { BROKER_SECRET: "ignored-in-favour-of-the-file" },
       );
-      assert.equal(out.id?.trim(), String(uid));
-      assert.match(out.file ?? "", /Permission denied/);
-      assert.match(out.proc ?? "", /Permission denied/);
-      assert.ok(out.env?.includes("CODEX_HOME="), out.env);
-      assert.ok(!JSON.stringify(out).includes(SECRET), JSON.stringify(out));
-      assert.ok(!JSON.stringify(out).includes("ignored-in-favour-of-the-file"));
+      try {
+        const out = await runCommand(
+          fx,
+          `echo "== id"; id -u; echo "== file"; cat ${secretFile} 2>&1; ` +
+            `echo "== proc"; cat /proc/${fx.broker.pid}/environ 2>&1; echo "== env"; env`,
+        );
+        assert.equal(out.id?.trim(), String(uid));
+        assert.match(out.file ?? "", /Permission denied/);
+        assert.match(out.proc ?? "", /Permission denied/);
+        assert.ok(out.env?.includes("CODEX_HOME="), out.env);
+        assert.ok(!JSON.stringify(out).includes(SECRET), JSON.stringify(out));
+        assert.ok(!JSON.stringify(out).includes("ignored-in-favour-of-the-file"));
 
-      const codex = records(fx.broker.lines).find((r) => r.msg === "dial")?.pid as number;
-      assert.ok(isRunning(codex));
-      assert.deepEqual(uidOf(codex), [uid, uid]);
-      // Its watchdog (and whatever else it started) too.
-      for (const pid of descendants(codex)) {
-        if (isRunning(pid)) assert.deepEqual(uidOf(pid), [uid, uid], `pid ${pid}`);
+        const codex = records(fx.broker.lines).find((r) => r.msg === "dial")?.pid as number;
+        assert.ok(isRunning(codex));
+        assert.deepEqual(uidOf(codex), [uid, uid]);
+        // Its watchdog (and whatever else it started) too.
+        for (const pid of descendants(codex)) {
+          if (isRunning(pid)) assert.deepEqual(uidOf(pid), [uid, uid], `pid ${pid}`);
+        }
+        const workspace = join(fx.dir, "workspaces", "ws-1");
+        for (const [name, owner] of [["work", uid], ["codex-home", uid], ["run", 0]] as const) {
+          const stats = await stat(join(workspace, name));
+          assert.equal(stats.uid, owner, name);
+          assert.equal(stats.mode & 0o777, 0o700, name);
+        }
+        assert.equal((await stat(join(workspace, "codex-home", "config.toml"))).uid, uid);
+      } finally {
+        await fx.cleanup();
       }
-      const workspace = join(fx.dir, "workspaces", "ws-1");
-      for (const [name, owner] of [["work", uid], ["codex-home", uid], ["run", 0]] as const) {
-        const stats = await stat(join(workspace, name));
-        assert.equal(stats.uid, owner, name);
-        assert.equal(stats.mode & 0o777, 0o700, name);
-      }
-      assert.equal((await stat(join(workspace, "codex-home", "config.toml"))).uid, uid);
-    } finally {
-      await fx.cleanup();
-      await rm(secretDir, { recursive: true, force: true });
-    }
-    assert.equal(existsSync(fx.dir), false);
+      assert.equal(existsSync(fx.dir), false);
+    });
   },
 );
 
