@@ -19,7 +19,7 @@ import {
   utimes,
   writeFile,
 } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 
 /**
  * What is copied from the template, by name at its top level. Directories are copied file
@@ -48,6 +48,18 @@ const MTIME_SLACK_MS = 1;
 // Guards against a symbolic link loop inside a copied directory.
 const MAX_DEPTH = 16;
 
+/** Options for {@linkcode copyCodexHomeTemplate}. */
+export interface CopyCodexHomeOptions {
+  /**
+   * Write the files that need updating here instead (an empty directory this process owns,
+   * under the same relative paths), leaving `home` untouched, which is then only read
+   * (`stat`). For a `home` owned by another user: the caller gives it the staged files and
+   * lets that user copy them over (`cp -Rp`), so that this process never writes through
+   * directories that user controls.
+   */
+  into?: string;
+}
+
 /**
  * Copies the template's configuration into a workspace's codex home. For each file, the
  * copy with the newer modification time wins: the template's replaces the workspace's when
@@ -58,29 +70,44 @@ const MAX_DEPTH = 16;
  * into place, so codex never reads half a file; files are owner-only (credentials 0600),
  * directories 0700.
  *
+ * @example Refresh a workspace's home from the operator's
+ * ```ts ignore
+ * await copyCodexHomeTemplate("/etc/codex-broker/codex-home", "/srv/ws/ws-1/codex-home");
+ * ```
+ *
  * @param template The operator's codex home.
- * @param home The workspace's codex home; created if missing.
- * @returns Once every entry is up to date.
+ * @param home The workspace's codex home; created if missing (unless `options.into`).
+ * @param options Where to stage the updates instead of writing them into `home`.
+ * @returns Once every entry is up to date (or staged).
  * @throws {Error} If the template cannot be read or a file cannot be written.
  */
-export async function copyCodexHomeTemplate(template: string, home: string): Promise<void> {
+export async function copyCodexHomeTemplate(
+  template: string,
+  home: string,
+  options: CopyCodexHomeOptions = {},
+): Promise<void> {
   const templateStat = await stat(template);
   if (!templateStat.isDirectory()) {
     throw new Error(`Cannot copy the codex home template ${template}: not a directory`);
   }
-  await mkdir(home, { recursive: true, mode: 0o700 });
-  await chmod(home, 0o700);
+  if (options.into === undefined) {
+    await mkdir(home, { recursive: true, mode: 0o700 });
+    await chmod(home, 0o700);
+  }
   for (const name of TEMPLATE_ENTRIES) {
-    await copyEntry(join(template, name), join(home, name), SECRET_FILES.has(name), 0);
+    const to = join(home, name);
+    const staged = options.into === undefined ? to : join(options.into, name);
+    await copyEntry(join(template, name), { to, staged }, SECRET_FILES.has(name), 0);
   }
 }
 
 async function copyEntry(
   from: string,
-  to: string,
+  paths: { to: string; staged: string },
   secret: boolean,
   depth: number,
 ): Promise<void> {
+  const { to, staged } = paths;
   let source: Stats;
   try {
     // Follows symbolic links: an operator may link config.toml from elsewhere.
@@ -91,10 +118,11 @@ async function copyEntry(
   }
   if (source.isDirectory()) {
     if (depth >= MAX_DEPTH) return;
-    await mkdir(to, { recursive: true, mode: 0o700 });
+    if (staged === to) await mkdir(to, { recursive: true, mode: 0o700 });
     for (const name of (await readdir(from)).sort()) {
       if (name.startsWith(".")) continue;
-      await copyEntry(join(from, name), join(to, name), secret, depth + 1);
+      const next = { to: join(to, name), staged: join(staged, name) };
+      await copyEntry(join(from, name), next, secret, depth + 1);
     }
     return;
   }
@@ -107,12 +135,14 @@ async function copyEntry(
   // point seconds, which can lose up to a millisecond.
   if (target && target.mtimeMs + MTIME_SLACK_MS >= source.mtimeMs) return;
   const mode = secret ? 0o600 : source.mode & 0o700 | 0o600;
-  const temporary = `${to}.${randomSuffix()}.tmp`;
+  // Staged directories are made only for a file that needs them.
+  if (staged !== to) await mkdir(dirname(staged), { recursive: true, mode: 0o700 });
+  const temporary = `${staged}.${randomSuffix()}.tmp`;
   try {
     await writeFile(temporary, await readFile(from), { mode, flag: "wx" });
     await chmod(temporary, mode);
     await utimes(temporary, source.atime, source.mtime);
-    await rename(temporary, to);
+    await rename(temporary, staged);
   } catch (error) {
     await rm(temporary, { force: true }).catch(() => {});
     throw error;

@@ -7,15 +7,29 @@
  * @module
  */
 
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync, statSync } from "node:fs";
 import { resolve as resolvePath } from "node:path";
+import process from "node:process";
+import { lookUpUser } from "./_codex_user.ts";
 import type { BrokerOptions } from "./main.ts";
 import { parsePolicy, PolicyError } from "./policy.ts";
+
+/** Where the secret came from: `--secret`, `--secret-file`, `BROKER_SECRET`, or made up. */
+export type SecretSource = "flag" | "file" | "env" | "generated";
 
 /** What {@linkcode parseFlags} found: a request for help, or the options to start with. */
 export type ParsedFlags =
   | { help: true }
-  | { help: false; options: BrokerOptions; secretSource: "flag" | "env" | "generated" };
+  | {
+    help: false;
+    options: BrokerOptions;
+    secretSource: SecretSource;
+    /**
+     * With `--secret-file`: its path, and its permission bits (e.g. `0o640`), so a file
+     * other users can read can be warned about.
+     */
+    secretFile?: { path: string; mode: number };
+  };
 
 /**
  * Thrown by {@linkcode parseFlags} for an unknown flag, a missing value or a bad value.
@@ -95,16 +109,29 @@ const FLAGS: readonly Flag[] = [
     name: "secret",
     value: "<secret>",
     help: [
-      "X-Internal-Secret that POST /api/turns must carry; prefer the",
-      "BROKER_SECRET environment variable, which ps does not show.",
-      "Printable ASCII, no leading or trailing space; an empty one is",
-      "refused, one under 16 bytes is warned about. With neither, one",
-      "is generated and logged once to stderr",
+      "X-Internal-Secret that POST /api/turns must carry; ps shows it",
+      "to every user: prefer --secret-file. Printable ASCII, no leading",
+      "or trailing space; an empty one is refused, one under 16 bytes is",
+      "warned about. With no secret given, one is generated and logged",
+      "once to stderr",
     ],
     apply(secret, options) {
       const problem = secretProblem(secret);
       if (problem !== undefined) throw new UsageError(`Invalid --secret: ${problem}`);
       options.secret = secret;
+    },
+  },
+  {
+    name: "secret-file",
+    value: "<path>",
+    help: [
+      "Read the secret from this file (one trailing newline is dropped),",
+      "so that neither the command line nor the environment holds it;",
+      "make it readable by the broker's user only (0600)",
+    ],
+    apply(path, options) {
+      if (path === "") throw new UsageError("Invalid --secret-file: expected a path");
+      options.secret = readSecretFile(resolvePath(path));
     },
   },
   {
@@ -291,6 +318,35 @@ const FLAGS: readonly Flag[] = [
       }
     },
   },
+  {
+    name: "codex-user",
+    value: "<user>",
+    help: [
+      "Run every codex, and so every command the model runs, as this",
+      "user (a name or uid), kept out of the broker's own files (0600)",
+      "and processes; needs a broker running as root. Each workspace's",
+      "work/ and codex-home/ become the user's",
+    ],
+    apply(name, options) {
+      const uid = process.getuid?.();
+      if (uid !== 0) {
+        throw new UsageError(
+          `Invalid --codex-user ${JSON.stringify(name)}: only a broker running as root can ` +
+            `run codex as another user (this one runs as uid ${uid ?? "unknown"})`,
+        );
+      }
+      const user = lookUpUser(name);
+      if (user === undefined) {
+        throw new UsageError(`Invalid --codex-user ${JSON.stringify(name)}: no such user`);
+      }
+      if (user.uid === 0) {
+        throw new UsageError(
+          `Invalid --codex-user ${JSON.stringify(name)}: it is root, which separates nothing`,
+        );
+      }
+      options.codexUser = user;
+    },
+  },
 ];
 
 const FLAG_COLUMN = 28;
@@ -317,7 +373,8 @@ ${usageLines()}
 
 Durations are milliseconds ("1500") or a number with a unit: ms, s, m, h ("30s", "5m"),
 at most 24 days (576h).
-Environment: BROKER_SECRET (see --secret), BROKER_ID (see --broker-id). codex itself
+Environment: BROKER_SECRET (see --secret; read once, removed from the environment and,
+on Linux, erased from /proc/<pid>/environ), BROKER_ID (see --broker-id). codex itself
 uses the user's login or OPENAI_API_KEY. Logs are JSON lines on stderr. Exit codes: 0
 after a clean shutdown, 1 if the server cannot start, 2 for a bad flag.
 `;
@@ -389,8 +446,8 @@ export function parseDuration(text: string, flag: string): number {
 }
 
 /**
- * Parses the command line (see {@linkcode USAGE}). `--secret` wins over `BROKER_SECRET`;
- * with neither, a secret of 32 random bytes (base64url) is generated. A secret that cannot
+ * Parses the command line (see {@linkcode USAGE}). `--secret` or `--secret-file` (not both)
+ * wins over `BROKER_SECRET`; with none, a secret of 32 random bytes (base64url) is generated. A secret that cannot
  * work (see {@linkcode secretProblem}) is refused, from the flag and from the environment
  * alike: a `BROKER_SECRET` that is set but empty is an error, not a request for a new one.
  *
@@ -403,7 +460,9 @@ export function parseDuration(text: string, flag: string): number {
  * @param args The arguments after the script, e.g. `process.argv.slice(2)`.
  * @param env The environment to read `BROKER_SECRET` from.
  * @returns `{ help: true }` for `--help`, else the options and where the secret came from.
- * @throws {UsageError} If a flag is unknown, lacks its value, or has a bad value, or if
+ * @throws {UsageError} If a flag is unknown, lacks its value, or has a bad value (a
+ * `--secret-file` that is missing, unreadable, empty or holds a secret that cannot work; a
+ * `--codex-user` that does not exist, or given to a broker not running as root), or if
  * `BROKER_SECRET` is set to a secret that cannot work.
  */
 export function parseFlags(
@@ -437,14 +496,23 @@ export function parseFlags(
     values.set(flag, value);
   }
 
+  if (values.has(FLAGS.find((f) => f.name === "secret")!) && values.has(SECRET_FILE_FLAG)) {
+    throw new UsageError("Give the secret once: either --secret or --secret-file");
+  }
   const options: BrokerOptions = { secret: "" };
   // In the table's order, so that errors come in the order of the usage text.
   for (const flag of FLAGS) {
     const value = values.get(flag);
     if (value !== undefined) flag.apply(value, options);
   }
-  let secretSource: "flag" | "env" | "generated";
-  if (options.secret !== "") {
+  let secretSource: SecretSource;
+  let secretFile: { path: string; mode: number } | undefined;
+  const secretFilePath = values.get(SECRET_FILE_FLAG);
+  if (secretFilePath !== undefined) {
+    secretSource = "file";
+    const path = resolvePath(secretFilePath);
+    secretFile = { path, mode: statSync(path).mode & 0o777 };
+  } else if (options.secret !== "") {
     secretSource = "flag";
   } else if (env.BROKER_SECRET !== undefined) {
     // Set but unusable (empty, say) is a mistake to report, not a reason to make one up.
@@ -465,7 +533,42 @@ export function parseFlags(
   if (options.brokerId === undefined && env.BROKER_ID) {
     FLAGS.find((f) => f.name === "broker-id")!.apply(env.BROKER_ID, options);
   }
-  return { help: false, options, secretSource };
+  return {
+    help: false,
+    options,
+    secretSource,
+    ...(secretFile === undefined ? {} : { secretFile }),
+  };
+}
+
+const SECRET_FILE_FLAG = FLAGS.find((f) => f.name === "secret-file")!;
+
+/**
+ * Reads a secret from a file: its whole content, less one trailing newline (`echo` and
+ * editors add one; anything else is part of the secret, and checked as one).
+ */
+function readSecretFile(path: string): string {
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (error) {
+    const code = (error as { code?: unknown } | null)?.code;
+    const why = code === "ENOENT"
+      ? "no such file"
+      : code === "EISDIR"
+      ? "it is a directory"
+      : `cannot be read (${error instanceof Error ? error.message : String(error)})`;
+    throw new UsageError(`Invalid --secret-file ${JSON.stringify(path)}: ${why}`);
+  }
+  const secret = text.replace(/\r?\n$/, "");
+  if (secret === "") {
+    throw new UsageError(`Invalid --secret-file ${JSON.stringify(path)}: it is empty`);
+  }
+  const problem = secretProblem(secret);
+  if (problem !== undefined) {
+    throw new UsageError(`Invalid --secret-file ${JSON.stringify(path)}: ${problem}`);
+  }
+  return secret;
 }
 
 function generateSecret(): string {

@@ -1,5 +1,5 @@
 /**
- * Process records: a small JSON file beside each codex's capability token that says which
+ * Process records: a small JSON file in each codex's run directory that says which
  * process it is, so a broker that starts after a crash can stop what its predecessor left
  * running, and never anything else. Linux tells a process apart from a later one with the
  * same pid by its start time (field 22 of `/proc/PID/stat`); elsewhere nothing is killed.
@@ -21,15 +21,16 @@ export const RUN_DIR_PREFIX = "codex-broker-";
 
 /**
  * What `<runDir>/codex-broker-XXXXXX/codex.json` holds about one codex app-server. It is
- * written before codex starts (with `pid` null, so a token on disk always has a record
- * beside it) and again once it runs.
+ * written before codex starts (with `pid` null) and again once it runs. A record names its
+ * codex by the `--ws-token-sha256` digest on codex's command line; records of earlier
+ * brokers, which wrote the token into a file, name it by `tokenFile` instead.
  *
  * @example A record
  * ```json
  * {
  *   "version": 1, "workspaceId": "ws-1", "pid": 4242, "pgid": 4242, "startTime": 912345,
  *   "bootId": "8da39624-…", "hostname": "broker-0", "pidNamespace": "pid:[4026531836]",
- *   "tokenFile": "/srv/workspaces/ws-1/run/codex-broker-Ab12Cd/token",
+ *   "tokenSha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
  *   "brokerId": "broker-0:8787", "brokerPid": 4100, "brokerStartTime": 900001
  * }
  * ```
@@ -51,8 +52,13 @@ export interface ProcessRecord {
   hostname: string;
   /** The pid namespace (`/proc/self/ns/pid`, Linux), so containers never judge each other's pids. */
   pidNamespace: string | null;
-  /** The `--ws-token-file` codex was started with: part of its command line. */
-  tokenFile: string;
+  /**
+   * The `--ws-token-sha256` codex was started with (the digest of its capability token, on
+   * its command line), which tells it apart from any other app-server.
+   */
+  tokenSha256?: string;
+  /** The `--ws-token-file` codex was started with, in the records of older brokers. */
+  tokenFile?: string;
   /** The owner tag of the broker that started it, if it gave one. */
   brokerId?: string;
   /** The pid of the broker process that started it. */
@@ -171,7 +177,8 @@ export async function readProcessRecord(dir: string): Promise<ProcessRecord | un
   const record = JSON.parse(text) as Partial<ProcessRecord> | null;
   if (
     record === null || typeof record !== "object" || record.version !== 1 ||
-    typeof record.hostname !== "string" || typeof record.tokenFile !== "string" ||
+    typeof record.hostname !== "string" ||
+    (typeof record.tokenSha256 !== "string" && typeof record.tokenFile !== "string") ||
     typeof record.brokerPid !== "number" || !nullableNumber(record.pid) ||
     !nullableNumber(record.pgid) || !nullableNumber(record.startTime) ||
     !nullableNumber(record.brokerStartTime)
@@ -224,7 +231,7 @@ export type KeptReason =
 export interface CleanUpLeftoversReport {
   /** The pids of codex processes whose process groups were killed. */
   killed: number[];
-  /** Run directories removed, each with its token and record. */
+  /** Run directories removed, each with its record (and an older broker's token file). */
   removed: string[];
   /** Run directories left alone, and why. */
   kept: { path: string; reason: KeptReason }[];
@@ -233,17 +240,17 @@ export interface CleanUpLeftoversReport {
 }
 
 /**
- * Stops what a crashed broker on this machine left behind, and removes its capability
- * tokens. Call it when a broker starts, with the run directories of every workspace (each
- * holds one `codex-broker-XXXXXX` directory per codex: a `token` and a `codex.json`
- * {@linkcode ProcessRecord}).
+ * Stops what a crashed broker on this machine left behind, and removes its run
+ * directories. Call it when a broker starts, with the run directories of every workspace
+ * (each holds one `codex-broker-XXXXXX` directory per codex, with a `codex.json`
+ * {@linkcode ProcessRecord}; an earlier broker's also held a `token`).
  *
  * A directory is left alone when its record comes from another host, boot or pid
  * namespace, or from a broker that is still running, or when it has no record. Otherwise
  * the process it names gets SIGKILL, with its process group, but only if a process with
  * that pid exists, started at the recorded time, and runs `app-server` with the recorded
- * token file: a pid the system gave to another process is never signalled. Then the
- * directory is removed.
+ * token digest (or token file): a pid the system gave to another process is never
+ * signalled. Then the directory is removed.
  *
  * @example Clean up a workspaces directory laid out as `<dir>/<id>/run`
  * ```ts ignore
@@ -306,10 +313,12 @@ async function cleanUpOne(
   if (owner === "unknown") return keep("unverifiable");
 
   if (record.pid !== null) {
-    const tokenFile = record.tokenFile;
+    const [flag, value] = typeof record.tokenSha256 === "string"
+      ? ["--ws-token-sha256", record.tokenSha256]
+      : ["--ws-token-file", record.tokenFile];
     const codex = identify(record.pid, record.startTime, (cmdline) => {
-      const at = cmdline.indexOf("--ws-token-file");
-      return cmdline.includes("app-server") && at >= 0 && cmdline[at + 1] === tokenFile;
+      const at = cmdline.indexOf(flag);
+      return cmdline.includes("app-server") && at >= 0 && cmdline[at + 1] === value;
     });
     if (codex === "unknown") return keep("unverifiable");
     if (codex === "same") {

@@ -2,7 +2,7 @@
  * A POSIX `sh` watchdog that ties a codex subprocess to the life of its parent. codex in
  * WebSocket mode neither exits when its stdin closes nor notices that its parent died, so a
  * broker killed with SIGKILL (or by the OOM killer) would leave every codex running, each
- * still listening, and its capability token on disk. No signal can tell a child that its
+ * still listening (an earlier broker also left its capability token on disk). No signal can tell a child that its
  * parent died on every platform; an end-of-file on a pipe that only the parent holds can.
  *
  * The parent spawns `/bin/sh -c WATCHDOG_SCRIPT codex-broker-watchdog RUN_DIR COMMAND ARGS…`
@@ -10,7 +10,7 @@
  * writes to. The shell starts a background watcher on a copy of that pipe, then `exec`s
  * the command, which so keeps the shell's pid: the pid the parent sees is codex's, and it
  * is also the process group id. The watcher waits for end-of-file, which comes when the
- * parent closes the pipe or dies, removes `RUN_DIR` (the token and process record), and
+ * parent closes the pipe or dies, removes `RUN_DIR` (the process record), and
  * sends SIGKILL to the whole group: codex, whatever codex started, and itself.
  *
  * - The watcher ignores SIGTERM, SIGINT and SIGHUP, so a graceful stop (SIGTERM to the
@@ -22,6 +22,10 @@
  * - The watcher keeps the child's stdout and stderr open until it is gone, so the parent's
  *   `close` event means "codex and its watcher have both exited": a respawn can never race a
  *   watcher that is still removing the previous run directory.
+ * - With a `uid` (the broker's `--codex-user`) the watchdog runs as codex's user, so that
+ *   no process of the broker's user is within reach of codex's commands; it then cannot
+ *   remove the broker's `RUN_DIR` (the next broker's `cleanUpLeftovers` does), and still
+ *   kills the group, which is its user's.
  * - Background jobs of a non-interactive `sh` get `/dev/null` as stdin, hence the copy of
  *   the pipe on fd 3, which codex itself does not inherit.
  *

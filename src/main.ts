@@ -35,6 +35,7 @@
  * @module
  */
 
+import { spawnSync } from "node:child_process";
 import { existsSync, realpathSync } from "node:fs";
 import { mkdir, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
 import { homedir, hostname, totalmem } from "node:os";
@@ -55,6 +56,7 @@ import { leasedResolver } from "./_leased_resolver.ts";
 import { createParamsCheck, DEFAULT_POLICY, type Policy } from "./policy.ts";
 import { workspacePathResolver } from "./_workspace_path.ts";
 import type { ApprovalDecision } from "./approvals.ts";
+import type { CodexUser } from "./_codex_user.ts";
 import {
   MIN_SECRET_BYTES,
   type ParsedFlags,
@@ -64,6 +66,7 @@ import {
   UsageError,
 } from "./_flags.ts";
 import { timerDelay } from "./_timer.ts";
+import { scrubInitialEnvironment } from "./_environ_scrub.ts";
 
 // Re-exported so this entry point documents every type its API mentions.
 export type { ApprovalDecision } from "./approvals.ts";
@@ -78,9 +81,10 @@ export type {
   PolicyDefaults,
   SandboxMode,
 } from "./policy.ts";
+export type { CodexUser } from "./_codex_user.ts";
 // The command line lives in its own module; it stays part of this entry point's API.
 export { parseDuration, parseFlags, USAGE, UsageError } from "./_flags.ts";
-export type { ParsedFlags } from "./_flags.ts";
+export type { ParsedFlags, SecretSource } from "./_flags.ts";
 
 /** Severity of a {@linkcode LogEntry}. */
 export type LogLevel = "info" | "warn" | "error";
@@ -165,6 +169,12 @@ export interface BrokerOptions {
    * workspace's `work/` directory, symlinks included. Defaults to `DEFAULT_POLICY`.
    */
   policy?: Policy;
+  /**
+   * Run every codex (and so every command its model runs) as this user, which then owns
+   * each workspace's `work/` and `codex-home/` (0700), while `run/` and `lease/` stay the
+   * broker's. The broker must run as root. Defaults to the broker's own user.
+   */
+  codexUser?: CodexUser;
 }
 
 /** A running broker, from {@linkcode startBroker}. */
@@ -193,7 +203,10 @@ export interface Broker {
 
 /** Options for {@linkcode main}; the defaults are the real process's. */
 export interface MainOptions {
-  /** Environment to read `BROKER_SECRET` from. Defaults to `process.env`. */
+  /**
+   * Environment to read `BROKER_SECRET` from; the variable is deleted from it once read, so
+   * no child inherits it. Defaults to `process.env`.
+   */
   env?: Record<string, string | undefined>;
   /** Receives `--help`. Defaults to the process's stdout. */
   stdout?: (text: string) => void;
@@ -264,6 +277,11 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   const problem = secretProblem(options.secret);
   if (problem !== undefined) throw new TypeError(`Cannot start broker: invalid secret: ${problem}`);
   const log = options.log ?? (() => {});
+  if (options.codexUser !== undefined && process.getuid?.() !== 0) {
+    throw new TypeError(
+      "Cannot start broker: codexUser needs a broker running as root, to switch user",
+    );
+  }
   const graceMs = options.graceMs ?? DEFAULT_GRACE_MS;
   if (!(graceMs >= 0)) {
     throw new RangeError(`Invalid graceMs: expected a non-negative number, got ${graceMs}`);
@@ -271,6 +289,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   const workspacesDir = resolvePath(options.workspacesDir ?? DEFAULT_WORKSPACES_DIR);
   const codexHome = options.codexHome === undefined ? undefined : resolvePath(options.codexHome);
   await checkWorkspacesDir(workspacesDir);
+  if (options.codexUser !== undefined) checkReachable(workspacesDir, options.codexUser);
 
   // One directory per workspace holds everything codex keeps for it, so the workspace
   // moves as a unit to whichever broker serves it next (see the README's layout).
@@ -302,6 +321,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     codexHome: (workspaceId) => join(workspacesDir, workspaceId, "codex-home"),
     ...(existsSync(template) ? { codexHomeTemplate: template } : {}),
     runDir: run,
+    ...(options.codexUser === undefined ? {} : { user: options.codexUser }),
     ...(options.brokerId === undefined ? {} : { brokerId: options.brokerId }),
     // codex runs model-chosen commands, which must not find the key to this broker.
     env: { BROKER_SECRET: undefined },
@@ -503,13 +523,22 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
   };
 
   let parsed: ParsedFlags;
+  const env = options.env ?? process.env;
+  const envSecret = env.BROKER_SECRET;
   try {
-    parsed = parseFlags(args, options.env ?? process.env);
+    parsed = parseFlags(args, env);
   } catch (error) {
     if (!(error instanceof UsageError)) throw error;
     stderr(`codex-broker: ${error.message}\nRun with --help for usage\n`);
     return 2;
+  } finally {
+    // Read once: no child inherits it from here on, whatever spawns it.
+    delete env.BROKER_SECRET;
   }
+  // The kernel still shows it in /proc/<pid>/environ, the environment this process started
+  // with, to every process of its user: erase it there too, where that can be done.
+  const scrubbed = envSecret === undefined || env !== process.env ||
+    scrubInitialEnvironment("BROKER_SECRET", envSecret);
   if (parsed.help) {
     stdout(USAGE);
     return 0;
@@ -566,7 +595,27 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       idleTtlMs: brokerOptions.idleTtlMs ?? DEFAULT_IDLE_TTL_MS,
       graceMs: brokerOptions.graceMs ?? DEFAULT_GRACE_MS,
       secretFrom: parsed.secretSource,
+      codexUser: brokerOptions.codexUser?.name ?? null,
     });
+    if (!scrubbed) {
+      log({
+        level: "warn",
+        msg: "BROKER_SECRET stays readable",
+        hint: `This platform keeps BROKER_SECRET in the environment this process started ` +
+          `with, where processes of the same user can read it (/proc/${process.pid}/environ, ` +
+          `ps e): use --secret-file instead`,
+      });
+    }
+    if (parsed.secretFile !== undefined && (parsed.secretFile.mode & 0o077) !== 0) {
+      log({
+        level: "warn",
+        msg: "secret file readable by others",
+        path: parsed.secretFile.path,
+        mode: `0${parsed.secretFile.mode.toString(8)}`,
+        hint: `Other users (and codex, with --codex-user) may read it: chmod 600 ` +
+          parsed.secretFile.path,
+      });
+    }
     // Bytes, as the header carries them; the secret is ASCII (see secretProblem).
     if (parsed.secretSource !== "generated" && brokerOptions.secret.length < MIN_SECRET_BYTES) {
       log({
@@ -639,6 +688,29 @@ async function checkWorkspacesDir(dir: string): Promise<void> {
     fail("is not writable", error);
   } finally {
     if (probe !== undefined) await rm(probe, { recursive: true, force: true }).catch(() => {});
+  }
+}
+
+/**
+ * Proves that the codex user can enter the workspaces directory (every directory above it
+ * must let it pass, `o+x`): otherwise every codex start fails on its working directory.
+ *
+ * @throws {Error} Naming the directory, the user and what the shell said.
+ */
+function checkReachable(dir: string, user: CodexUser): void {
+  const result = spawnSync("/bin/sh", ["-c", 'cd "$1"', "sh", dir], {
+    uid: user.uid,
+    gid: user.gid,
+    encoding: "utf8",
+    stdio: ["ignore", "ignore", "pipe"],
+    timeout: 5_000,
+  });
+  if (result.status !== 0) {
+    const why = (result.stderr ?? "").trim() || messageOf(result.error ?? "unknown failure");
+    throw new Error(
+      `Cannot start broker: the codex user ${user.name} cannot reach the workspaces dir ` +
+        `${dir}: ${why}; let it pass every directory on the way (chmod o+x)`,
+    );
   }
 }
 

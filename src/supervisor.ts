@@ -19,8 +19,9 @@
  */
 
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, rmSync, statSync } from "node:fs";
-import { chmod, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { createHash } from "node:crypto";
+import { existsSync, readFileSync, rmSync, statSync } from "node:fs";
+import { chmod, lchown, lstat, mkdir, mkdtemp, readdir, rm, rmdir } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { basename, delimiter, dirname, join, resolve as resolvePath } from "node:path";
 import process from "node:process";
@@ -75,7 +76,7 @@ export interface CodexResolverOptions {
    * directory), then `node_modules/.bin/codex` there, then `codex` on `PATH`.
    */
   command?: string;
-  /** Extra arguments, appended after `app-server --listen … --ws-token-file …`. */
+  /** Extra arguments, appended after `app-server --listen … --ws-token-sha256 …`. */
   args?: readonly string[];
   /**
    * Environment variables laid over the inherited environment. `undefined` removes a
@@ -101,14 +102,26 @@ export interface CodexResolverOptions {
    */
   cwd?: (workspaceId: string) => string;
   /**
-   * Where a workspace's codex keeps its capability token and process record: each spawn
-   * gets a private `codex-broker-XXXXXX` directory (0700) in it, holding `token` (0600) and
-   * `codex.json` (see {@linkcode ProcessRecord}), removed when codex stops, or by its
-   * watchdog within milliseconds if the broker dies. The directory itself is created (0700)
-   * on demand and stays. Pass these directories to {@linkcode cleanUpLeftovers} when a
-   * broker starts. Defaults to the system's temporary directory.
+   * Where a workspace's codex keeps its process record: each spawn gets a private
+   * `codex-broker-XXXXXX` directory (0700) in it, holding `codex.json` (0600, see
+   * {@linkcode ProcessRecord}), removed when codex stops, or by its watchdog within
+   * milliseconds if the broker dies. The directory itself is created (0700) on demand and
+   * stays. Pass these directories to {@linkcode cleanUpLeftovers} when a broker starts.
+   * Defaults to the system's temporary directory.
+   *
+   * The capability token itself is never written anywhere: codex gets its SHA-256 digest on
+   * its command line (`--ws-token-sha256`), and only this process holds the token, so no
+   * command of another workspace can read it from a file.
    */
   runDir?: (workspaceId: string) => string;
+  /**
+   * Run codex (and its watchdog, and every command its model runs) as this user instead of
+   * the current one; this process must run as root. Before each start the workspace's
+   * `cwd` (not what is inside it) and its whole `codexHome` are given to the user (0700);
+   * the run directory stays this process's. A spawn whose process does not run as `uid`
+   * fails with a {@linkcode SpawnError}.
+   */
+  user?: { uid: number; gid: number; name?: string };
   /** An owner tag (e.g. the broker's id) written into each process record as `brokerId`. */
   brokerId?: string;
   /** How long a spawn may take to answer `GET /readyz` with 200. Defaults to 15 seconds. */
@@ -154,7 +167,7 @@ export interface CodexResolver extends Resolver {
    * it to exit. A later resolve starts a new one.
    *
    * @param workspaceId The workspace.
-   * @returns Once the process has exited and its token file is gone.
+   * @returns Once the process has exited and its run directory is gone.
    * @throws {TypeError} If the workspace id is invalid.
    */
   release(workspaceId: string): Promise<void>;
@@ -267,10 +280,10 @@ export class SpawnError extends Error {
  * No codex outlives the process that created the resolver. codex in WebSocket mode does not
  * notice that its parent died, so on every platform with a `/bin/sh` (all but Windows) it
  * runs under a tiny shell watchdog holding a pipe to this process: when this process ends,
- * even by SIGKILL or the OOM killer, the watchdog removes the token and kills codex's
+ * even by SIGKILL or the OOM killer, the watchdog removes its run directory and kills codex's
  * process group within milliseconds. Whatever codex left in its group (the commands a model
  * ran) goes with it, on a stop or a crash too. For what survives anyway (the watchdog
- * itself was killed), each token has a process record beside it; see
+ * itself was killed), each codex has a process record in its run directory; see
  * {@linkcode cleanUpLeftovers}.
  *
  * @example Resolve, use and stop a workspace's codex
@@ -316,6 +329,7 @@ interface ProcessSettings {
   readonly codexHome: string | undefined;
   readonly codexHomeTemplate: string | undefined;
   readonly runDir: string | undefined;
+  readonly user: { uid: number; gid: number; name?: string } | undefined;
   /** Spawn through the watchdog of `_watchdog.ts` (every platform with a `/bin/sh`). */
   readonly watchdog: boolean;
   /** The fields of the process record that do not depend on the process. */
@@ -483,6 +497,13 @@ class Supervisor {
     const codexHome = options.codexHome ? resolvePath(options.codexHome(workspaceId)) : undefined;
     if (codexHome !== undefined) env.CODEX_HOME = codexHome;
     const cwd = resolvePath(options.cwd?.(workspaceId) ?? join("workspaces", workspaceId));
+    const user = options.user;
+    if (user !== undefined) {
+      // This process's home is not the user's to read or write; codex keeps what it keeps
+      // under CODEX_HOME, and tools that want a home get the workspace's codex home.
+      env.HOME = codexHome ?? cwd;
+      if (user.name !== undefined) env.USER = env.LOGNAME = user.name;
+    }
     this.#owner ??= {
       ...hostIdentity(),
       brokerId: options.brokerId,
@@ -499,6 +520,7 @@ class Supervisor {
         ? undefined
         : resolvePath(options.codexHomeTemplate),
       runDir: options.runDir ? resolvePath(options.runDir(workspaceId)) : undefined,
+      user,
       watchdog: this.#watchdog,
       owner: this.#owner,
       readyTimeoutMs: this.#readyTimeoutMs,
@@ -580,7 +602,7 @@ class CodexProcess {
     return exit.signal !== null && !this.#signalled.has(exit.signal);
   }
 
-  /** Resolves once the process has exited and its token is gone. */
+  /** Resolves once the process has exited and its run directory is gone. */
   get gone(): Promise<void> {
     return this.#gone.promise;
   }
@@ -661,7 +683,11 @@ class CodexProcess {
     const cancel = this.#startAbort.signal;
     try {
       await mkdir(settings.cwd, { recursive: true });
-      if (settings.codexHomeTemplate !== undefined && settings.codexHome !== undefined) {
+      if (settings.user !== undefined) {
+        await prepareForUser(settings, settings.user);
+      } else if (
+        settings.codexHomeTemplate !== undefined && settings.codexHome !== undefined
+      ) {
         await copyCodexHomeTemplate(settings.codexHomeTemplate, settings.codexHome);
       } else if (settings.codexHome !== undefined) {
         await mkdir(settings.codexHome, { recursive: true });
@@ -669,15 +695,17 @@ class CodexProcess {
       // codex 0.169 ignores OPENAI_API_KEY in its environment until `codex login
       // --with-api-key` stored it: store it as that would, unless the home has a login.
       const key = settings.env.OPENAI_API_KEY;
-      if (settings.codexHome !== undefined && key) await writeApiKeyLogin(settings.codexHome, key);
+      if (settings.user === undefined && settings.codexHome !== undefined && key) {
+        await writeApiKeyLogin(settings.codexHome, key);
+      }
     } catch (error) {
       await this.#cleanUp();
       if (cancel.aborted) throw cancel.reason;
       throw this.#error(`could not prepare its directories: ${messageOf(error)}`, { cause: error });
     }
     let runDir: string;
-    let tokenFile: string;
-    let token: string;
+    const token = randomToken();
+    const tokenSha256 = createHash("sha256").update(token).digest("hex");
     try {
       cancel.throwIfAborted();
       let base = tmpdir();
@@ -687,15 +715,11 @@ class CodexProcess {
         base = settings.runDir;
       }
       // mkdtemp already creates the directory as 0700; the chmod guards against runtimes
-      // whose emulation of it differs, since the token's secrecy rests on these modes.
+      // whose emulation of it differs. With a user, the directory stays this process's:
+      // that user's watchdog then cannot remove it, and a broker starting later does.
       runDir = this.#tokenDir = await mkdtemp(join(base, RUN_DIR_PREFIX));
       await chmod(runDir, 0o700);
-      tokenFile = join(runDir, "token");
-      // The record comes first, so a token on disk always has a record saying whose it is.
-      await writeProcessRecord(runDir, this.#record(tokenFile, null));
-      token = randomToken();
-      await writeFile(tokenFile, token, { mode: 0o600, flag: "wx" });
-      await chmod(tokenFile, 0o600);
+      await writeProcessRecord(runDir, this.#record(tokenSha256, null));
       cancel.throwIfAborted();
     } catch (error) {
       await this.#cleanUp();
@@ -710,8 +734,10 @@ class CodexProcess {
       "ws://127.0.0.1:0",
       "--ws-auth",
       "capability-token",
-      "--ws-token-file",
-      tokenFile,
+      // The digest, not a file: a token file would be readable by every command that runs
+      // as codex's user, in any workspace; the digest on the command line gives nothing away.
+      "--ws-token-sha256",
+      tokenSha256,
       ...settings.args,
     ];
     const spawned = settings.watchdog
@@ -725,6 +751,9 @@ class CodexProcess {
         // The watchdog's pipe: never written to, closed once codex has exited, and closed
         // by the kernel if this process dies, which makes the watchdog kill codex.
         stdio: [settings.watchdog ? "pipe" : "ignore", "pipe", "pipe"],
+        // The watchdog too: it must not be a process of this user that codex's commands
+        // could reach.
+        ...(settings.user === undefined ? {} : { uid: settings.user.uid, gid: settings.user.gid }),
         // Its own process group: Ctrl+C in a terminal signals the broker's group, and codex
         // exits at once on SIGINT, which would cut short the grace period turns get on
         // shutdown. Stopping signals the whole group, so codex's helpers go with it.
@@ -748,7 +777,10 @@ class CodexProcess {
     }, timerDelay(settings.readyTimeoutMs));
     unrefTimer(deadline);
     try {
-      if (child.pid !== undefined) await this.#recordPid(runDir, tokenFile, child.pid);
+      if (child.pid !== undefined) {
+        if (settings.user !== undefined) this.#checkUser(child.pid, settings.user.uid);
+        await this.#recordPid(runDir, tokenSha256, child.pid);
+      }
       this.#url = await abortable(listening.promise, cancel);
       const readyz = readyzUrl(this.#url);
       let pause = 10;
@@ -766,7 +798,24 @@ class CodexProcess {
     }
   }
 
-  #record(tokenFile: string, pid: number | null): ProcessRecord {
+  /**
+   * Refuses a codex that does not run as the user it was meant to: a runtime that ignored
+   * `uid` would otherwise run the model's commands as root without a word.
+   */
+  #checkUser(pid: number, uid: number): void {
+    let status: string;
+    try {
+      status = readFileSync(`/proc/${pid}/status`, "utf8");
+    } catch {
+      return; // No /proc (or it exited already): nothing to check it by.
+    }
+    const real = /^Uid:\s+(\d+)\s+(\d+)/m.exec(status);
+    if (real && (Number(real[1]) !== uid || Number(real[2]) !== uid)) {
+      throw this.#error(`runs as uid ${real[1]}, not as the user's uid ${uid}`);
+    }
+  }
+
+  #record(tokenSha256: string, pid: number | null): ProcessRecord {
     const owner = this.#settings.owner;
     const record: ProcessRecord = {
       version: 1,
@@ -778,7 +827,7 @@ class CodexProcess {
       bootId: owner.bootId,
       hostname: owner.hostname,
       pidNamespace: owner.pidNamespace,
-      tokenFile,
+      tokenSha256,
       brokerPid: owner.brokerPid,
       brokerStartTime: owner.brokerStartTime,
     };
@@ -792,9 +841,9 @@ class CodexProcess {
    * watchdog already ties codex to this process, so a missing record is reported and the
    * start goes on.
    */
-  async #recordPid(runDir: string, tokenFile: string, pid: number): Promise<void> {
+  async #recordPid(runDir: string, tokenSha256: string, pid: number): Promise<void> {
     try {
-      await writeProcessRecord(runDir, this.#record(tokenFile, pid));
+      await writeProcessRecord(runDir, this.#record(tokenSha256, pid));
     } catch (error) {
       // A process that already exited may have had its directory removed: not news.
       if (this.#exit !== undefined) return;
@@ -1050,6 +1099,92 @@ function sendSignal(child: ChildProcess, name: "SIGTERM" | "SIGKILL"): void {
       // Already gone: the 'exit' event is on its way.
     }
   }
+}
+
+/**
+ * Readies a workspace's directories for a codex that runs as `user`, without this process
+ * (root) ever writing through a directory that user controls: every codex of the user, in
+ * any workspace, could swap a path there for a symbolic link to `/etc` meanwhile. So:
+ * what this process made is handed over bottom-up (a directory last, so the user enters
+ * it only once all below is done), and the template's updates are staged in a directory of
+ * this process, handed over, and copied into the home by the user itself.
+ */
+async function prepareForUser(
+  settings: ProcessSettings,
+  user: { uid: number; gid: number },
+): Promise<void> {
+  await handOver(settings.cwd, user);
+  const home = settings.codexHome;
+  if (home === undefined) return;
+  await mkdir(home, { recursive: true, mode: 0o700 });
+  await handOver(home, user);
+  const key = settings.env.OPENAI_API_KEY;
+  if (settings.codexHomeTemplate === undefined && !key) return;
+  // Beside the home, in the workspace's directory, which the user cannot write to.
+  const staging = await mkdtemp(join(dirname(home), ".codex-home-update-"));
+  try {
+    if (settings.codexHomeTemplate !== undefined) {
+      await copyCodexHomeTemplate(settings.codexHomeTemplate, home, { into: staging });
+    }
+    // Only the existence of the home's login is read, never its content.
+    if (key && !existsSync(join(home, "auth.json")) && !existsSync(join(staging, "auth.json"))) {
+      await writeApiKeyLogin(staging, key);
+    }
+    if ((await readdir(staging)).length === 0) return;
+    await handOver(staging, user);
+    await runAs(user, 'cp -Rp "$1"/. "$2"/ && rm -rf "$1"/* "$1"/.[!.]* 2>/dev/null; :', [
+      staging,
+      home,
+    ]);
+  } finally {
+    // Empty by now, or still this process's; a directory the user filled again stays.
+    await rmdir(staging).catch(() => {});
+  }
+}
+
+/**
+ * Gives `path` and what this process owns below it to `user`, children first. It descends
+ * only into directories this process owns and nobody else can write to, which the user
+ * cannot change under it; links are given over themselves (`lchown`), never followed.
+ */
+async function handOver(path: string, user: { uid: number; gid: number }): Promise<void> {
+  const self = process.getuid?.();
+  const walk = async (at: string, depth: number): Promise<void> => {
+    const stats = await lstat(at);
+    if (stats.uid === user.uid && stats.gid === user.gid) return;
+    if (
+      stats.isDirectory() && stats.uid === self && (stats.mode & 0o022) === 0 && depth < 64
+    ) {
+      for (const name of await readdir(at)) await walk(join(at, name), depth + 1);
+    }
+    await lchown(at, user.uid, user.gid);
+  };
+  await walk(path, 0);
+  const top = await lstat(path);
+  if (!top.isSymbolicLink()) await chmod(path, 0o700);
+}
+
+/** Runs a shell script as `user` and waits for it; rejects with its stderr if it fails. */
+function runAs(
+  user: { uid: number; gid: number },
+  script: string,
+  args: readonly string[],
+): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn("/bin/sh", ["-c", script, "sh", ...args], {
+      uid: user.uid,
+      gid: user.gid,
+      stdio: ["ignore", "ignore", "pipe"],
+    });
+    let stderr = "";
+    child.stderr?.setEncoding("utf8");
+    child.stderr?.on("data", (chunk: string) => stderr += chunk);
+    child.once("error", reject);
+    child.once("close", (code) => {
+      if (code === 0) resolve();
+      else reject(new Error(`sh as uid ${user.uid} exited with code ${code}: ${stderr.trim()}`));
+    });
+  });
 }
 
 function randomToken(): string {

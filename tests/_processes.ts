@@ -2,7 +2,7 @@
 // nothing of theirs is left: zombies count as dead (in a container whose PID 1 does not reap,
 // an orphan stays a zombie), and a process group is empty once no live member is left.
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, readdirSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
@@ -57,16 +57,36 @@ export function commandLineOf(pid: number): string[] {
 }
 
 /**
- * The `--ws-token-file` argument of a codex app-server.
+ * The `--ws-token-sha256` argument of a codex app-server: its token's digest.
  *
  * @param pid The codex pid.
- * @returns The token file's path.
+ * @returns The hex digest.
  */
-export function tokenFileOf(pid: number): string {
+export function tokenDigestOf(pid: number): string {
   const args = commandLineOf(pid);
-  const at = args.indexOf("--ws-token-file");
-  if (at < 0 || args[at + 1] === undefined) throw new Error(`No --ws-token-file in ${args}`);
+  const at = args.indexOf("--ws-token-sha256");
+  if (at < 0 || args[at + 1] === undefined) throw new Error(`No --ws-token-sha256 in ${args}`);
   return args[at + 1]!;
+}
+
+/**
+ * The `codex-broker-XXXXXX` run directory under `base` whose process record names `pid`.
+ *
+ * @param pid The codex pid.
+ * @param base Where the supervisor makes its run directories (its `runDir`, or the temp dir).
+ * @returns The directory's path.
+ */
+export function runDirOf(pid: number, base: string): string {
+  for (const name of readdirSync(base)) {
+    if (!name.startsWith("codex-broker-")) continue;
+    try {
+      const record = JSON.parse(readFileSync(join(base, name, "codex.json"), "utf8"));
+      if (record.pid === pid) return join(base, name);
+    } catch {
+      // Not a record (yet), or another process's directory that went away.
+    }
+  }
+  throw new Error(`No run directory under ${base} names pid ${pid}`);
 }
 
 /**

@@ -179,3 +179,25 @@ test("copyCodexHomeTemplate() rejects a template that does not exist and creates
     assert.equal(existsSync(home), false);
   });
 });
+
+test("copyCodexHomeTemplate() with into stages only what the home lacks or has older, and leaves the home untouched", async () => {
+  await withHomes(async (template, home) => {
+    const now = Date.now();
+    await put(join(template, "config.toml"), "model = 'new'", new Date(now - HOUR));
+    await put(join(template, "auth.json"), "template token", new Date(now - 2 * HOUR));
+    await put(join(template, "skills", "a", "SKILL.md"), "skill a", new Date(now - HOUR));
+    await put(join(home, "config.toml"), "model = 'old'", new Date(now - 3 * HOUR));
+    await put(join(home, "auth.json"), "refreshed token", new Date(now - HOUR));
+    const staging = join(dirname(home), "staging");
+    await mkdir(staging);
+    await copyCodexHomeTemplate(template, home, { into: staging });
+    assert.deepEqual(await files(staging), ["config.toml", "skills/a/SKILL.md"]);
+    assert.equal(await readFile(join(staging, "config.toml"), "utf8"), "model = 'new'");
+    // Carries the template's time, so a later comparison in the home is fair.
+    // (to the millisecond: runtimes pass times as floating point seconds).
+    const mtime = (await stat(join(staging, "config.toml"))).mtimeMs;
+    assert.ok(Math.abs(mtime - (now - HOUR)) < 1, `${mtime}`);
+    assert.deepEqual(await files(home), ["auth.json", "config.toml"]);
+    assert.equal(await readFile(join(home, "config.toml"), "utf8"), "model = 'old'");
+  });
+});

@@ -297,3 +297,56 @@ test("cleanUpLeftovers() removes the run directory of a codex that is already go
     assert.equal(existsSync(pending), false);
   });
 });
+
+test("cleanUpLeftovers() kills the process a record names by its --ws-token-sha256 digest, and no app-server with another digest", async () => {
+  await withRunDir(async (runDir) => {
+    const broker = await deadBroker();
+    const digest = "a".repeat(64);
+    const digestLookalike = async (hex: string) => {
+      const started = start("/bin/sh", [
+        "-c",
+        "sleep 30; :",
+        "sh",
+        "app-server",
+        "--ws-token-sha256",
+        hex,
+      ]);
+      await waitFor("the lookalike to run", () => {
+        return processInfo(started.pid)?.cmdline.includes("app-server") ?? false;
+      });
+      return started;
+    };
+    const codex = await digestLookalike(digest);
+    const other = await digestLookalike("b".repeat(64));
+    try {
+      const here = hostIdentity();
+      const record = (pid: number, startTime: number): ProcessRecord => ({
+        version: 1,
+        workspaceId: "ws-1",
+        pid,
+        pgid: pid,
+        startTime,
+        bootId: here.bootId,
+        hostname: here.hostname,
+        pidNamespace: here.pidNamespace,
+        tokenSha256: digest,
+        ...broker,
+      });
+      const named = join(runDir, "codex-broker-named");
+      const mismatched = join(runDir, "codex-broker-other");
+      await mkdir(named, { mode: 0o700 });
+      await mkdir(mismatched, { mode: 0o700 });
+      await writeProcessRecord(named, record(codex.pid, codex.startTime));
+      await writeProcessRecord(mismatched, record(other.pid, other.startTime));
+      const report = await cleanUpLeftovers([runDir]);
+      assert.deepEqual(report.killed, [codex.pid]);
+      assert.deepEqual(report.removed.sort(), [mismatched, named].sort());
+      assert.deepEqual(report.errors, []);
+      await codex.exited;
+      assert.equal(isDead(other.pid), false);
+    } finally {
+      await codex.stop();
+      await other.stop();
+    }
+  });
+});

@@ -2,6 +2,7 @@ import { test } from "./_test.ts";
 import { isAlive, waitFor } from "./_wait.ts";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import { createHash } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
 import {
   chmod,
@@ -17,7 +18,7 @@ import {
   writeFile,
 } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import type { Endpoint } from "../src/resolver.ts";
@@ -29,9 +30,10 @@ import {
   isDead,
   killGroup,
   liveGroupMembers,
+  runDirOf,
   runScript,
   runtimeCommand,
-  tokenFileOf,
+  tokenDigestOf,
 } from "./_processes.ts";
 
 const RESOLVER_HOST = fileURLToPath(new URL("./_resolver_host.ts", import.meta.url));
@@ -416,24 +418,21 @@ test("createCodexResolver() rejects an aborted resolve with the signal's reason 
   }
 });
 
-test("createCodexResolver() release() stops the process and deletes its private token file", async () => {
+test("createCodexResolver() release() stops the process and deletes its private run directory", async () => {
   const box = await sandbox();
   const resolver = createCodexResolver(box.options());
   try {
     const endpoint = await resolver.resolve("ws-1");
     const pid = resolver.pid("ws-1")!;
     const args = commandLine(pid);
-    const tokenFile = args[args.indexOf("--ws-token-file") + 1]!;
-    const tokenDir = join(tokenFile, "..");
-    assert.equal((await stat(tokenFile)).mode & 0o777, 0o600);
+    const tokenDir = runDirOf(pid, tmpdir());
     assert.equal((await stat(tokenDir)).mode & 0o777, 0o700);
-    assert.equal(`Bearer ${await readFile(tokenFile, "utf8")}`, endpoint.headers?.Authorization);
+    assert.deepEqual(await readdir(tokenDir), ["codex.json"]);
     assert.ok(!args.some((arg) => endpoint.headers?.Authorization?.includes(arg)));
 
     await resolver.release("ws-1");
     assert.equal(isAlive(pid), false);
     assert.equal(resolver.pid("ws-1"), undefined);
-    assert.equal(existsSync(tokenFile), false);
     assert.equal(existsSync(tokenDir), false);
     // Released is not closed: the workspace can come back.
     await resolver.resolve("ws-1");
@@ -581,9 +580,9 @@ test(
     try {
       const started = JSON.parse(await host.firstLine) as { pids: Record<string, number> };
       pids.push(...Object.values(started.pids));
-      tokenDirs.push(...pids.map((pid) => dirname(tokenFileOf(pid))));
+      tokenDirs.push(...pids.map((pid) => runDirOf(pid, tmpdir())));
       assert.equal(pids.length, 2);
-      assert.ok(tokenDirs.every((dir) => existsSync(join(dir, "token"))));
+      assert.ok(tokenDirs.every((dir) => existsSync(join(dir, "codex.json"))));
 
       host.child.kill("SIGKILL");
       await host.closed;
@@ -622,7 +621,7 @@ test(
       const runDir = join(root, "ws-a", "run");
       const [spawnDir, ...others] = await runDirsUnder(runDir);
       assert.deepEqual(others, []);
-      assert.equal(tokenFileOf(pid), join(spawnDir!, "token"));
+      assert.equal(runDirOf(pid, runDir), spawnDir);
 
       host.child.kill("SIGKILL");
       await host.closed;
@@ -700,7 +699,7 @@ test("createCodexResolver() release() of one workspace leaves nothing of its cod
     await resolver.resolve("ws-a");
     await resolver.resolve("ws-b");
     const [a, b] = [resolver.pid("ws-a")!, resolver.pid("ws-b")!];
-    const tokenDir = dirname(tokenFileOf(a));
+    const tokenDir = runDirOf(a, tmpdir());
     // A second codex must not hold a copy of the first one's watchdog pipe, or the first
     // watchdog would wait for the second codex to end.
     await resolver.release("ws-a");
@@ -714,7 +713,7 @@ test("createCodexResolver() release() of one workspace leaves nothing of its cod
   }
 });
 
-test("createCodexResolver() keeps the token and a process record in a private directory under runDir", async () => {
+test("createCodexResolver() keeps a process record in a private directory under runDir, and the token nowhere on disk: codex gets its SHA-256", async () => {
   const box = await sandbox();
   const runDir = join(box.dir, "ws-1", "run");
   const resolver = createCodexResolver(box.options({
@@ -729,10 +728,12 @@ test("createCodexResolver() keeps the token and a process record in a private di
     assert.deepEqual(others, []);
     assert.equal((await stat(runDir)).mode & 0o777, 0o700);
     assert.equal((await stat(spawnDir)).mode & 0o777, 0o700);
-    const tokenFile = join(spawnDir, "token");
-    assert.equal(tokenFileOf(pid), tokenFile);
-    assert.equal((await stat(tokenFile)).mode & 0o777, 0o600);
-    assert.equal(`Bearer ${await readFile(tokenFile, "utf8")}`, endpoint.headers?.Authorization);
+    assert.deepEqual(await readdir(spawnDir), ["codex.json"]);
+    const token = endpoint.headers!.Authorization!.replace(/^Bearer /, "");
+    assert.match(token, /^[0-9a-f]{64}$/);
+    const tokenSha256 = createHash("sha256").update(token).digest("hex");
+    assert.equal(tokenDigestOf(pid), tokenSha256);
+    assert.ok(!commandLine(pid).some((arg) => arg.includes(token)));
 
     const recordFile = join(spawnDir, "codex.json");
     assert.equal((await stat(recordFile)).mode & 0o777, 0o600);
@@ -747,7 +748,7 @@ test("createCodexResolver() keeps the token and a process record in a private di
       bootId: here.bootId,
       hostname: here.hostname,
       pidNamespace: here.pidNamespace,
-      tokenFile,
+      tokenSha256,
       brokerId: "broker-7",
       brokerPid: process.pid,
       brokerStartTime: processInfo(process.pid)!.startTime,
