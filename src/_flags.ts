@@ -9,6 +9,7 @@
 
 import { existsSync, readFileSync } from "node:fs";
 import { resolve as resolvePath } from "node:path";
+import { isLoopbackHttp } from "./auth.ts";
 import type { BrokerOptions } from "./main.ts";
 
 /** What {@linkcode parseFlags} found: a request for help, or the options to start with. */
@@ -304,11 +305,17 @@ const FLAGS: readonly Flag[] = [
     ],
     apply(source, options) {
       if (/^https?:\/\//i.test(source)) {
+        let url: URL;
         try {
-          options.jwks = new URL(source).href;
+          url = new URL(source);
         } catch {
           throw new UsageError(`Invalid --jwks ${JSON.stringify(source)}: expected a URL`);
         }
+        if (url.protocol !== "https:" && !isLoopbackHttp(url)) {
+          const problem = "expected https:// (http:// on loopback only)";
+          throw new UsageError(`Invalid --jwks ${JSON.stringify(source)}: ${problem}`);
+        }
+        options.jwks = url.href;
         return;
       }
       if (source === "" || !existsSync(resolvePath(source))) {
@@ -336,13 +343,13 @@ const FLAGS: readonly Flag[] = [
     apply: count("max-workspace-turns", 1, "maxTurnsPerWorkspace"),
   },
   {
-    name: "max-workspace-waiting",
+    name: "max-workspace-queue",
     value: "<n>",
     help: [
-      "At most this many more turns of one workspace wait for those;",
+      "At most this many more turns of one workspace wait in line;",
       "past that, 429 tooManyTurns with Retry-After (default 64)",
     ],
-    apply: count("max-workspace-waiting", 0, "maxWaitingTurnsPerWorkspace"),
+    apply: count("max-workspace-queue", 0, "maxWaitingTurnsPerWorkspace"),
   },
 ];
 

@@ -119,7 +119,8 @@ export interface TokenVerifierOptions {
   /** The HS256 shared key, at least 32 bytes (a string is taken as its UTF-8 bytes). */
   secret?: Uint8Array | string;
   /**
-   * Public keys (EdDSA, ES256, RS256): a `URL` to fetch the JWKS from (`https:`), or a
+   * Public keys (EdDSA, ES256, RS256): a `URL` to fetch the JWKS from (`https:`, or `http:`
+   * on a loopback host), or a
    * function that loads it (from a file, say). Either is loaded again once older than
    * `jwksMaxAgeMs`, and when a token names a key the set lacks, at most once per
    * `jwksCooldownMs`: a new key is taken at once, a removed one is refused within
@@ -218,6 +219,23 @@ const DEFAULT_JWKS_TIMEOUT_MS = 5_000;
 const MAX_TOKEN_LENGTH = 8 * 1024;
 const MIN_HS256_KEY_BYTES = 32;
 const TOKEN_PATTERN = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
+
+/**
+ * Whether `url` is `http:` to a loopback host, the one place a JWKS may come unencrypted.
+ *
+ * @example Check a JWKS URL
+ * ```ts ignore
+ * isLoopbackHttp(new URL("http://127.0.0.1:8080/jwks.json")); // true
+ * ```
+ *
+ * @param url The URL.
+ * @returns `true` for `http://localhost`, `http://127.x.x.x` and `http://[::1]`.
+ */
+export function isLoopbackHttp(url: URL): boolean {
+  return url.protocol === "http:" &&
+    (url.hostname === "localhost" || url.hostname === "[::1]" ||
+      /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(url.hostname));
+}
 
 function nonNegative(name: string, value: number | undefined): void {
   if (value !== undefined && !(Number.isFinite(value) && value >= 0)) {
@@ -363,7 +381,7 @@ function scopesOf(payload: Record<string, unknown>): string[] {
  * {@linkcode TokenError} for a token that is not valid, or a {@linkcode KeySourceError}
  * when the keys could not be had.
  * @throws {TypeError} If neither `secret` nor `jwks` is given, or `jwks` is a URL that is
- * not `https:` or `http:`.
+ * not `https:` (`http:` is taken for a loopback host only).
  * @throws {RangeError} If `secret` is shorter than 32 bytes, or a duration is negative.
  */
 export function createTokenVerifier(options: TokenVerifierOptions): TokenVerifier {
@@ -380,8 +398,9 @@ export function createTokenVerifier(options: TokenVerifierOptions): TokenVerifie
         `${secret.length}`,
     );
   }
-  if (jwks instanceof URL && jwks.protocol !== "https:" && jwks.protocol !== "http:") {
-    throw new TypeError(`Invalid jwks: expected an https: URL, got ${jwks.protocol}`);
+  if (jwks instanceof URL && !(jwks.protocol === "https:" || isLoopbackHttp(jwks))) {
+    // Whoever can change the keys in transit can sign tokens for every workspace.
+    throw new TypeError(`Invalid jwks: expected an https: URL (http: on loopback only)`);
   }
   nonNegative("clockSkewMs", options.clockSkewMs);
   nonNegative("jwksMaxAgeMs", options.jwksMaxAgeMs);

@@ -418,7 +418,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     log: (entry) => {
       const level: LogLevel = entry.msg === "internal error"
         ? "error"
-        : entry.msg === "bad request"
+        : entry.msg === "bad request" || entry.msg === "token keys unavailable"
         ? "warn"
         : "info";
       log({ ...entry, level, msg: String(entry.msg) });

@@ -48,6 +48,11 @@ test("parseFlags() takes --jwks as a URL or an existing file", async () => {
     await writeFile(file, '{"keys":[]}');
     assert.equal(optionsOf(["--jwks", file]).jwks, file);
     assert.throws(() => parseFlags(["--jwks", join(dir, "none.json")]), /no such file/);
+    assert.throws(() => parseFlags(["--jwks", "http://auth.example/jwks.json"]), /https/);
+    assert.equal(
+      optionsOf(["--jwks", "http://127.0.0.1:8080/jwks.json"]).jwks,
+      "http://127.0.0.1:8080/jwks.json",
+    );
   });
 });
 
@@ -59,7 +64,7 @@ test("parseFlags() reads the audience, the issuer and the per-workspace limits",
     "https://auth.example",
     "--max-workspace-turns",
     "2",
-    "--max-workspace-waiting",
+    "--max-workspace-queue",
     "0",
   ]);
   assert.equal(options.jwtAudience, "codex-broker");
@@ -67,7 +72,7 @@ test("parseFlags() reads the audience, the issuer and the per-workspace limits",
   assert.equal(options.maxTurnsPerWorkspace, 2);
   assert.equal(options.maxWaitingTurnsPerWorkspace, 0);
   assert.throws(() => parseFlags(["--max-workspace-turns", "0"]), UsageError);
-  assert.throws(() => parseFlags(["--max-workspace-waiting", "-1"]), UsageError);
+  assert.throws(() => parseFlags(["--max-workspace-queue", "-1"]), UsageError);
 });
 
 test("a broker started with a JWKS file takes a token of its key and refuses a stranger's", {

@@ -281,7 +281,11 @@ test("createTokenVerifier() fetches a JWKS URL and follows its rotation", async 
   }
 });
 
-test("createTokenVerifier() refuses a short HS256 key and a missing key source", () => {
+test("createTokenVerifier() refuses a short HS256 key, no key source, and a JWKS over plain http", () => {
   assert.throws(() => createTokenVerifier({ secret: "short" }), RangeError);
   assert.throws(() => createTokenVerifier({}), TypeError);
+  assert.throws(
+    () => createTokenVerifier({ jwks: new URL("http://auth.example/jwks.json") }),
+    /https/,
+  );
 });
