@@ -687,17 +687,11 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
         "Cannot authenticate: this broker takes no bearer tokens; send X-Internal-Secret",
       );
     }
-    const invalid = (message: string, reason: string) =>
-      refuse(
-        401,
-        "unauthorized",
-        message,
-        { "www-authenticate": INVALID_TOKEN_CHALLENGE },
-        undefined,
-        {
-          reason,
-        },
-      );
+    const invalid = (message: string, reason: string) => {
+      const headers = { "www-authenticate": INVALID_TOKEN_CHALLENGE };
+      // The reason (expired, badSignature, …) is for the operator's log, never the token.
+      return refuse(401, "unauthorized", message, headers, undefined, { reason });
+    };
     const match = BEARER.exec(authorization);
     if (!match) {
       return invalid("Malformed Authorization header: expected Bearer <token>", "malformed");
