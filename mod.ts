@@ -94,6 +94,24 @@ export type { Endpoint, Resolver, WsUrlResolver } from "./src/resolver.ts";
 export { Ownership } from "./src/ownership.ts";
 export type { Claim, OwnershipOptions } from "./src/ownership.ts";
 export { isLive } from "./src/lease.ts";
+export {
+  allowsWorkspace,
+  createTokenVerifier,
+  hasScope,
+  JWKS_ALGORITHMS,
+  KeySourceError,
+  OPERATOR,
+  SCOPE_TURNS_READ,
+  SCOPE_TURNS_WRITE,
+  TokenError,
+} from "./src/auth.ts";
+export type {
+  JsonWebKeySet,
+  Principal,
+  TokenErrorReason,
+  TokenVerifier,
+  TokenVerifierOptions,
+} from "./src/auth.ts";
 export type { AcquireResult, LeaseHolder, LeaseRecord, LeaseStore } from "./src/lease.ts";
 export type {
   ClientInfo,

@@ -11,6 +11,7 @@ import { existsSync, readFileSync, statSync } from "node:fs";
 import { resolve as resolvePath } from "node:path";
 import process from "node:process";
 import { lookUpUser } from "./_codex_user.ts";
+import { isLoopbackHttp } from "./auth.ts";
 import type { BrokerOptions } from "./main.ts";
 import { parsePolicy, PolicyError } from "./policy.ts";
 
@@ -79,6 +80,28 @@ function directory(flag: string, key: "workspacesDir" | "codexHome"): Flag["appl
   return (dir, options) => {
     if (dir === "") throw new UsageError(`Invalid --${flag}: expected a directory`);
     options[key] = resolvePath(dir);
+  };
+}
+
+function count(
+  flag: string,
+  min: number,
+  key: "maxTurnsPerWorkspace" | "maxWaitingTurnsPerWorkspace",
+): Flag["apply"] {
+  return (text, options) => {
+    if (!/^\d{1,7}$/.test(text) || Number(text) < min) {
+      throw new UsageError(
+        `Invalid --${flag} ${JSON.stringify(text)}: expected an integer of at least ${min}`,
+      );
+    }
+    options[key] = Number(text);
+  };
+}
+
+function nonEmpty(flag: string, key: "jwtAudience" | "jwtIssuer"): Flag["apply"] {
+  return (text, options) => {
+    if (text === "") throw new UsageError(`Invalid --${flag}: expected a non-empty value`);
+    options[key] = text;
   };
 }
 
@@ -346,6 +369,86 @@ const FLAGS: readonly Flag[] = [
       }
       options.codexUser = user;
     },
+  },
+  {
+    name: "jwt-secret-file",
+    value: "<file>",
+    help: [
+      "Also accept Authorization: Bearer <JWT> signed HS256 with the key",
+      "in this file (at least 32 bytes; one final newline is ignored)",
+    ],
+    apply(file, options) {
+      let key: string;
+      try {
+        key = readFileSync(resolvePath(file), "utf8").replace(/\r?\n$/, "");
+      } catch (error) {
+        throw new UsageError(
+          `Invalid --jwt-secret-file ${JSON.stringify(file)}: ${(error as Error).message}`,
+        );
+      }
+      if (new TextEncoder().encode(key).length < 32) {
+        throw new UsageError(
+          `Invalid --jwt-secret-file ${JSON.stringify(file)}: the key needs at least 32 bytes`,
+        );
+      }
+      options.jwtSecret = key;
+    },
+  },
+  {
+    name: "jwks",
+    value: "<file|url>",
+    help: [
+      "Also accept bearer JWTs signed EdDSA, ES256 or RS256 by a key of",
+      "this JSON Web Key Set: an https:// URL, or a file re-read every",
+      "30s and whenever a token names a key it lacks",
+    ],
+    apply(source, options) {
+      if (/^https?:\/\//i.test(source)) {
+        let url: URL;
+        try {
+          url = new URL(source);
+        } catch {
+          throw new UsageError(`Invalid --jwks ${JSON.stringify(source)}: expected a URL`);
+        }
+        if (url.protocol !== "https:" && !isLoopbackHttp(url)) {
+          const problem = "expected https:// (http:// on loopback only)";
+          throw new UsageError(`Invalid --jwks ${JSON.stringify(source)}: ${problem}`);
+        }
+        options.jwks = url.href;
+        return;
+      }
+      if (source === "" || !existsSync(resolvePath(source))) {
+        throw new UsageError(`Invalid --jwks ${JSON.stringify(source)}: no such file`);
+      }
+      options.jwks = resolvePath(source);
+    },
+  },
+  {
+    name: "jwt-audience",
+    value: "<aud>",
+    help: ["A bearer JWT's aud must hold this value"],
+    apply: nonEmpty("jwt-audience", "jwtAudience"),
+  },
+  {
+    name: "jwt-issuer",
+    value: "<iss>",
+    help: ["A bearer JWT's iss must be this value"],
+    apply: nonEmpty("jwt-issuer", "jwtIssuer"),
+  },
+  {
+    name: "max-workspace-turns",
+    value: "<n>",
+    help: ["At most this many turns of one workspace at once (default 16)"],
+    apply: count("max-workspace-turns", 1, "maxTurnsPerWorkspace"),
+  },
+  {
+    name: "max-workspace-queue",
+    value: "<n>",
+    help: [
+      "At most this many more turns of one workspace wait in line;",
+      "past that, 429 tooManyTurns with Retry-After (default 64)",
+    ],
+    apply: count("max-workspace-queue", 0, "maxWaitingTurnsPerWorkspace"),
   },
 ];
 

@@ -23,10 +23,12 @@ const RELAYED_HEADERS = [
   "retry-after",
   "x-accel-buffering",
   "x-broker-id",
+  "www-authenticate",
 ];
 
-// Headers of the client's request that the owner needs: authentication, body type, and
-// which form of answer the client asked for.
+// Headers of the client's request that the owner needs: authentication (the caller's own:
+// every broker has the same secret and token keys, so the owner checks it again), body
+// type, and which form of answer the client asked for.
 const FORWARDED_REQUEST_HEADERS = ["x-internal-secret", "content-type", "accept", "authorization"];
 
 /** What {@linkcode forwardTurn} came to. */

@@ -22,6 +22,7 @@ import type { Turn } from "./protocol.ts";
 import type { Pool, PoolTurnOptions } from "./pool.ts";
 import { OVERLOADED_CODE } from "./protocol.ts";
 import type { ValidTurnRequest } from "./_validate.ts";
+import type { Admission } from "./_workspace_limits.ts";
 
 const RETRY_AFTER_SECONDS = "1";
 // nginx's convention for "the client closed the request": the answer is for logs only,
@@ -73,6 +74,10 @@ export interface RunTurnOptions {
   onNotification?: (method: string, params: Record<string, unknown>) => void;
   /** The broker that forwarded the request here, if one did (for the log). */
   forwardedBy?: string | null;
+  /** Who asked for the turn: `operator`, or a token's subject (for the log). */
+  principal?: string;
+  /** The turn's place under the workspace's limits: waited for first, released at the end. */
+  admission?: Admission;
 }
 
 /** What a turn runner needs besides the pool. */
@@ -238,6 +243,8 @@ export function createTurnRunner(
       forward?.(method, params);
     };
     try {
+      // A turn in line for its workspace has reached nothing of codex yet.
+      await run.admission?.ready(signal);
       const done = await pool.turn(turn.workspaceId, threadId, turn.params, turnOptions);
       threadId = done.threadId;
       turnId = done.turn.id;
@@ -325,6 +332,7 @@ export function createTurnRunner(
         };
       }
     } finally {
+      run.admission?.release();
       dispose();
     }
     const durationMs = Math.round(performance.now() - started);
@@ -339,6 +347,7 @@ export function createTurnRunner(
       durationMs,
       stream: run.stream,
       ...(run.forwardedBy ? { forwardedBy: run.forwardedBy } : {}),
+      ...(run.principal === undefined ? {} : { principal: run.principal }),
     };
     if (failure !== undefined) entry.error = failure;
     if (lastCodexError && (failure !== undefined || turnStatus === "failed")) {

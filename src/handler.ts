@@ -17,6 +17,16 @@
  * @module
  */
 
+import {
+  allowsWorkspace,
+  hasScope,
+  KeySourceError,
+  OPERATOR,
+  type Principal,
+  SCOPE_TURNS_WRITE,
+  TokenError,
+  type TokenVerifier,
+} from "./auth.ts";
 import { Metrics, METRICS_CONTENT_TYPE } from "./metrics.ts";
 import type { Ownership } from "./ownership.ts";
 import type { Pool } from "./pool.ts";
@@ -29,6 +39,7 @@ import { secretChecker } from "./_secret.ts";
 import { openEventStream } from "./_sse.ts";
 import { createTurnRunner, SlowReaderError } from "./_turn_runner.ts";
 import { acceptsEventStream, readTurnRequest, type ValidTurnRequest } from "./_validate.ts";
+import { type Admission, WorkspaceLimits } from "./_workspace_limits.ts";
 
 export { Metrics, METRICS_CONTENT_TYPE, TURN_DURATION_BUCKETS } from "./metrics.ts";
 export { Ownership } from "./ownership.ts";
@@ -41,6 +52,7 @@ export type {
   PolicyVerdict,
   TurnParamsRequest,
 } from "./policy.ts";
+export type { Principal, TokenVerifier } from "./auth.ts";
 
 /** The broker's version, answered by `GET /healthz` unless the options say otherwise. */
 export const VERSION = "0.1.0"; // keep in sync with deno.json
@@ -48,10 +60,26 @@ export const VERSION = "0.1.0"; // keep in sync with deno.json
 /** Options for {@linkcode createTurnsHandler}. */
 export interface TurnsHandlerOptions {
   /**
-   * The shared secret every `POST /api/turns` must carry in `X-Internal-Secret`. Required
-   * and non-empty: the broker runs codex on behalf of whoever can reach it.
+   * The operator's shared secret: a `POST /api/turns` that carries it in `X-Internal-Secret`
+   * may use every workspace. Required and non-empty: the broker runs codex on behalf of
+   * whoever can reach it.
    */
   secret: string;
+  /**
+   * Checks `Authorization: Bearer <JWT>`, for callers limited to the workspaces and scopes
+   * their token names (see `createTokenVerifier`). Without it, a bearer token is
+   * refused with 401.
+   */
+  tokens?: TokenVerifier;
+  /**
+   * The most turns one workspace runs at once; more wait in line. Defaults to 16.
+   */
+  maxTurnsPerWorkspace?: number;
+  /**
+   * The most turns of one workspace waiting in line for `maxTurnsPerWorkspace`; past that,
+   * a turn is answered 429 `tooManyTurns` with `Retry-After`. Defaults to 64.
+   */
+  maxWaitingTurnsPerWorkspace?: number;
   /** Larger request bodies are refused with 413. Defaults to 1 MiB. */
   maxBodyBytes?: number;
   /**
@@ -219,6 +247,9 @@ export type ErrorCode =
   | "invalidThreadParams"
   | "forbiddenParam"
   | "unauthorized"
+  | "forbiddenWorkspace"
+  | "insufficientScope"
+  | "tooManyTurns"
   | "notFound"
   | "methodNotAllowed"
   | "bodyTooLarge"
@@ -253,6 +284,25 @@ const DEFAULT_TIMEOUT_MS = 5 * 60_000;
 const DEFAULT_MAX_TIMEOUT_MS = 30 * 60_000;
 const DEFAULT_HEARTBEAT_MS = 15_000;
 const DEFAULT_MAX_STREAM_BUFFER_BYTES = 8 * MiB;
+const DEFAULT_MAX_TURNS_PER_WORKSPACE = 16;
+const DEFAULT_MAX_WAITING_TURNS_PER_WORKSPACE = 64;
+// A client told to come back waits this long; a turn takes seconds, so a slot frees by then.
+const TOO_MANY_TURNS_RETRY_AFTER = "1";
+const KEY_SOURCE_RETRY_AFTER = "5";
+// RFC 6750: the scheme a client should use, and why its token was not accepted.
+const BEARER_CHALLENGE = 'Bearer realm="codex-broker"';
+const INVALID_TOKEN_CHALLENGE = `${BEARER_CHALLENGE}, error="invalid_token"`;
+const INSUFFICIENT_SCOPE_CHALLENGE =
+  `${BEARER_CHALLENGE}, error="insufficient_scope", scope="${SCOPE_TURNS_WRITE}"`;
+// Headers trim the value; one token, no second credential after a comma (two Authorization
+// headers arrive joined by ", ").
+const BEARER = /^Bearer +([^\s,]+)$/i;
+
+/** Who runs a turn, and its place under the workspace's limits. */
+interface RunAs {
+  principal: string;
+  admission: Admission;
+}
 
 /** What a route gets besides the request: the way to report the request's end itself. */
 interface Exchange {
@@ -268,6 +318,12 @@ interface Exchange {
 function positiveInteger(name: string, value: number | undefined): void {
   if (value !== undefined && (!Number.isSafeInteger(value) || value <= 0)) {
     throw new RangeError(`Invalid ${name}: expected a positive integer, got ${value}`);
+  }
+}
+
+function nonNegativeInteger(name: string, value: number | undefined): void {
+  if (value !== undefined && (!Number.isSafeInteger(value) || value < 0)) {
+    throw new RangeError(`Invalid ${name}: expected a non-negative integer, got ${value}`);
   }
 }
 
@@ -318,7 +374,8 @@ function endWithBody(response: Response, onEnd: () => void): Response {
 /**
  * Creates the broker's fetch handler over a pool:
  *
- * - `POST /api/turns` (header `X-Internal-Secret`, body `application/json`
+ * - `POST /api/turns` (header `X-Internal-Secret`, or with `tokens` `Authorization: Bearer
+ *   <JWT>`; body `application/json`
  *   `{ workspaceId, threadId?, params, timeoutMs?, threadParams? }`) runs one turn and
  *   answers 200 `{ threadId, turn }` or 200 `{ threadId, transport: { code, message, data? } }`
  *   with `code` one of `brokerTimeout`, `subprocessCrash`, `wsDisconnect`, `rpcError`,
@@ -328,6 +385,16 @@ function endWithBody(response: Response, onEnd: () => void): Response {
  *   gives 503 `unavailable` and a pool whose every workspace is busy 503 `atCapacity`,
  *   both with `Retry-After`; anything unexpected 500. An
  *   answer given before the body was read to its end (413) carries `Connection: close`.
+ * - Authentication: the right `X-Internal-Secret` opens every workspace (the log names the
+ *   caller `operator`); a bearer token only the workspaces and scopes it names (the log
+ *   names its `sub`, never the token). A missing, wrong, expired, not yet valid, badly
+ *   signed or `alg: none` credential, or both headers at once, is 401 `unauthorized` (a
+ *   token's with `WWW-Authenticate: Bearer … error="invalid_token"`); a token without
+ *   `turns:write` is 403 `insufficientScope`, one for another workspace 403
+ *   `forbiddenWorkspace`; keys that cannot be loaded give 503 `unavailable`.
+ * - A workspace runs at most `maxTurnsPerWorkspace` turns at once, with at most
+ *   `maxWaitingTurnsPerWorkspace` more waiting; past that a turn is answered 429
+ *   `tooManyTurns` with `Retry-After`.
  * - With `Accept: text/event-stream` a valid request is answered with Server-Sent Events:
  *   `event: thread` as soon as the thread is known, one event per codex notification of
  *   the turn (event name = method, data = params), a `: ping` comment every `heartbeatMs`
@@ -370,12 +437,12 @@ function endWithBody(response: Response, onEnd: () => void): Response {
  * ```
  *
  * @param pool The pool the turns run through; the handler follows its events for metrics.
- * @param options The secret, limits, deadlines, heartbeat, version, log hook, metrics,
- * shutdown signal and end-of-request hook.
+ * @param options The secret, token verifier, limits, deadlines, heartbeat, version, log
+ * hook, metrics, shutdown signal and end-of-request hook.
  * @returns The fetch handler. It never rejects: unexpected failures are answered with 500.
  * @throws {TypeError} If `options.secret` is not a non-empty string.
- * @throws {RangeError} If a limit, deadline or interval is not a positive integer, or
- * `defaultTimeoutMs` exceeds `maxTimeoutMs`.
+ * @throws {RangeError} If a limit, deadline or interval is not a positive integer (the
+ * waiting turns may be 0), or `defaultTimeoutMs` exceeds `maxTimeoutMs`.
  */
 export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): TurnsHandler {
   if (typeof options?.secret !== "string" || options.secret === "") {
@@ -386,6 +453,8 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
   positiveInteger("maxTimeoutMs", options.maxTimeoutMs);
   positiveInteger("heartbeatMs", options.heartbeatMs);
   positiveInteger("maxStreamBufferBytes", options.maxStreamBufferBytes);
+  positiveInteger("maxTurnsPerWorkspace", options.maxTurnsPerWorkspace);
+  nonNegativeInteger("maxWaitingTurnsPerWorkspace", options.maxWaitingTurnsPerWorkspace);
   const maxBodyBytes = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
   const maxTimeoutMs = options.maxTimeoutMs ?? DEFAULT_MAX_TIMEOUT_MS;
   const defaultTimeoutMs = options.defaultTimeoutMs ?? Math.min(DEFAULT_TIMEOUT_MS, maxTimeoutMs);
@@ -394,7 +463,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
       `Invalid defaultTimeoutMs: ${defaultTimeoutMs} exceeds maxTimeoutMs ${maxTimeoutMs}`,
     );
   }
-  const limits = { maxBodyBytes, defaultTimeoutMs, maxTimeoutMs };
+  const bodyLimits = { maxBodyBytes, defaultTimeoutMs, maxTimeoutMs };
   const heartbeatMs = options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
   const maxStreamBufferBytes = options.maxStreamBufferBytes ?? DEFAULT_MAX_STREAM_BUFFER_BYTES;
   const version = options.version ?? VERSION;
@@ -402,6 +471,11 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
   const metrics = options.metrics ?? new Metrics();
   metrics.observePool(pool);
   const checkSecret = secretChecker(options.secret);
+  const verifyToken = options.tokens;
+  const limits = new WorkspaceLimits(
+    options.maxTurnsPerWorkspace ?? DEFAULT_MAX_TURNS_PER_WORKSPACE,
+    options.maxWaitingTurnsPerWorkspace ?? DEFAULT_MAX_WAITING_TURNS_PER_WORKSPACE,
+  );
   const { log: logHook, onRequestEnd } = options;
   const log = (entry: Record<string, unknown>) => {
     try {
@@ -424,9 +498,16 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     headers: Record<string, string> = {},
     owner?: string,
     field?: string,
+    details: Record<string, unknown> = {},
   ): Response {
     metrics.observeBadRequest(status);
-    log({ msg: "bad request", status, code, ...(field === undefined ? {} : { field }) });
+    log({
+      msg: "bad request",
+      status,
+      code,
+      ...details,
+      ...(field === undefined ? {} : { field }),
+    });
     const error: ErrorAnswer["error"] = { code, message };
     if (owner !== undefined) error.owner = owner;
     if (field !== undefined) error.field = field;
@@ -437,9 +518,11 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     turn: ValidTurnRequest,
     request: Request,
     served: () => void,
+    run: RunAs,
   ): Promise<Response> {
     // request.signal aborts when the client disconnects: the pool then interrupts the turn.
     const result = await runTurn(turn, {
+      ...run,
       stream: false,
       signals: [request.signal],
       forwardedBy: request.headers.get(FORWARDED_HEADER),
@@ -453,6 +536,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     request: Request,
     onEnd: () => void,
     served: () => void,
+    run: RunAs,
   ): Response {
     // Aborted when the handler gives up on the turn: the client cancelled the stream, or
     // fell too far behind.
@@ -485,6 +569,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     if (turn.threadId) sendThread(turn.threadId);
     // Conn hands this turn only its own notifications, none while it waits in line.
     void runTurn(turn, {
+      ...run,
       stream: true,
       forwardedBy: request.headers.get(FORWARDED_HEADER),
       signals: [request.signal, giveUp.signal],
@@ -505,22 +590,41 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     // Authentication comes before anything about the body, so an unauthenticated caller
     // learns nothing about the contract. The body is not touched on the way: an answer that
     // leaves it unread leaves the connection to the server, which drains or closes it.
-    const secret = request.headers.get("x-internal-secret");
-    if (secret === null) return refuse(401, "unauthorized", "Missing X-Internal-Secret header");
-    if (!(await checkSecret(secret))) {
-      return refuse(401, "unauthorized", "Wrong X-Internal-Secret header");
+    const principal = await authenticate(request);
+    if (principal instanceof Response) return principal;
+    const who = { principal: principal.subject };
+    if (!hasScope(principal, SCOPE_TURNS_WRITE)) {
+      return refuse(
+        403,
+        "insufficientScope",
+        `Cannot run turn: the token lacks the scope ${SCOPE_TURNS_WRITE}`,
+        { "www-authenticate": INSUFFICIENT_SCOPE_CHALLENGE },
+        undefined,
+        undefined,
+        who,
+      );
     }
-    const read = await readTurnRequest(request, limits, pathWorkspaceId);
+    const read = await readTurnRequest(request, bodyLimits, pathWorkspaceId);
     if (!read.ok) return refuse(read.status, read.code, read.message, read.headers);
     let turn = read.value;
+    if (!allowsWorkspace(principal, turn.workspaceId)) {
+      return refuse(
+        403,
+        "forbiddenWorkspace",
+        `Cannot run turn: the token is not for workspace ${turn.workspaceId}`,
+        {},
+        undefined,
+        undefined,
+        who,
+      );
+    }
     if (checkParams) {
-      // The credential kind is the operator's secret until tokens come.
       const verdict = await checkParams(turn, {
-        credential: "secret",
+        credential: principal.kind,
         workspaceId: turn.workspaceId,
       });
       if (!verdict.allowed) {
-        return refuse(403, "forbiddenParam", verdict.message, {}, undefined, verdict.field);
+        return refuse(403, "forbiddenParam", verdict.message, {}, undefined, verdict.field, who);
       }
       const { threadParams, params } = verdict;
       turn = { ...turn, params, ...(threadParams ? { threadParams } : {}) };
@@ -559,9 +663,98 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
         ownership.turnServed(turn.workspaceId, forwarded);
       };
     }
-    return acceptsEventStream(request.headers.get("accept"))
-      ? answerStream(turn, request, exchange.takeEnd(), served)
-      : await answerJson(turn, request, served);
+    // After placement: a turn forwarded elsewhere counts against the owner's limits.
+    const admission = limits.admit(turn.workspaceId);
+    if (admission === undefined) {
+      served();
+      return refuse(
+        429,
+        "tooManyTurns",
+        `Cannot run turn: workspace ${turn.workspaceId} has ${limits.maxRunning} turns ` +
+          `running and ${limits.maxWaiting} waiting`,
+        { "retry-after": TOO_MANY_TURNS_RETRY_AFTER },
+        undefined,
+        undefined,
+        who,
+      );
+    }
+    const run = { principal: principal.subject, admission };
+    try {
+      return acceptsEventStream(request.headers.get("accept"))
+        ? answerStream(turn, request, exchange.takeEnd(), served, run)
+        : await answerJson(turn, request, served, run);
+    } catch (error) {
+      // The runner releases it when it ran; if it never got to, the slot must not leak.
+      admission.release();
+      throw error;
+    }
+  }
+
+  /**
+   * Who sent the request, or the 401 (503 when the token's keys cannot be had) to answer.
+   * One credential per request: with both headers it is refused, so that a token's limits
+   * are never silently dropped for a secret that came along (a header smuggled in by a
+   * proxy, say), and a caller learns of its mistake.
+   */
+  async function authenticate(request: Request): Promise<Principal | Response> {
+    const secret = request.headers.get("x-internal-secret");
+    const authorization = request.headers.get("authorization");
+    const challenge = verifyToken ? { "www-authenticate": BEARER_CHALLENGE } : {};
+    if (secret !== null && authorization !== null) {
+      return refuse(
+        401,
+        "unauthorized",
+        "Send either X-Internal-Secret or Authorization, not both",
+        challenge,
+      );
+    }
+    if (secret !== null) {
+      if (!(await checkSecret(secret))) {
+        return refuse(401, "unauthorized", "Wrong X-Internal-Secret header");
+      }
+      return OPERATOR;
+    }
+    if (authorization === null) {
+      return refuse(
+        401,
+        "unauthorized",
+        verifyToken
+          ? "Missing X-Internal-Secret or Authorization header"
+          : "Missing X-Internal-Secret header",
+        challenge,
+      );
+    }
+    if (!verifyToken) {
+      return refuse(
+        401,
+        "unauthorized",
+        "Cannot authenticate: this broker takes no bearer tokens; send X-Internal-Secret",
+      );
+    }
+    const invalid = (message: string, reason: string) => {
+      const headers = { "www-authenticate": INVALID_TOKEN_CHALLENGE };
+      // The reason (expired, badSignature, …) is for the operator's log, never the token.
+      return refuse(401, "unauthorized", message, headers, undefined, undefined, { reason });
+    };
+    const match = BEARER.exec(authorization);
+    if (!match) {
+      return invalid("Malformed Authorization header: expected Bearer <token>", "malformed");
+    }
+    try {
+      return await verifyToken(match[1]!);
+    } catch (error) {
+      if (error instanceof TokenError) return invalid(error.message, error.reason);
+      if (error instanceof KeySourceError) {
+        log({ msg: "token keys unavailable", error: error.message });
+        return refuse(
+          503,
+          "unavailable",
+          "Cannot check token: the keys to verify it are unavailable",
+          { "retry-after": KEY_SOURCE_RETRY_AFTER },
+        );
+      }
+      throw error;
+    }
   }
 
   // The routing table: a new route is a new row.

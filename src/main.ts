@@ -37,13 +37,14 @@
 
 import { spawnSync } from "node:child_process";
 import { existsSync, realpathSync } from "node:fs";
-import { mkdir, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { homedir, hostname, totalmem } from "node:os";
 import { join, resolve as resolvePath } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { serve, type Server } from "srvx";
 import { type CodexHealth, createTurnsHandler, VERSION } from "./handler.ts";
+import { createTokenVerifier, type JsonWebKeySet, type TokenVerifier } from "./auth.ts";
 import { Metrics } from "./metrics.ts";
 import { Pool, type PoolEvent } from "./pool.ts";
 import { PoolClosedError } from "./errors.ts";
@@ -175,6 +176,29 @@ export interface BrokerOptions {
    * broker's. The broker must run as root. Defaults to the broker's own user.
    */
   codexUser?: CodexUser;
+  /**
+   * Also accept `Authorization: Bearer <JWT>` signed HS256 with this key (at least 32
+   * bytes); see `createTokenVerifier` for the claims.
+   */
+  jwtSecret?: string | Uint8Array;
+  /**
+   * Also accept bearer JWTs signed EdDSA, ES256 or RS256 by a key of this JSON Web Key Set:
+   * an `https://` URL (fetched again every 5 minutes, and for a key it lacks at most every
+   * 30 s), or a file path (read at start, where a bad file stops the start, then re-read
+   * every 30 s and for a key it lacks at most every second).
+   */
+  jwks?: string;
+  /** A bearer JWT's `aud` must hold this value. */
+  jwtAudience?: string;
+  /** A bearer JWT's `iss` must be this value. */
+  jwtIssuer?: string;
+  /** At most this many turns of one workspace at once. Defaults to 16. */
+  maxTurnsPerWorkspace?: number;
+  /**
+   * At most this many more turns of one workspace wait; past that a turn is answered 429
+   * `tooManyTurns`. Defaults to 64.
+   */
+  maxWaitingTurnsPerWorkspace?: number;
 }
 
 /** A running broker, from {@linkcode startBroker}. */
@@ -267,8 +291,9 @@ const CREDENTIALS_CHECK_MS = 5_000;
  * @returns The running broker; `close()` it to stop every codex.
  * @throws {TypeError} If the secret is empty or could never match (see `BrokerOptions.secret`).
  * @throws {RangeError} If `graceMs` is negative or not a number.
- * @throws {Error} If the workspaces directory cannot be created or written to, or the port
- * cannot be bound; the message names the path or the address, and the reason.
+ * @throws {Error} If the workspaces directory cannot be created or written to, the port
+ * cannot be bound, or the JWKS file cannot be read or the bearer-token keys are bad; the
+ * message names the path or the address, and the reason.
  */
 export async function startBroker(options: BrokerOptions): Promise<Broker> {
   if (typeof options.secret !== "string") {
@@ -290,6 +315,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   const codexHome = options.codexHome === undefined ? undefined : resolvePath(options.codexHome);
   await checkWorkspacesDir(workspacesDir);
   if (options.codexUser !== undefined) checkReachable(workspacesDir, options.codexUser);
+  const tokens = await tokenVerifier(options);
 
   // One directory per workspace holds everything codex keeps for it, so the workspace
   // moves as a unit to whichever broker serves it next (see the README's layout).
@@ -422,6 +448,13 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   holder.url = options.advertiseUrl ?? url;
   serving.handler = createTurnsHandler(pool, {
     secret: options.secret,
+    ...(tokens ? { tokens } : {}),
+    ...(options.maxTurnsPerWorkspace === undefined
+      ? {}
+      : { maxTurnsPerWorkspace: options.maxTurnsPerWorkspace }),
+    ...(options.maxWaitingTurnsPerWorkspace === undefined
+      ? {}
+      : { maxWaitingTurnsPerWorkspace: options.maxWaitingTurnsPerWorkspace }),
     version: VERSION,
     metrics,
     brokerId: holder.id,
@@ -435,7 +468,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     log: (entry) => {
       const level: LogLevel = entry.msg === "internal error"
         ? "error"
-        : entry.msg === "bad request"
+        : entry.msg === "bad request" || entry.msg === "token keys unavailable"
         ? "warn"
         : "info";
       log({ ...entry, level, msg: String(entry.msg) });
@@ -596,6 +629,10 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       graceMs: brokerOptions.graceMs ?? DEFAULT_GRACE_MS,
       secretFrom: parsed.secretSource,
       codexUser: brokerOptions.codexUser?.name ?? null,
+      bearerTokens: [
+        ...(brokerOptions.jwtSecret === undefined ? [] : ["HS256"]),
+        ...(brokerOptions.jwks === undefined ? [] : [brokerOptions.jwks]),
+      ],
     });
     if (!scrubbed) {
       log({
@@ -656,6 +693,51 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       for (const signal of SIGNALS) process.off(signal, onSignal);
     }
     options.signal?.removeEventListener("abort", onAbort);
+  }
+}
+
+// A JWKS file is cheap to read: a key removed from it stops working within this.
+const JWKS_FILE_MAX_AGE_MS = 30_000;
+const JWKS_FILE_COOLDOWN_MS = 1_000;
+
+/**
+ * The bearer-token verifier the options ask for, or `undefined` for secret-only. A JWKS file
+ * is read once here, so that a missing or broken one stops the start instead of refusing
+ * every token later.
+ *
+ * @throws {Error} If the JWKS file cannot be read or is not a key set, or a key is bad.
+ */
+async function tokenVerifier(options: BrokerOptions): Promise<TokenVerifier | undefined> {
+  const { jwtSecret, jwks } = options;
+  if (jwtSecret === undefined && jwks === undefined) return undefined;
+  const isUrl = jwks !== undefined && /^https?:\/\//i.test(jwks);
+  const load = async (): Promise<JsonWebKeySet> => JSON.parse(await readFile(jwks!, "utf8"));
+  if (jwks !== undefined && !isUrl) {
+    let set: unknown;
+    try {
+      set = await load();
+    } catch (error) {
+      throw new Error(`Cannot start broker: cannot read the JWKS ${jwks}: ${messageOf(error)}`, {
+        cause: error,
+      });
+    }
+    if (!Array.isArray((set as { keys?: unknown } | null)?.keys)) {
+      throw new Error(`Cannot start broker: the JWKS ${jwks} has no "keys" array`);
+    }
+  }
+  try {
+    return createTokenVerifier({
+      ...(jwtSecret === undefined ? {} : { secret: jwtSecret }),
+      ...(jwks === undefined ? {} : isUrl ? { jwks: new URL(jwks) } : {
+        jwks: load,
+        jwksMaxAgeMs: JWKS_FILE_MAX_AGE_MS,
+        jwksCooldownMs: JWKS_FILE_COOLDOWN_MS,
+      }),
+      ...(options.jwtAudience === undefined ? {} : { audience: options.jwtAudience }),
+      ...(options.jwtIssuer === undefined ? {} : { issuer: options.jwtIssuer }),
+    });
+  } catch (error) {
+    throw new Error(`Cannot start broker: ${messageOf(error)}`, { cause: error });
   }
 }
 

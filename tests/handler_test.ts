@@ -466,6 +466,7 @@ test("POST /api/turns without threadId starts a thread with threadParams and ans
       outcome: "completed",
       durationMs: 0,
       stream: false,
+      principal: "operator",
     });
   } finally {
     await h.close();

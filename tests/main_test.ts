@@ -137,6 +137,7 @@ test(
           outcome: "completed",
           durationMs: undefined,
           stream: false,
+          principal: "operator",
         },
       );
       assert.equal(typeof JSON.parse(turn).durationMs, "number");

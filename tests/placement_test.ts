@@ -11,7 +11,8 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { serve, type Server } from "srvx";
-import { Pool, type PoolOptions } from "../mod.ts";
+import { SignJWT } from "jose";
+import { createTokenVerifier, Pool, type PoolOptions } from "../mod.ts";
 import { createFileLeaseStore } from "../src/file_lease.ts";
 import { createTurnsHandler, type TurnsHandlerOptions } from "../src/handler.ts";
 import type { LeaseStore } from "../src/lease.ts";
@@ -685,6 +686,56 @@ test(
         assert.equal(broker.received("turn/start").length, 10 * owned.length, broker.id);
         assert.deepEqual(broker.ownership.held.sort(), owned);
       }
+    });
+  },
+);
+
+// --- bearer tokens ------------------------------------------------------------------------
+
+test(
+  "a token caller's turn forwarded to the owner is authenticated there with the caller's own token, and the owner's log names its subject",
+  TIMEOUT,
+  async () => {
+    const key = "placement-test-hs256-key-32-bytes!";
+    const tokens = createTokenVerifier({ secret: key });
+    const sign = (workspaces: string[]) =>
+      new SignJWT({ sub: "alice", workspaces, scope: "turns:write" })
+        .setProtectedHeader({ alg: "HS256" })
+        .setExpirationTime("5m")
+        .sign(new TextEncoder().encode(key));
+    await withCluster(5_000, async (cluster) => {
+      const logs: Record<string, unknown>[] = [];
+      const a = await cluster.start("broker-a", {
+        handOver: false,
+        handler: { tokens, log: (entry) => logs.push(entry) },
+      });
+      const b = await cluster.start("broker-b", { handOver: false, handler: { tokens } });
+      // The token is the only credential: no X-Internal-Secret goes along.
+      const headers = { authorization: `Bearer ${await sign(["ws-1"])}` };
+      const send = async (broker: Broker, token: Record<string, string>) => {
+        const response = await fetch(`${broker.url}/api/workspaces/ws-1/turns`, {
+          method: "POST",
+          signal: broker.clients,
+          headers: { "content-type": "application/json", authorization: token.authorization! },
+          body: JSON.stringify({ params: { input } }),
+        });
+        return { response, body: await response.json() };
+      };
+      const first = await send(a, headers);
+      assert.equal(first.response.status, 200, JSON.stringify(first.body));
+      const relayed = await send(b, headers);
+      assert.equal(relayed.response.status, 200, JSON.stringify(relayed.body));
+      assert.equal(relayed.response.headers.get("x-broker-id"), "broker-a");
+      const turns = logs.filter((entry) => entry.msg === "turn");
+      assert.deepEqual(turns.map((entry) => [entry.principal, entry.forwardedBy ?? null]), [
+        ["alice", null],
+        ["alice", "broker-b"],
+      ]);
+      // A token for another workspace is refused by the broker it reaches, never forwarded.
+      const other = await send(b, { authorization: `Bearer ${await sign(["ws-2"])}` });
+      assert.equal(other.response.status, 403);
+      assert.equal(other.body.error.code, "forbiddenWorkspace");
+      assert.equal(a.received("turn/start").length, 2);
     });
   },
 );

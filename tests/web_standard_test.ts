@@ -23,6 +23,13 @@ const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
  */
 const RUNTIME_SPECIFIC_EXPORTS = new Set(["./supervisor", "./main", "./testing"]);
 
+/**
+ * npm packages the core may import by their bare name, being web-standard themselves: each
+ * must be mapped in deno.json `imports` to `npm:<name>@…` (how JSR consumers get it), and
+ * the files of its default entry point in node_modules are checked like the core's own.
+ */
+const WEB_STANDARD_PACKAGES = new Set(["jose"]);
+
 /** Globals that exist only on some runtimes. */
 const FORBIDDEN_GLOBALS = new Set([
   "Deno",
@@ -190,6 +197,8 @@ interface Violation {
 interface FileReport {
   /** Relative specifiers, to follow. */
   relativeImports: string[];
+  /** Bare imports of {@linkcode WEB_STANDARD_PACKAGES}, to follow into node_modules. */
+  packages: string[];
   violations: Violation[];
 }
 
@@ -215,6 +224,7 @@ function checkSource(file: string, src: string): FileReport {
   const { code, strings, dynamicTemplates, comments } = mask(src);
   const violations: Violation[] = [];
   const relativeImports: string[] = [];
+  const packages: string[] = [];
   const at = (index: number, message: string) => {
     const before = src.slice(0, index).split("\n");
     violations.push({
@@ -225,6 +235,10 @@ function checkSource(file: string, src: string): FileReport {
     });
   };
   const specifier = (index: number, spec: string) => {
+    if (WEB_STANDARD_PACKAGES.has(spec)) {
+      packages.push(spec);
+      return;
+    }
     const problem = classify(spec);
     if (problem) at(index, problem);
     else relativeImports.push(spec);
@@ -273,7 +287,7 @@ function checkSource(file: string, src: string): FileReport {
     }
   }
   violations.sort((a, b) => a.line - b.line || a.column - b.column);
-  return { relativeImports, violations };
+  return { relativeImports, packages, violations };
 }
 
 /** Parses deno.json or a JSONC config file (comments allowed). */
@@ -300,6 +314,33 @@ function webStandardEntryPoints(): string[] {
   return [...new Set(["./mod.ts", ...entries.map((f) => `./${f.replace(/^\.\//, "")}`)])];
 }
 
+/**
+ * The file a web-standard package's bare import loads (its `exports["."]` default), or a
+ * violation if deno.json does not map it to that npm package.
+ */
+function packageEntry(name: string, from: string): { path: string } | Violation {
+  const config = readJsonc(join(ROOT, "deno.json")) as { imports?: Record<string, string> };
+  const mapped = config.imports?.[name];
+  if (mapped === undefined || !mapped.startsWith(`npm:${name}@`)) {
+    return {
+      file: from,
+      line: 0,
+      column: 0,
+      message: `imports "${name}", which deno.json imports does not map to npm:${name}@…`,
+    };
+  }
+  const dir = join(ROOT, "node_modules", name);
+  const manifest = JSON.parse(readFileSync(join(dir, "package.json"), "utf8")) as {
+    exports?: Record<string, string | { default?: string }>;
+  };
+  const root = manifest.exports?.["."];
+  const entry = typeof root === "string" ? root : root?.default;
+  if (entry === undefined) {
+    return { file: from, line: 0, column: 0, message: `${name} has no default export` };
+  }
+  return { path: resolve(dir, entry) };
+}
+
 /** Walks the relative-import graph from the entry points and checks every file on it. */
 function checkGraph(entryPoints: string[]): { files: string[]; violations: Violation[] } {
   const seen = new Set<string>();
@@ -321,6 +362,11 @@ function checkGraph(entryPoints: string[]): { files: string[]; violations: Viola
     for (const spec of report.relativeImports) {
       queue.push({ path: resolve(dirname(path), spec), from: file });
     }
+    for (const name of report.packages) {
+      const entry = packageEntry(name, file);
+      if ("path" in entry) queue.push({ path: entry.path, from: file });
+      else violations.push(entry);
+    }
   }
   return { files: [...seen].map((p) => relative(ROOT, p)).sort(), violations };
 }
@@ -332,6 +378,8 @@ function format(violations: Violation[]): string {
 test("nothing reachable from the web-standard entry points uses a runtime-specific API", () => {
   const { files, violations } = checkGraph(webStandardEntryPoints());
   assert.ok(files.includes("mod.ts"), "mod.ts was not checked");
+  // jose is followed into node_modules: its web API build, not the core's word for it.
+  assert.ok(files.some((f) => /node_modules\/jose\/dist\/webapi\//.test(f)), "jose not checked");
   assert.equal(violations.length, 0, `\n${format(violations)}`);
 });
 
