@@ -8,7 +8,15 @@ import { existsSync } from "node:fs";
 import { mkdir, mkdtemp, realpath, rm, symlink } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createParamsCheck, DEFAULT_POLICY, parsePolicy, type Policy, Pool } from "../mod.ts";
+import {
+  createParamsCheck,
+  createTokenVerifier,
+  DEFAULT_POLICY,
+  parsePolicy,
+  type Policy,
+  Pool,
+} from "../mod.ts";
+import { SignJWT } from "jose";
 import { createTurnsHandler } from "../src/handler.ts";
 import { startBroker } from "../src/main.ts";
 import { workspacePathResolver } from "../src/_workspace_path.ts";
@@ -34,6 +42,7 @@ interface Setup {
 async function withSetup(
   policy: Policy,
   fn: (setup: Setup) => Promise<void>,
+  options: { jwtSecret?: string } = {},
 ): Promise<void> {
   const dir = await realpath(await mkdtemp(join(tmpdir(), "policy-attack-")));
   const work = join(dir, "ws-1", "work");
@@ -51,6 +60,9 @@ async function withSetup(
   const handler = createTurnsHandler(pool, {
     secret: SECRET,
     log: (entry) => logs.push(entry),
+    ...(options.jwtSecret === undefined
+      ? {}
+      : { tokens: createTokenVerifier({ secret: new TextEncoder().encode(options.jwtSecret) }) }),
     checkParams: createParamsCheck(policy, {
       resolvePath: workspacePathResolver((id) => join(dir, id, "work")),
     }),
@@ -64,10 +76,15 @@ async function withSetup(
   }
 }
 
-function post(body: Record<string, unknown>): Request {
+function post(body: Record<string, unknown>, token?: string): Request {
   return new Request("http://broker.test/api/turns", {
     method: "POST",
-    headers: { "content-type": "application/json", "x-internal-secret": SECRET },
+    headers: {
+      "content-type": "application/json",
+      ...(token === undefined
+        ? { "x-internal-secret": SECRET }
+        : { authorization: `Bearer ${token}` }),
+    },
     body: JSON.stringify({ workspaceId: "ws-1", params: { input }, ...body }),
   });
 }
@@ -88,7 +105,13 @@ async function assertForbidden(
   assert.equal(setup.server.peers.length, 0, `${what}: the app-server saw a connection`);
   assert.equal(setup.pool.size, 0);
   const entry = setup.logs.at(-1);
-  assert.deepEqual(entry, { msg: "bad request", status: 403, code: "forbiddenParam", field });
+  assert.deepEqual(entry, {
+    msg: "bad request",
+    status: 403,
+    code: "forbiddenParam",
+    principal: "operator",
+    field,
+  });
 }
 
 const continued = { threadId: "thr-1" };
@@ -235,6 +258,42 @@ test("the policy's rules for the operator's secret apply to requests carrying X-
       "threadParams.sandbox",
     );
   });
+});
+
+test("the policy's rules for tokens apply to requests carrying a bearer token, and the secret's do not", async () => {
+  const jwtSecret = "jwt-key-0123456789-0123456789-0123456789";
+  const token = await new SignJWT({ workspaces: ["ws-1"], scope: "turns:write" })
+    .setProtectedHeader({ alg: "HS256" })
+    .setSubject("alice")
+    .setExpirationTime("10m")
+    .sign(new TextEncoder().encode(jwtSecret));
+  const policy = parsePolicy(JSON.stringify({
+    credentials: {
+      secret: { sandbox: ["read-only", "workspace-write", "danger-full-access"] },
+      token: { sandbox: ["read-only"], models: ["mock-model"] },
+    },
+  }));
+  await withSetup(policy, async (setup) => {
+    const refused = async (body: Record<string, unknown>, field: string) => {
+      const response = await setup.handler(post({ ...body }, token));
+      assert.equal(response.status, 403, JSON.stringify(body));
+      const { error } = await response.json();
+      assert.equal(error.code, "forbiddenParam");
+      assert.equal(error.field, field);
+    };
+    await refused({ threadParams: { sandbox: "workspace-write" } }, "threadParams.sandbox");
+    await refused({ threadParams: { model: "o3" } }, "threadParams.model");
+    assert.equal(setup.server.peers.length, 0, "nothing reached codex");
+    const entry = setup.logs.find((e) => e.code === "forbiddenParam");
+    assert.equal(entry?.principal, "alice");
+    // What the token may not ask for, the operator's secret may.
+    const operator = await setup.handler(post({ threadParams: { sandbox: "danger-full-access" } }));
+    assert.equal(operator.status, 200);
+    await operator.body?.cancel();
+    const allowed = await setup.handler(post({ threadParams: { model: "mock-model" } }, token));
+    assert.equal(allowed.status, 200);
+    assert.equal((await allowed.json()).turn.status, "completed");
+  }, { jwtSecret });
 });
 
 test("an allowed request reaches codex with its paths resolved and the default sandbox and approval policy filled in", async () => {
