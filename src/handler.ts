@@ -27,7 +27,12 @@ import { createRouter, type Route } from "./_router.ts";
 import { secretChecker } from "./_secret.ts";
 import { openEventStream } from "./_sse.ts";
 import { createTurnRunner, SlowReaderError } from "./_turn_runner.ts";
-import { acceptsEventStream, readTurnRequest, type ValidTurnRequest } from "./_validate.ts";
+import {
+  acceptsEventStream,
+  readTurnRequest,
+  requestHeadBytes,
+  type ValidTurnRequest,
+} from "./_validate.ts";
 
 export { Metrics, METRICS_CONTENT_TYPE, TURN_DURATION_BUCKETS } from "./metrics.ts";
 export { Ownership } from "./ownership.ts";
@@ -46,6 +51,12 @@ export interface TurnsHandlerOptions {
   secret: string;
   /** Larger request bodies are refused with 413. Defaults to 1 MiB. */
   maxBodyBytes?: number;
+  /**
+   * How long a request's body may take to arrive, from the moment the handler starts reading
+   * it; a slower one is refused with 408 `requestTimeout` and `Connection: close`, and what
+   * came of it is dropped. Defaults to 60 s.
+   */
+  requestTimeoutMs?: number;
   /**
    * Deadline of a turn whose request has no `timeoutMs`. Defaults to 5 minutes, or to
    * `maxTimeoutMs` when that is lower.
@@ -204,6 +215,8 @@ export type ErrorCode =
   | "notFound"
   | "methodNotAllowed"
   | "bodyTooLarge"
+  | "requestTimeout"
+  | "headersTooLarge"
   | "unsupportedMediaType"
   | "unavailable"
   | "internal"
@@ -228,6 +241,10 @@ export type TurnsHandler = (request: Request) => Promise<Response>;
 
 const MiB = 1024 * 1024;
 const DEFAULT_MAX_BODY_BYTES = MiB;
+const DEFAULT_REQUEST_TIMEOUT_MS = 60_000;
+// What Node and Bun allow a request's head by default; Deno allows more, so the handler
+// holds every runtime to the same bound.
+const MAX_HEAD_BYTES = 16 * 1024;
 const DEFAULT_TIMEOUT_MS = 5 * 60_000;
 const DEFAULT_MAX_TIMEOUT_MS = 30 * 60_000;
 const DEFAULT_HEARTBEAT_MS = 15_000;
@@ -303,9 +320,11 @@ function endWithBody(response: Response, onEnd: () => void): Response {
  *   with `code` one of `brokerTimeout`, `subprocessCrash`, `wsDisconnect`, `rpcError`,
  *   `overloaded` (with `Retry-After`). A request the handler refuses never reaches codex
  *   and is answered `{ error: { code, message } }` with 400, 401, 404, 405 (with `Allow`),
- *   413 or 415; a closed pool gives 503 `unavailable` and a pool whose every workspace is
- *   busy 503 `atCapacity`, both with `Retry-After`; anything unexpected 500. An
- *   answer given before the body was read to its end (413) carries `Connection: close`.
+ *   408 (a body slower than `requestTimeoutMs`), 413, 415 or 431 (a request line and
+ *   headers over 16 KiB, on any route); a closed pool gives 503 `unavailable` and a pool
+ *   whose every workspace is busy 503 `atCapacity`, both with `Retry-After`; anything
+ *   unexpected 500. An answer given before the body was read to its end (408, 413, 431)
+ *   carries `Connection: close`.
  * - With `Accept: text/event-stream` a valid request is answered with Server-Sent Events:
  *   `event: thread` as soon as the thread is known, one event per codex notification of
  *   the turn (event name = method, data = params), a `: ping` comment every `heartbeatMs`
@@ -360,6 +379,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     throw new TypeError("Cannot create turns handler: secret must be a non-empty string");
   }
   positiveInteger("maxBodyBytes", options.maxBodyBytes);
+  positiveInteger("requestTimeoutMs", options.requestTimeoutMs);
   positiveInteger("defaultTimeoutMs", options.defaultTimeoutMs);
   positiveInteger("maxTimeoutMs", options.maxTimeoutMs);
   positiveInteger("heartbeatMs", options.heartbeatMs);
@@ -372,7 +392,8 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
       `Invalid defaultTimeoutMs: ${defaultTimeoutMs} exceeds maxTimeoutMs ${maxTimeoutMs}`,
     );
   }
-  const limits = { maxBodyBytes, defaultTimeoutMs, maxTimeoutMs };
+  const requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+  const limits = { maxBodyBytes, defaultTimeoutMs, maxTimeoutMs, requestTimeoutMs };
   const heartbeatMs = options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
   const maxStreamBufferBytes = options.maxStreamBufferBytes ?? DEFAULT_MAX_STREAM_BUFFER_BYTES;
   const version = options.version ?? VERSION;
@@ -587,12 +608,19 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
       }
     };
     try {
-      const response = await route(request, {
-        takeEnd: () => {
-          deferred = true;
-          return end;
-        },
-      });
+      const response = requestHeadBytes(request) > MAX_HEAD_BYTES
+        ? refuse(
+          431,
+          "headersTooLarge",
+          `Request header fields too large: the limit is ${MAX_HEAD_BYTES} bytes`,
+          { connection: "close" },
+        )
+        : await route(request, {
+          takeEnd: () => {
+            deferred = true;
+            return end;
+          },
+        });
       // A relayed answer names the owner that ran the turn.
       if (brokerId !== undefined && !response.headers.has("x-broker-id")) {
         response.headers.set("x-broker-id", brokerId);
