@@ -383,3 +383,168 @@ test(
     }, { requestTimeoutMs: REQUEST_TIMEOUT_MS });
   },
 );
+
+/** A `GET /healthz` whose head carries `bytes` more in one header field. */
+function bigHead(bytes: number): string {
+  return request("GET", "/healthz", { "X-Padding": "a".repeat(bytes) });
+}
+
+test(
+  "a request head over 16 KiB is answered 431 with Connection: close, as JSON headersTooLarge where the runtime lets the handler see it",
+  TIMEOUT,
+  async () => {
+    await withBroker(async (running) => {
+      const { response } = await exchange(running.port, bigHead(20 * 1024));
+      assert.equal(response?.status, 431);
+      closes(response!);
+      // Node and Bun refuse such a head in their HTTP parser, with a bare 431; Deno passes
+      // heads of up to about 64 KiB to the handler, which answers.
+      if (RUNTIME === "deno" || response!.body) {
+        assert.equal(errorOf(response).code, "headersTooLarge");
+      }
+      await assertNothingLeft(running);
+    });
+  },
+);
+
+test(
+  "a request head of several hundred KiB gets a 431 or a closed socket at once, and the server serves the next client",
+  TIMEOUT,
+  async () => {
+    await withBroker(async (running) => {
+      for (const size of [100 * 1024, 1024 * 1024]) {
+        const { response, client } = await exchange(running.port, bigHead(size));
+        // Deno's parser refuses a head past its own limit with a bare 400 and closes.
+        assert.ok(
+          response?.status === 431 || (client.closed && (response?.status ?? 400) >= 400),
+          `${size} bytes: ${response?.status}`,
+        );
+        if (response) closes(response);
+      }
+      const { response } = await exchange(running.port, request("GET", "/healthz"));
+      assert.equal(response?.status, 200);
+      await assertNothingLeft(running);
+    });
+  },
+);
+
+test(
+  "a request head just under 16 KiB is served",
+  TIMEOUT,
+  async () => {
+    await withBroker(async (running) => {
+      const { response } = await exchange(running.port, bigHead(15 * 1024));
+      assert.equal(response?.status, 200);
+    });
+  },
+);
+
+test(
+  "a request head that trickles in is answered 408 or its socket closed in bounded time (Node: the request deadline; Bun: its 10 s idle timeout)",
+  { ...TIMEOUT, skip: RUNTIME === "deno" },
+  async () => {
+    await withBroker(async (running) => {
+      const client = await rawClient(running.port);
+      const stop = trickle(client, `GET /healthz HTTP/1.1\r\nX-Slow: ${"a".repeat(10_000)}`, 50);
+      try {
+        await client.until(() => client.closed, 30_000, "the server to close the socket");
+        const [response] = responses(client.received);
+        if (response) assert.equal(response.status, 408);
+      } finally {
+        stop();
+        await client.destroy();
+      }
+      await assertNothingLeft(running);
+    }, { requestTimeoutMs: REQUEST_TIMEOUT_MS });
+  },
+);
+
+test(
+  "a client that aborts mid-upload starts no turn and leaves no request in flight",
+  TIMEOUT,
+  async () => {
+    await withBroker(async (running) => {
+      const body = JSON.stringify({ workspaceId: "ws-1", params: { input: INPUT } });
+      const client = await rawClient(running.port);
+      client.socket.write(
+        request("POST", "/api/turns", {
+          ...JSON_HEADERS,
+          "Content-Length": String(body.length),
+        }) + body.slice(0, 20),
+      );
+      await waitFor("the handler to take the request", () => running.broker.inFlight === 1);
+      await client.destroy();
+      // Well within the request deadline: the abort itself ends the request.
+      await waitFor("the request to end", () => running.broker.inFlight === 0, 10_000);
+      const logged = running.logs.filter((entry) => entry.msg === "bad request");
+      assert.ok(logged.length <= 1, JSON.stringify(logged));
+      for (const entry of logged) assert.equal(entry.status, 400);
+      await assertNothingLeft(running);
+    });
+  },
+);
+
+const IDLE_CONNECTIONS = 1_000;
+/** How long each runtime keeps an idle keep-alive connection: Node 5 s, Bun 10 s, Deno ever. */
+const IDLE_CLOSE_MS = { node: 5_000, bun: 10_000, deno: Infinity }[RUNTIME];
+
+test(
+  `${IDLE_CONNECTIONS} idle keep-alive connections hold little memory, the broker serves other clients meanwhile, and the server closes them once idle (Node, Bun)`,
+  TIMEOUT,
+  async () => {
+    await withBroker(async (running) => {
+      const clients: RawClient[] = [];
+      const healthz = request("GET", "/healthz");
+      try {
+        const before = process.memoryUsage().rss;
+        const opened = performance.now();
+        for (let i = 0; i < IDLE_CONNECTIONS; i += 100) {
+          const batch = await Promise.all(
+            Array.from({ length: 100 }, () => rawClient(running.port)),
+          );
+          clients.push(...batch);
+          await Promise.all(batch.map((client) => {
+            client.socket.write(healthz);
+            return client.until(
+              () => responses(client.received)[0]?.body !== undefined,
+              10_000,
+              "the healthz answer",
+            );
+          }));
+        }
+        const idleSince = performance.now();
+        // Both ends of every connection live in this process.
+        const grownMb = (process.memoryUsage().rss - before) / 1024 / 1024;
+        console.log(
+          `${RUNTIME}: ${IDLE_CONNECTIONS} connections in ${
+            Math.round(idleSince - opened)
+          } ms, RSS +${grownMb.toFixed(1)} MB`,
+        );
+        assert.ok(grownMb < 100, `RSS grew ${grownMb.toFixed(1)} MB`);
+        assert.equal(clients.filter((client) => client.closed).length, 0);
+
+        const started = performance.now();
+        const { response } = await exchange(
+          running.port,
+          postTurn({}, { "X-Internal-Secret": "x" }),
+        );
+        assert.equal(response?.status, 401);
+        assert.ok(performance.now() - started < 2_000, "answered at once");
+
+        if (IDLE_CLOSE_MS !== Infinity) {
+          await waitFor(
+            "the server to close every idle connection",
+            () => clients.every((client) => client.closed),
+            IDLE_CLOSE_MS + 20_000,
+            50,
+          );
+          const closedAfter = performance.now() - idleSince;
+          assert.ok(closedAfter >= IDLE_CLOSE_MS - 1_000, `closed after ${closedAfter} ms`);
+        }
+      } finally {
+        await Promise.all(clients.map((client) => client.destroy()));
+      }
+      await assertNothingLeft(running);
+    });
+  },
+);
