@@ -15,7 +15,15 @@ import { mkdtemp, realpath, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
-import { type Broker, type BrokerOptions, type LogEntry, startBroker } from "../src/main.ts";
+import {
+  type Broker,
+  type BrokerOptions,
+  type LogEntry,
+  parseFlags,
+  startBroker,
+  USAGE,
+  UsageError,
+} from "../src/main.ts";
 import { type RawClient, rawClient, type RawResponse, responses } from "./_raw_http.ts";
 import { waitFor } from "./_wait.ts";
 
@@ -548,3 +556,12 @@ test(
     });
   },
 );
+
+test("--request-timeout sets requestTimeoutMs; zero or a bad duration is a usage error", () => {
+  const parsed = parseFlags(["--request-timeout", "30s"], { BROKER_SECRET: SECRET });
+  assert.ok(!parsed.help);
+  assert.equal(parsed.options.requestTimeoutMs, 30_000);
+  assert.throws(() => parseFlags(["--request-timeout=0"]), UsageError);
+  assert.throws(() => parseFlags(["--request-timeout=soon"]), UsageError);
+  assert.match(USAGE, /--request-timeout <duration>/);
+});
