@@ -468,7 +468,7 @@ test(
 );
 
 test(
-  "a client that aborts mid-upload starts no turn and leaves no request in flight",
+  "a client that aborts mid-upload starts no turn, leaves no request in flight, and is logged and counted as one 400 invalidBody",
   TIMEOUT,
   async () => {
     await withBroker(async (running) => {
@@ -484,9 +484,13 @@ test(
       await client.destroy();
       // Well within the request deadline: the abort itself ends the request.
       await waitFor("the request to end", () => running.broker.inFlight === 0, 10_000);
-      const logged = running.logs.filter((entry) => entry.msg === "bad request");
-      assert.ok(logged.length <= 1, JSON.stringify(logged));
-      for (const entry of logged) assert.equal(entry.status, 400);
+      // The read fails: one bad request, answered to nobody, counted as such.
+      assert.deepEqual(
+        running.logs.filter((entry) => entry.msg === "bad request").map((e) => [e.status, e.code]),
+        [[400, "invalidBody"]],
+      );
+      const metrics = await (await fetch(`${running.broker.url}/metrics`)).text();
+      assert.match(metrics, /^codex_broker_bad_requests_total\{status="400"\} 1$/m);
       await assertNothingLeft(running);
     });
   },
