@@ -25,7 +25,9 @@ import {
   UsageError,
 } from "../src/main.ts";
 import { type RawClient, rawClient, type RawResponse, responses } from "./_raw_http.ts";
-import { waitFor } from "./_wait.ts";
+import { waitFor, within } from "./_wait.ts";
+import { Pool } from "../mod.ts";
+import { createTurnsHandler } from "../src/handler.ts";
 
 const SECRET = "bad-clients-test-secret";
 // Bun's own default is 5 s per test.
@@ -506,6 +508,9 @@ test(
   async () => {
     await withBroker(async (running) => {
       const clients: RawClient[] = [];
+      // When each connection got its answer, and when the server closed it.
+      const answeredAt = new Map<RawClient, number>();
+      const closedAt = new Map<RawClient, number>();
       const healthz = request("GET", "/healthz");
       try {
         const before = process.memoryUsage().rss;
@@ -515,25 +520,25 @@ test(
             Array.from({ length: 100 }, () => rawClient(running.port)),
           );
           clients.push(...batch);
-          await Promise.all(batch.map((client) => {
+          await Promise.all(batch.map(async (client) => {
+            client.socket.once("close", () => closedAt.set(client, performance.now()));
             client.socket.write(healthz);
-            return client.until(
+            await client.until(
               () => responses(client.received)[0]?.body !== undefined,
               10_000,
               "the healthz answer",
             );
+            answeredAt.set(client, performance.now());
           }));
         }
-        const idleSince = performance.now();
         // Both ends of every connection live in this process.
         const grownMb = (process.memoryUsage().rss - before) / 1024 / 1024;
         console.log(
           `${RUNTIME}: ${IDLE_CONNECTIONS} connections in ${
-            Math.round(idleSince - opened)
+            Math.round(performance.now() - opened)
           } ms, RSS +${grownMb.toFixed(1)} MB`,
         );
         assert.ok(grownMb < 100, `RSS grew ${grownMb.toFixed(1)} MB`);
-        assert.equal(clients.filter((client) => client.closed).length, 0);
 
         const started = performance.now();
         const { response } = await exchange(
@@ -541,17 +546,18 @@ test(
           postTurn({}, { "X-Internal-Secret": "x" }),
         );
         assert.equal(response?.status, 401);
-        assert.ok(performance.now() - started < 2_000, "answered at once");
+        assert.ok(performance.now() - started < 5_000, "answered at once");
 
         if (IDLE_CLOSE_MS !== Infinity) {
           await waitFor(
             "the server to close every idle connection",
             () => clients.every((client) => client.closed),
-            IDLE_CLOSE_MS + 20_000,
+            IDLE_CLOSE_MS + 30_000,
             50,
           );
-          const closedAfter = performance.now() - idleSince;
-          assert.ok(closedAfter >= IDLE_CLOSE_MS - 1_000, `closed after ${closedAfter} ms`);
+          const idleMs = clients.map((client) => closedAt.get(client)! - answeredAt.get(client)!);
+          const shortest = Math.min(...idleMs);
+          assert.ok(shortest >= IDLE_CLOSE_MS - 1_000, `one was closed after ${shortest} ms idle`);
         }
       } finally {
         await Promise.all(clients.map((client) => client.destroy()));
@@ -568,4 +574,57 @@ test("--request-timeout sets requestTimeoutMs; zero or a bad duration is a usage
   assert.throws(() => parseFlags(["--request-timeout=0"]), UsageError);
   assert.throws(() => parseFlags(["--request-timeout=soon"]), UsageError);
   assert.match(USAGE, /--request-timeout <duration>/);
+});
+
+test(
+  "createTurnsHandler() answers a body that never ends 408 requestTimeout after requestTimeoutMs, and lets go of the body (cancelled; on Node released, the connection closing it)",
+  TIMEOUT,
+  async () => {
+    const pool = new Pool(() => Promise.reject(new Error("no codex here")));
+    const handler = createTurnsHandler(pool, { secret: SECRET, requestTimeoutMs: 50 });
+    let cancelled = false;
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(new TextEncoder().encode('{"workspaceId":'));
+      },
+      cancel() {
+        cancelled = true;
+      },
+    });
+    const request = new Request("http://broker.test/api/turns", {
+      method: "POST",
+      headers: { "content-type": "application/json", "x-internal-secret": SECRET },
+      body,
+      duplex: "half",
+    } as RequestInit);
+    try {
+      const started = performance.now();
+      const response = await within(handler(request), 5_000, "the handler's answer");
+      assert.ok(performance.now() - started >= 45, "answered at the deadline, not before");
+      assert.equal(response.status, 408);
+      assert.equal(response.headers.get("connection"), "close");
+      assert.equal((await response.json()).error.code, "requestTimeout");
+      // Node releases it (see releaseBody in src/_validate.ts), the others cancel it.
+      if (RUNTIME === "node") assert.equal(request.body!.locked, false, "the body was released");
+      else assert.ok(cancelled, "the body was cancelled");
+      assert.equal(pool.size, 0);
+    } finally {
+      if (!request.body!.locked) await request.body!.cancel();
+      await pool.close();
+    }
+  },
+);
+
+test("createTurnsHandler() refuses a requestTimeoutMs that is not a positive integer", async () => {
+  const pool = new Pool(() => Promise.reject(new Error("no codex here")));
+  try {
+    for (const requestTimeoutMs of [0, -1, 1.5, NaN]) {
+      assert.throws(
+        () => createTurnsHandler(pool, { secret: SECRET, requestTimeoutMs }),
+        RangeError,
+      );
+    }
+  } finally {
+    await pool.close();
+  }
 });
