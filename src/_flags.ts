@@ -246,6 +246,21 @@ const FLAGS: readonly Flag[] = [
     },
   },
   {
+    name: "request-timeout",
+    value: "<duration>",
+    help: [
+      "Answer 408 to a client whose request takes longer to send",
+      "(default 60s)",
+    ],
+    apply(text, options) {
+      const ms = parseDuration(text, "--request-timeout");
+      if (ms <= 0) {
+        throw new UsageError(`Invalid --request-timeout ${JSON.stringify(text)}: must be positive`);
+      }
+      options.requestTimeoutMs = ms;
+    },
+  },
+  {
     name: "broker-id",
     value: "<id>",
     help: [

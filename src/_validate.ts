@@ -7,6 +7,7 @@
 
 import type { ErrorCode, TurnRequest } from "./handler.ts";
 import type { ThreadStartParams, TurnParams } from "./protocol.ts";
+import { timerDelay } from "./_timer.ts";
 import { isValidWorkspaceId } from "./_workspace_id.ts";
 
 /** A request the handler refuses: the status and error it is answered with. */
@@ -30,6 +31,8 @@ export interface TurnRequestLimits {
   defaultTimeoutMs: number;
   /** The largest `timeoutMs` accepted. */
   maxTimeoutMs: number;
+  /** A body not read to its end this long after the read began is refused with 408. */
+  requestTimeoutMs: number;
 }
 
 // Node has no use for a cancel (see releaseBody), and is the one runtime where it does harm.
@@ -82,6 +85,22 @@ export function acceptsEventStream(value: string | null): boolean {
 }
 
 /**
+ * About how many bytes the request's head took on the wire: the request line and every
+ * header field. Runtimes that cap the head themselves (Node and Bun at 16 KiB) refuse a
+ * larger one before the handler sees it; Deno passes heads of up to about 64 KiB.
+ *
+ * @param request The request.
+ * @returns The head's size in bytes, counting each character as one.
+ */
+export function requestHeadBytes(request: Request): number {
+  // "METHOD URL HTTP/1.1\r\n" and "name: value\r\n" per field; the URL is the absolute one,
+  // which overcounts by its scheme and host: a few dozen bytes.
+  let bytes = request.method.length + request.url.length + 11;
+  for (const [name, value] of request.headers) bytes += name.length + value.length + 4;
+  return bytes;
+}
+
+/**
  * Lets go of a body that was read in part, so the connection can end or go on.
  *
  * Deno leaves such a connection open, neither reading the rest nor closing it, until the
@@ -98,29 +117,48 @@ function releaseBody(reader: ReadableStreamDefaultReader<Uint8Array>): void {
 }
 
 /**
- * Reads at most `max` bytes of the body. Returns `undefined` as soon as the body turns out
- * larger, and reads no more of it: an oversized body is never buffered whole.
+ * Reads at most `max` bytes of the body within `timeoutMs`. Returns `"tooLarge"` as soon as
+ * the body turns out larger, and `"timeout"` once the deadline passes, and reads no more of
+ * it: an oversized body is never buffered whole, and a body that trickles in never holds
+ * the handler longer than the deadline.
  */
-async function readBody(request: Request, max: number): Promise<Uint8Array | undefined> {
+async function readBody(
+  request: Request,
+  max: number,
+  timeoutMs: number,
+): Promise<Uint8Array | "tooLarge" | "timeout"> {
   if (request.body === null) return new Uint8Array(0);
   const reader = request.body.getReader();
   const chunks: Uint8Array[] = [];
   let size = 0;
-  for (;;) {
-    let result: ReadableStreamReadResult<Uint8Array>;
-    try {
-      result = await reader.read();
-    } catch (error) {
-      reader.releaseLock();
-      throw error;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const expired = new Promise<"timeout">((resolve) => {
+    timer = setTimeout(() => resolve("timeout"), timerDelay(timeoutMs));
+  });
+  try {
+    for (;;) {
+      let result: ReadableStreamReadResult<Uint8Array> | "timeout";
+      try {
+        result = await Promise.race([reader.read(), expired]);
+      } catch (error) {
+        reader.releaseLock();
+        throw error;
+      }
+      if (result === "timeout") {
+        // The chunks read so far go with this frame: nothing of the request is kept.
+        releaseBody(reader);
+        return "timeout";
+      }
+      if (result.done) break;
+      size += result.value.byteLength;
+      if (size > max) {
+        releaseBody(reader);
+        return "tooLarge";
+      }
+      chunks.push(result.value);
     }
-    if (result.done) break;
-    size += result.value.byteLength;
-    if (size > max) {
-      releaseBody(reader);
-      return undefined;
-    }
-    chunks.push(result.value);
+  } finally {
+    clearTimeout(timer);
   }
   reader.releaseLock();
   if (chunks.length === 1) return chunks[0]!;
@@ -193,13 +231,13 @@ export function validateTurnRequest(
 
 /**
  * Reads and checks the body of an authenticated `POST` turn request, in this order:
- * content type (415), size (413), JSON (400), fields (400). An answer given before the body
- * was read to its end (413, or a body that failed mid-way) carries `Connection: close`: the
- * client may still be sending, and the connection cannot carry another request until that
- * body has passed.
+ * content type (415), size (413), deadline (408), JSON (400), fields (400). An answer given
+ * before the body was read to its end (413, 408, or a body that failed mid-way) carries
+ * `Connection: close`: the client may still be sending, and the connection cannot carry
+ * another request until that body has passed.
  *
  * @param request The request.
- * @param limits Body size and deadline limits.
+ * @param limits Body size, the body's read deadline, and the turn deadline limits.
  * @param pathWorkspaceId The workspace named by the path (`/api/workspaces/{id}/turns`): it
  * must be a valid id, a body `workspaceId` must equal it, and an absent one is taken from it.
  * @returns The request and its body's bytes (to forward as they came), or why it is refused.
@@ -235,13 +273,21 @@ export async function readTurnRequest(
   ) {
     return tooLarge;
   }
-  let bytes: Uint8Array | undefined;
+  let bytes: Uint8Array | "tooLarge" | "timeout";
   try {
-    bytes = await readBody(request, limits.maxBodyBytes);
+    bytes = await readBody(request, limits.maxBodyBytes, limits.requestTimeoutMs);
   } catch {
     return refusal(400, "invalidBody", "Cannot read request body", CLOSE);
   }
-  if (bytes === undefined) return tooLarge;
+  if (bytes === "tooLarge") return tooLarge;
+  if (bytes === "timeout") {
+    return refusal(
+      408,
+      "requestTimeout",
+      `Request timeout: the body did not arrive within ${limits.requestTimeoutMs} ms`,
+      CLOSE,
+    );
+  }
   let parsed: unknown;
   try {
     parsed = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));

@@ -38,7 +38,12 @@ import { createRouter, type Route } from "./_router.ts";
 import { secretChecker } from "./_secret.ts";
 import { openEventStream } from "./_sse.ts";
 import { createTurnRunner, SlowReaderError } from "./_turn_runner.ts";
-import { acceptsEventStream, readTurnRequest, type ValidTurnRequest } from "./_validate.ts";
+import {
+  acceptsEventStream,
+  readTurnRequest,
+  requestHeadBytes,
+  type ValidTurnRequest,
+} from "./_validate.ts";
 import { type Admission, WorkspaceLimits } from "./_workspace_limits.ts";
 
 export { Metrics, METRICS_CONTENT_TYPE, TURN_DURATION_BUCKETS } from "./metrics.ts";
@@ -82,6 +87,12 @@ export interface TurnsHandlerOptions {
   maxWaitingTurnsPerWorkspace?: number;
   /** Larger request bodies are refused with 413. Defaults to 1 MiB. */
   maxBodyBytes?: number;
+  /**
+   * How long a request's body may take to arrive, from the moment the handler starts reading
+   * it; a slower one is refused with 408 `requestTimeout` and `Connection: close`, and what
+   * came of it is dropped. Defaults to 60 s.
+   */
+  requestTimeoutMs?: number;
   /**
    * Deadline of a turn whose request has no `timeoutMs`. Defaults to 5 minutes, or to
    * `maxTimeoutMs` when that is lower.
@@ -253,6 +264,8 @@ export type ErrorCode =
   | "notFound"
   | "methodNotAllowed"
   | "bodyTooLarge"
+  | "requestTimeout"
+  | "headersTooLarge"
   | "unsupportedMediaType"
   | "unavailable"
   | "internal"
@@ -280,6 +293,10 @@ export type TurnsHandler = (request: Request) => Promise<Response>;
 
 const MiB = 1024 * 1024;
 const DEFAULT_MAX_BODY_BYTES = MiB;
+const DEFAULT_REQUEST_TIMEOUT_MS = 60_000;
+// What Node and Bun allow a request's head by default; Deno allows more, so the handler
+// holds every runtime to the same bound.
+const MAX_HEAD_BYTES = 16 * 1024;
 const DEFAULT_TIMEOUT_MS = 5 * 60_000;
 const DEFAULT_MAX_TIMEOUT_MS = 30 * 60_000;
 const DEFAULT_HEARTBEAT_MS = 15_000;
@@ -381,10 +398,11 @@ function endWithBody(response: Response, onEnd: () => void): Response {
  *   with `code` one of `brokerTimeout`, `subprocessCrash`, `wsDisconnect`, `rpcError`,
  *   `overloaded` (with `Retry-After`). A request the handler refuses never reaches codex
  *   and is answered `{ error: { code, message } }` with 400, 401, 403 (`forbiddenParam`
- *   from `checkParams`, with `field`), 404, 405 (with `Allow`), 413 or 415; a closed pool
- *   gives 503 `unavailable` and a pool whose every workspace is busy 503 `atCapacity`,
- *   both with `Retry-After`; anything unexpected 500. An
- *   answer given before the body was read to its end (413) carries `Connection: close`.
+ *   from `checkParams`, with `field`), 404, 405 (with `Allow`), 408 (a body slower than
+ *   `requestTimeoutMs`), 413, 415 or 431 (a request line and headers over 16 KiB, on any
+ *   route); a closed pool gives 503 `unavailable` and a pool whose every workspace is busy
+ *   503 `atCapacity`, both with `Retry-After`; anything unexpected 500. An answer given
+ *   before the body was read to its end (408, 413, 431) carries `Connection: close`.
  * - Authentication: the right `X-Internal-Secret` opens every workspace (the log names the
  *   caller `operator`); a bearer token only the workspaces and scopes it names (the log
  *   names its `sub`, never the token). A missing, wrong, expired, not yet valid, badly
@@ -449,6 +467,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     throw new TypeError("Cannot create turns handler: secret must be a non-empty string");
   }
   positiveInteger("maxBodyBytes", options.maxBodyBytes);
+  positiveInteger("requestTimeoutMs", options.requestTimeoutMs);
   positiveInteger("defaultTimeoutMs", options.defaultTimeoutMs);
   positiveInteger("maxTimeoutMs", options.maxTimeoutMs);
   positiveInteger("heartbeatMs", options.heartbeatMs);
@@ -463,7 +482,8 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
       `Invalid defaultTimeoutMs: ${defaultTimeoutMs} exceeds maxTimeoutMs ${maxTimeoutMs}`,
     );
   }
-  const bodyLimits = { maxBodyBytes, defaultTimeoutMs, maxTimeoutMs };
+  const requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+  const bodyLimits = { maxBodyBytes, defaultTimeoutMs, maxTimeoutMs, requestTimeoutMs };
   const heartbeatMs = options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
   const maxStreamBufferBytes = options.maxStreamBufferBytes ?? DEFAULT_MAX_STREAM_BUFFER_BYTES;
   const version = options.version ?? VERSION;
@@ -816,12 +836,19 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
       }
     };
     try {
-      const response = await route(request, {
-        takeEnd: () => {
-          deferred = true;
-          return end;
-        },
-      });
+      const response = requestHeadBytes(request) > MAX_HEAD_BYTES
+        ? refuse(
+          431,
+          "headersTooLarge",
+          `Request header fields too large: the limit is ${MAX_HEAD_BYTES} bytes`,
+          { connection: "close" },
+        )
+        : await route(request, {
+          takeEnd: () => {
+            deferred = true;
+            return end;
+          },
+        });
       // A relayed answer names the owner that ran the turn.
       if (brokerId !== undefined && !response.headers.has("x-broker-id")) {
         response.headers.set("x-broker-id", brokerId);

@@ -138,6 +138,12 @@ export interface BrokerOptions {
   approvals?: ApprovalDecision;
   /** How long {@linkcode Broker.close} lets turns in flight finish. Defaults to 10 s. */
   graceMs?: number;
+  /**
+   * How long a client may take to send a request: its headers (on Node; Bun closes a
+   * connection idle for 10 s, Deno has no such bound) and then its body, each; a slower one
+   * is answered 408 `requestTimeout` and its connection closed. Defaults to 60 s.
+   */
+  requestTimeoutMs?: number;
   /** Receives the log records: start, dial, reap, evict, close, turns, shutdown. */
   log?: (entry: LogEntry) => void;
   /**
@@ -246,6 +252,7 @@ const DEFAULT_HOST = "127.0.0.1";
 const DEFAULT_PORT = 8787;
 const DEFAULT_IDLE_TTL_MS = 5 * 60_000;
 const DEFAULT_GRACE_MS = 10_000;
+const DEFAULT_REQUEST_TIMEOUT_MS = 60_000;
 const DEFAULT_WORKSPACES_DIR = "workspaces";
 const DEFAULT_LEASE_TTL_MS = 15_000;
 // What one idle codex app-server holds (measured: about 146 MB RSS), with some headroom.
@@ -416,6 +423,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
       // main() owns the signals and the log; srvx would print to stdout and exit on its own.
       silent: true,
       gracefulShutdown: false,
+      node: nodeTimeouts(options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS),
       fetch: (request: Request) => {
         const handler = serving.handler;
         if (!handler) return new Response(null, { status: 503, headers: { "retry-after": "1" } });
@@ -455,6 +463,9 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     ...(options.maxWaitingTurnsPerWorkspace === undefined
       ? {}
       : { maxWaitingTurnsPerWorkspace: options.maxWaitingTurnsPerWorkspace }),
+    ...(options.requestTimeoutMs === undefined
+      ? {}
+      : { requestTimeoutMs: options.requestTimeoutMs }),
     version: VERSION,
     metrics,
     brokerId: holder.id,
@@ -627,6 +638,7 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       approvals: brokerOptions.approvals ?? "decline",
       idleTtlMs: brokerOptions.idleTtlMs ?? DEFAULT_IDLE_TTL_MS,
       graceMs: brokerOptions.graceMs ?? DEFAULT_GRACE_MS,
+      requestTimeoutMs: brokerOptions.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
       secretFrom: parsed.secretSource,
       codexUser: brokerOptions.codexUser?.name ?? null,
       bearerTokens: [
@@ -895,6 +907,22 @@ async function timeout(promise: Promise<unknown>, ms: number): Promise<void> {
   let timer: { cancel(): void } | undefined;
   await Promise.race([promise, new Promise<void>((resolve) => timer = after(ms, resolve))]);
   timer?.cancel();
+}
+
+/**
+ * Node's own deadlines for a request that has not reached the handler yet. Its headers get
+ * `requestTimeoutMs` (answered with Node's bare 408), checked every tenth of it (Node's
+ * default checks every 30 s); the body's deadline is the handler's, so Node's deadline for
+ * the whole request is twice that, a backstop the handler's JSON 408 comes before. Deno
+ * and Bun ignore these options.
+ */
+function nodeTimeouts(requestTimeoutMs: number): Record<string, number> {
+  const headersTimeout = timerDelay(requestTimeoutMs);
+  return {
+    headersTimeout,
+    requestTimeout: timerDelay(2 * requestTimeoutMs + 1_000),
+    connectionsCheckingInterval: Math.min(5_000, Math.max(10, Math.ceil(headersTimeout / 10))),
+  };
 }
 
 /** `host:port`, with an IPv6 address in brackets, as a URL writes it. */

@@ -8,11 +8,11 @@
 import { test } from "./_test.ts";
 import assert from "node:assert/strict";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
-import { connect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type Broker, type BrokerOptions, type LogEntry, startBroker } from "../src/main.ts";
 import { makeCodexHome } from "./_codex_home.ts";
+import { type RawClient, rawClient, responseHeads } from "./_raw_http.ts";
 import { type MockModel, startMockModel } from "./_mock_model.ts";
 
 const SECRET = "server-test-secret";
@@ -47,92 +47,6 @@ async function withBroker(
     await broker.close();
     await rm(dir, { recursive: true, force: true });
   }
-}
-
-/** A raw client connection that collects what the server sends. */
-interface RawClient {
-  readonly socket: Socket;
-  /** Everything received so far, as latin1 text. */
-  readonly received: string;
-  readonly closed: boolean;
-  /** Resolves once `check` holds, checked on every arrival and on close; rejects after `ms`. */
-  until(check: () => boolean, ms: number, what: string): Promise<void>;
-  destroy(): Promise<void>;
-}
-
-async function rawClient(port: number): Promise<RawClient> {
-  const socket = connect(port, "127.0.0.1");
-  await new Promise<void>((resolve, reject) => {
-    socket.once("connect", resolve);
-    socket.once("error", reject);
-  });
-  let received = "";
-  let closed = false;
-  const wakers = new Set<() => void>();
-  const wake = () => {
-    for (const fn of wakers) fn();
-  };
-  socket.on("data", (data: Uint8Array) => {
-    received += new TextDecoder("latin1").decode(data);
-    wake();
-  });
-  // A reset after a Connection: close answer is a close like any other here.
-  socket.on("error", () => {});
-  const ended = new Promise<void>((resolve) =>
-    socket.once("close", () => {
-      closed = true;
-      wake();
-      resolve();
-    })
-  );
-  return {
-    socket,
-    get received() {
-      return received;
-    },
-    get closed() {
-      return closed;
-    },
-    until(check, ms, what) {
-      return new Promise((resolve, reject) => {
-        const done = (error?: Error) => {
-          clearTimeout(timer);
-          wakers.delete(poll);
-          if (error) reject(error);
-          else resolve();
-        };
-        const poll = () => {
-          if (check()) done();
-        };
-        const timer = setTimeout(
-          () => done(new Error(`Timed out after ${ms} ms waiting for ${what}; got:\n${received}`)),
-          ms,
-        );
-        wakers.add(poll);
-        poll();
-      });
-    },
-    async destroy() {
-      socket.destroy();
-      await ended;
-    },
-  };
-}
-
-/** The head (status line and headers, lower-cased names) of each response in `text`. */
-function responseHeads(text: string): { status: number; headers: Map<string, string> }[] {
-  const heads: { status: number; headers: Map<string, string> }[] = [];
-  for (const match of text.matchAll(/HTTP\/1\.1 (\d{3})[^\r\n]*\r\n((?:[^\r\n]+\r\n)*)\r\n/g)) {
-    const headers = new Map<string, string>();
-    for (const line of match[2]!.split("\r\n")) {
-      const colon = line.indexOf(":");
-      if (colon > 0) {
-        headers.set(line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim());
-      }
-    }
-    heads.push({ status: Number(match[1]), headers });
-  }
-  return heads;
 }
 
 const BODY_BYTES = 300_000;
