@@ -27,6 +27,7 @@ import {
 import { type RawClient, rawClient, type RawResponse, responses } from "./_raw_http.ts";
 import { waitFor, within } from "./_wait.ts";
 import { Pool } from "../mod.ts";
+import { SignJWT } from "jose";
 import { createTurnsHandler } from "../src/handler.ts";
 
 const SECRET = "bad-clients-test-secret";
@@ -144,7 +145,31 @@ interface Case {
   bytes: string;
   /** More to check on the answer. */
   check?: (response: RawResponse) => void;
+  /** How the broker is started, when the defaults do not give this answer. */
+  options?: Partial<BrokerOptions>;
 }
+
+// Bearer tokens for the cases that need a broker taking them (--jwt-secret-file).
+const JWT_KEY = "bad-clients-jwt-key-0123456789-0123456789";
+const WITH_TOKENS: Partial<BrokerOptions> = { jwtSecret: JWT_KEY };
+function token(
+  claims: Record<string, unknown>,
+  expiresIn: string | number = "10m",
+): Promise<string> {
+  return new SignJWT({ workspaces: ["ws-1"], scope: "turns:write", ...claims })
+    .setProtectedHeader({ alg: "HS256" })
+    .setSubject("client")
+    .setExpirationTime(expiresIn)
+    .sign(new TextEncoder().encode(JWT_KEY));
+}
+const bearer = (jwt: string) => ({
+  "Content-Type": "application/json",
+  Authorization: `Bearer ${jwt}`,
+});
+const BODY_WS_1 = JSON.stringify({ workspaceId: "ws-1", params: { input: INPUT } });
+const TOKEN_WS_2 = await token({ workspaces: ["ws-2"] });
+const TOKEN_READ_ONLY = await token({ scope: "turns:read" });
+const TOKEN_EXPIRED = await token({}, Math.floor(Date.now() / 1000) - 3600);
 
 const closes = (response: RawResponse) =>
   assert.equal(response.headers.get("connection")?.toLowerCase(), "close");
@@ -300,13 +325,49 @@ const CORPUS: Case[] = [
       "X-Codex-Broker-Forwarded": "broker-b",
     }),
   },
+  {
+    status: 403,
+    code: "forbiddenParam",
+    why: "a cwd outside the workspace (the default policy)",
+    bytes: postTurn({ workspaceId: "ws-1", params: { input: INPUT }, threadParams: { cwd: "/" } }),
+    check: (response) => assert.equal(JSON.parse(response.body!).error.field, "threadParams.cwd"),
+  },
+  {
+    status: 401,
+    code: "unauthorized",
+    why: "a bearer token at a broker that takes none",
+    bytes: request("POST", "/api/turns", bearer(TOKEN_WS_2), BODY_WS_1),
+  },
+  {
+    status: 401,
+    code: "unauthorized",
+    why: "an expired bearer token",
+    bytes: request("POST", "/api/turns", bearer(TOKEN_EXPIRED), BODY_WS_1),
+    options: WITH_TOKENS,
+    check: (response) =>
+      assert.match(response.headers.get("www-authenticate") ?? "", /invalid_token/),
+  },
+  {
+    status: 403,
+    code: "forbiddenWorkspace",
+    why: "a bearer token for another workspace",
+    bytes: request("POST", "/api/turns", bearer(TOKEN_WS_2), BODY_WS_1),
+    options: WITH_TOKENS,
+  },
+  {
+    status: 403,
+    code: "insufficientScope",
+    why: "a bearer token without turns:write",
+    bytes: request("POST", "/api/turns", bearer(TOKEN_READ_ONLY), BODY_WS_1),
+    options: WITH_TOKENS,
+  },
 ];
 
 function postTurnRaw(body: string): string {
   return request("POST", "/api/turns", JSON_HEADERS, body);
 }
 
-for (const { status, code, why, bytes, check } of CORPUS) {
+for (const { status, code, why, bytes, check, options } of CORPUS) {
   test(
     `a request with ${why} is answered ${status} ${code} and starts no turn`,
     TIMEOUT,
@@ -321,7 +382,7 @@ for (const { status, code, why, bytes, check } of CORPUS) {
           "logged as a bad request",
         );
         await assertNothingLeft(running);
-      });
+      }, options);
     },
   );
 }
