@@ -100,9 +100,24 @@ function releaseBody(reader: ReadableStreamDefaultReader<Uint8Array>): void {
 /**
  * Reads at most `max` bytes of the body. Returns `undefined` as soon as the body turns out
  * larger, and reads no more of it: an oversized body is never buffered whole.
+ *
+ * @param declared The body's `Content-Length`, when the request has a valid one (at most
+ * `max` by then). Deno and Bun then read the body natively in one piece: the server's
+ * framing stops the body at that length, and a stream reader per request cost 9% of the
+ * broker's CPU on Deno with an instant codex. Node's `request.body` is a stream made for
+ * the request either way (srvx), so it takes the reader.
  */
-async function readBody(request: Request, max: number): Promise<Uint8Array | undefined> {
+async function readBody(
+  request: Request,
+  max: number,
+  declared: number | undefined,
+): Promise<Uint8Array | undefined> {
   if (request.body === null) return new Uint8Array(0);
+  if (declared !== undefined && !IS_NODE) {
+    const bytes = new Uint8Array(await request.arrayBuffer());
+    // A Request built in-process may carry any header: its body is still held to the limit.
+    return bytes.byteLength > max ? undefined : bytes;
+  }
   const reader = request.body.getReader();
   const chunks: Uint8Array[] = [];
   let size = 0;
@@ -229,15 +244,12 @@ export async function readTurnRequest(
     `Request body too large: the limit is ${limits.maxBodyBytes} bytes`,
     CLOSE,
   );
-  const declared = request.headers.get("content-length");
-  if (
-    declared !== null && /^\d+$/.test(declared.trim()) && Number(declared) > limits.maxBodyBytes
-  ) {
-    return tooLarge;
-  }
+  const length = request.headers.get("content-length");
+  const declared = length !== null && /^\d+$/.test(length.trim()) ? Number(length) : undefined;
+  if (declared !== undefined && declared > limits.maxBodyBytes) return tooLarge;
   let bytes: Uint8Array | undefined;
   try {
-    bytes = await readBody(request, limits.maxBodyBytes);
+    bytes = await readBody(request, limits.maxBodyBytes, declared);
   } catch {
     return refusal(400, "invalidBody", "Cannot read request body", CLOSE);
   }
