@@ -10,6 +10,7 @@ import { timerDelay } from "./_timer.ts";
 import { PoolClosedError, PoolFullError, WorkspaceUnavailableError } from "./errors.ts";
 import type { ThreadStartParams, Turn, TurnParams } from "./protocol.ts";
 import type { Endpoint, Resolver, WsUrlResolver } from "./resolver.ts";
+import { registerSizes } from "./_internals.ts";
 
 /** Options for {@linkcode Pool}. */
 export interface PoolOptions {
@@ -194,6 +195,12 @@ export class Pool extends EventTarget {
     this.#sweepIntervalMs = options.sweepIntervalMs ?? Math.max(1, this.#idleTtlMs / 4);
     this.#dial = options.dial ?? {};
     this.#maxConnections = options.maxConnections ?? Infinity;
+    registerSizes(this, () => ({
+      entries: this.#entries.size,
+      releasing: this.#releasing.size,
+      dropping: this.#dropping.size,
+      sweeping: this.#sweeper === undefined ? 0 : 1,
+    }));
   }
 
   /** True once {@linkcode Pool.close} was called. */
