@@ -9,7 +9,10 @@
  * - answers `GET /readyz` with 200, and refuses upgrades without the token of the file;
  * - answers `initialize`, `thread/start`, `thread/resume` and `turn/start`, and completes
  *   each turn at once with codex's sequence (`turn/started`, two `item/completed`,
- *   `turn/completed`), built with the tests' fake's shapes.
+ *   `turn/completed`), built with the tests' fake's shapes;
+ * - except a turn whose first input is the text `delay:MS` (the soak bench's slow turns):
+ *   that one completes after MS milliseconds, or at once as `interrupted` on
+ *   `turn/interrupt` or when the connection closes.
  *
  * Without `--listen` (the broker's credentials check speaks stdio) it exits at once. The
  * minimal client of the bench dials the same program, started by the bench with a token
@@ -48,6 +51,14 @@ const INIT_RESULT = {
   platformOs: "linux",
 };
 
+/** The delay of a turn whose first input text is `delay:MS`; 0 for any other. */
+function delayOf(input: unknown): number {
+  const first = Array.isArray(input) ? input[0] : undefined;
+  const text = typeof first?.text === "string" ? first.text : "";
+  const match = /^delay:(\d+)$/.exec(text);
+  return match ? Number(match[1]) : 0;
+}
+
 const http = createServer((request, response) => {
   response.writeHead(request.url === "/readyz" ? 200 : 404).end();
 });
@@ -60,6 +71,10 @@ http.on("upgrade", (request, socket, head) => {
   wss.handleUpgrade(request, socket, head, (ws) => {
     let threads = 0;
     let turns = 0;
+    const delayed = new Map<string, { turnId: string; finish: () => void }>();
+    ws.on("close", () => {
+      for (const running of [...delayed.values()]) running.finish();
+    });
     const send = (message: unknown) => ws.send(JSON.stringify(message));
     ws.on("message", (data, isBinary) => {
       if (isBinary) return;
@@ -80,9 +95,12 @@ http.on("upgrade", (request, socket, head) => {
         case "thread/resume":
           send({ id: m.id, result: threadResult(m.params.threadId) });
           return;
-        case "turn/interrupt":
+        case "turn/interrupt": {
           send({ id: m.id, result: {} });
+          const running = delayed.get(m.params.threadId);
+          if (running !== undefined && running.turnId === m.params.turnId) running.finish();
           return;
+        }
         case "turn/start": {
           const threadId = m.params.threadId as string;
           const turnId = `turn-${++turns}`;
@@ -100,10 +118,35 @@ http.on("upgrade", (request, socket, head) => {
               content: m.params.input,
             }),
           });
-          send({ method: "item/completed", params: itemCompleted(threadId, turnId, item) });
-          send({
-            method: "turn/completed",
-            params: { threadId, turn: turnObject(turnId, "completed", [item]) },
+          const complete = (status: string) => {
+            if (status === "completed") {
+              send({ method: "item/completed", params: itemCompleted(threadId, turnId, item) });
+            }
+            send({
+              method: "turn/completed",
+              params: {
+                threadId,
+                turn: turnObject(turnId, status, status === "completed" ? [item] : []),
+              },
+            });
+          };
+          const delayMs = delayOf(m.params.input);
+          if (delayMs === 0) {
+            complete("completed");
+            return;
+          }
+          // A slow turn: completes after the delay, or as interrupted on turn/interrupt.
+          const timer = setTimeout(() => {
+            delayed.delete(threadId);
+            complete("completed");
+          }, delayMs);
+          delayed.set(threadId, {
+            turnId,
+            finish: () => {
+              clearTimeout(timer);
+              delayed.delete(threadId);
+              complete("interrupted");
+            },
           });
           return;
         }
