@@ -1,7 +1,7 @@
 /**
  * Subprocess helpers shared by the P4 and soak benches: start a server that announces its
- * URL on stderr, drain the rest of its stderr, read its CPU time and RSS from `/proc`, and
- * stop it with one SIGTERM (SIGKILL after a timeout), so nothing outlives the bench.
+ * URL on stderr (written to a file), read its CPU time and RSS from `/proc`, and stop it
+ * with one SIGTERM (SIGKILL after a timeout), so nothing outlives the bench.
  *
  * @module
  */
@@ -55,6 +55,10 @@ export interface RunningServer {
  * Starts a server and waits for the URL it announces on stderr: a JSON log line with
  * `"msg":"listening"` and `url` (the broker, hello srvx), or codex's `listening on: ws://…`.
  *
+ * Its stderr goes to a temporary file, not a pipe: the broker logs a line per turn, and a
+ * pipe read by this (busy) process would fill and block the server's writes, so the
+ * reader's speed would show up in the server's throughput.
+ *
  * @param binary The executable.
  * @param args Its arguments.
  * @param options Environment and start timeout.
@@ -66,61 +70,18 @@ export async function startServer(
   args: string[],
   options: { env?: Record<string, string>; timeoutMs?: number } = {},
 ): Promise<RunningServer> {
-  const child = new Deno.Command(binary, {
-    args,
+  const logFile = await Deno.makeTempFile({ prefix: "codex-broker-bench-", suffix: ".log" });
+  // `exec` keeps the pid: the shell becomes the server.
+  const child = new Deno.Command("/bin/sh", {
+    args: ["-c", 'exec "$@" 2>>"$BENCH_STDERR_FILE"', "sh", binary, ...args],
     cwd: ROOT,
-    ...(options.env ? { env: options.env } : {}),
+    env: { ...options.env, BENCH_STDERR_FILE: logFile },
     stdin: "null",
     stdout: "null",
-    stderr: "piped",
+    stderr: "null",
   }).spawn();
   let exited = false;
   const status = child.status.finally(() => exited = true);
-  const listening = Promise.withResolvers<string>();
-  listening.promise.catch(() => {});
-  const tail: string[] = [];
-  const reader = child.stderr.getReader();
-  void (async () => {
-    const decoder = new TextDecoder();
-    let partial = "";
-    let found = false;
-    try {
-      while (true) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        // Drained to the end (the broker logs every turn), decoded only until the URL.
-        if (found) continue;
-        const lines = (partial + decoder.decode(value, { stream: true })).split("\n");
-        partial = lines.pop() ?? "";
-        for (const line of lines) {
-          tail.push(line);
-          if (tail.length > 20) tail.shift();
-          const codex = /listening on:\s*(wss?:\/\/\S+)/.exec(line);
-          if (codex) {
-            found = true;
-            listening.resolve(codex[1]!);
-            break;
-          }
-          if (!line.includes('"listening"')) continue;
-          try {
-            const entry = JSON.parse(line) as { msg?: string; url?: string };
-            if (entry.msg === "listening" && entry.url) {
-              found = true;
-              listening.resolve(entry.url);
-              break;
-            }
-          } catch {
-            // Not JSON: keep looking.
-          }
-        }
-      }
-    } catch {
-      // The process went away.
-    }
-    listening.reject(
-      new Error(`${binary} ${args.join(" ")} exited before listening:\n${tail.join("\n")}`),
-    );
-  })();
   let stopped: Promise<Deno.CommandStatus> | undefined;
   const stop = (timeoutMs = 5_000) =>
     stopped ??= (async () => {
@@ -142,21 +103,45 @@ export async function startServer(
         return await status;
       } finally {
         clearTimeout(timer);
+        await Deno.remove(logFile).catch(() => {});
       }
     })();
-  const timer = setTimeout(
-    () => listening.reject(new Error(`${binary} did not announce a URL in time`)),
-    options.timeoutMs ?? 30_000,
-  );
+  const deadline = performance.now() + (options.timeoutMs ?? 30_000);
+  let text = "";
   try {
-    const url = (await listening.promise).replace(/\/$/, "");
-    return { url, pid: child.pid, stop };
+    while (true) {
+      text = await Deno.readTextFile(logFile);
+      const url = findUrl(text);
+      if (url !== undefined) return { url: url.replace(/\/$/, ""), pid: child.pid, stop };
+      if (exited) {
+        throw new Error(
+          `${binary} ${args.join(" ")} exited before listening:\n${text.slice(-2000)}`,
+        );
+      }
+      if (performance.now() > deadline) {
+        throw new Error(`${binary} did not announce a URL in time:\n${text.slice(-2000)}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
   } catch (error) {
     await stop();
     throw error;
-  } finally {
-    clearTimeout(timer);
   }
+}
+
+function findUrl(text: string): string | undefined {
+  for (const line of text.split("\n")) {
+    const codex = /listening on:\s*(wss?:\/\/\S+)/.exec(line);
+    if (codex) return codex[1]!;
+    if (!line.includes('"listening"')) continue;
+    try {
+      const entry = JSON.parse(line) as { msg?: string; url?: string };
+      if (entry.msg === "listening" && entry.url) return entry.url;
+    } catch {
+      // Not JSON (or not whole yet): keep looking.
+    }
+  }
+  return undefined;
 }
 
 /**
