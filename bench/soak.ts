@@ -28,7 +28,8 @@
  * ```
  *
  * Environment: `BENCH_SOAK_TURNS` (10000), `BENCH_SOAK_CONCURRENCY` (32),
- * `BENCH_SOAK_RUNTIMES` (`deno,bun,node`).
+ * `BENCH_SOAK_RUNTIMES` (`deno,bun,node`), `BENCH_SOAK_PROFILE=DIR` (the broker process
+ * under the runtime's CPU profiler, `--cpu-prof`, writing into DIR).
  *
  * @module
  */
@@ -196,6 +197,14 @@ function settled(warm: SoakStats, now: SoakStats): boolean {
     warm.connCount === now.connCount;
 }
 
+/** `BENCH_SOAK_PROFILE=DIR`: the broker process under the runtime's CPU profiler. */
+function profileFlags(runtime: BenchRuntime): string[] {
+  const dir = Deno.env.get("BENCH_SOAK_PROFILE");
+  if (!dir) return [];
+  const name = `soak-${runtime}-${Date.now()}.cpuprofile`;
+  return ["--cpu-prof", `--cpu-prof-dir=${dir}`, `--cpu-prof-name=${name}`];
+}
+
 function gcFlags(runtime: BenchRuntime): string[] {
   switch (runtime) {
     case "node":
@@ -231,7 +240,7 @@ async function runOne(runtime: BenchRuntime, config: SoakConfig): Promise<SoakRu
       runtime,
       "bench/soak_broker.ts",
       ["--url", codex.url],
-      gcFlags(runtime),
+      [...gcFlags(runtime), ...profileFlags(runtime)],
     );
     const broker = await startServer(binary, args);
     const stats = Deno.createHttpClient({});
