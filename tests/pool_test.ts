@@ -598,3 +598,20 @@ test("Pool reaps a mass of idle connections in batches, with the event loop serv
     await server.close();
   }
 });
+
+test("Pool reaps an idle connection dialed after one that is kept in use", async () => {
+  const server = await startFakeAppServer();
+  const pool = new Pool(() => Promise.resolve(server.url), { idleTtlMs: 40, sweepIntervalMs: 5 });
+  const keepAlive = setInterval(() => pool.touch("ws-busy"), 5);
+  try {
+    const busy = await pool.get("ws-busy");
+    const idle = await pool.get("ws-idle");
+    await waitFor("the connection dialed later and left idle to be reaped", () => idle.closed);
+    assert.equal(busy.closed, false);
+    assert.equal(pool.size, 1);
+  } finally {
+    clearInterval(keepAlive);
+    await pool.close();
+    await server.close();
+  }
+});
