@@ -1,5 +1,5 @@
 /**
- * `npm run bench` (`deno run -A bench/main.ts`) runs four benches, one after the other:
+ * `npm run bench` (`deno run -A bench/main.ts`) runs these benches, one after the other:
  *
  * 1. **Conn throughput** (`bench/conn_bench.ts`) on Deno, Bun and Node 22, one runtime
  *    after the other, against a fake app-server; it prints each runtime's table, then the
@@ -28,6 +28,17 @@
  *    request, SIGTERM stops it) with "goal met" or "not met". About a minute per runtime,
  *    more while the Node broker stalls (47-113 s for Node alone before the fix).
  *
+ * 5. **Soak** (`bench/soak.ts`, "soak"): per runtime, 10,000 REST turns through the real
+ *    handler over HTTP against a fake app-server, 10% timing out and 10% aborted by the
+ *    client; RSS, the pool's and connections' pending maps, open fds and active resources
+ *    at start, after a warm-up and at the end, which must be back at the warm-up's.
+ * 6. **P4** (`bench/p4.ts`, "p4"): per runtime, REST throughput with an instantly answering
+ *    fake codex (`--codex`), `wrk -c64`, a new thread per request, against the lower of a
+ *    hello-world srvx server and a minimal ws client doing the same exchange (goal >= 0.5).
+ *    Needs `wrk` (Debian: `apt-get install wrk`).
+ * 7. **P5** (`bench/p5.ts`, "p5"): per runtime, 10,000 pooled idle connections: RSS growth
+ *    (goal < 200 MB) beside 10,000 plain WebSockets, and the reaper's sweep (goal < 10 ms).
+ *
  * Options: arguments pick the parts, in any order; none runs everything.
  *
  * ```sh
@@ -38,7 +49,11 @@
  * npm run bench -- scaleout         # scale-out only
  * npm run bench -- longrun          # long run only
  * BENCH_LONGRUN_RUNTIMES=node npm run bench -- longrun   # long run on Node 22 only
+ * npm run bench -- soak p4 p5       # soak, P4 throughput, P5 idle connections
  * ```
+ *
+ * Soak, P4 and P5 read `BENCH_SOAK_*`, `BENCH_P4_*` and `BENCH_P5_*` (see their modules;
+ * `*_RUNTIMES` picks the runtimes of each).
  *
  * The `BENCH_*` variables of `conn_bench.ts` (`BENCH_ROUNDS`, `BENCH_ROUND_MS`,
  * `BENCH_WARMUP_MS`, `BENCH_CONCURRENCY`, and `BENCH_SERVER` below) and of
@@ -66,6 +81,9 @@
 import { codexLatencyConfig, formatCodexLatency, runCodexLatency } from "./codex_latency.ts";
 import { formatLongRun, type LongRunConfig, longRunConfig, runLongRun } from "./long_run.ts";
 import { formatScaleOut, runScaleOut, type ScaleOutConfig, scaleOutConfig } from "./scale_out.ts";
+import { formatSoak, runSoak, type SoakConfig, soakConfig } from "./soak.ts";
+import { formatP4, type P4Config, p4Config, runP4 } from "./p4.ts";
+import { formatP5, type P5Config, p5Config, runP5 } from "./p5.ts";
 import { formatRuntime, GOAL_RATIO, RESULT_MARKER, type RuntimeResult } from "./_stats.ts";
 
 const ROOT = decodeURIComponent(new URL("..", import.meta.url).pathname).replace(/\/$/, "");
@@ -78,6 +96,10 @@ const CODEX = "codex";
 const SCALEOUT = "scaleout";
 /** The argument that selects the long run. */
 const LONGRUN = "longrun";
+/** The arguments that select the soak, P4 and P5 (issue 10, section 5). */
+const SOAK = "soak";
+const P4 = "p4";
+const P5 = "p5";
 
 // Far above a normal run (about 20 s per runtime): only a hung run should hit it.
 const RUNTIME_TIMEOUT_MS = 3 * 60_000;
@@ -195,7 +217,7 @@ function summary(results: RuntimeResult[]): string {
 
 async function main(): Promise<number> {
   const began = performance.now();
-  const parts: readonly string[] = [...RUNTIMES, CODEX, SCALEOUT, LONGRUN];
+  const parts: readonly string[] = [...RUNTIMES, CODEX, SCALEOUT, LONGRUN, SOAK, P4, P5];
   const wanted = Deno.args.length > 0 ? Deno.args : parts;
   const unknown = wanted.filter((r) => !parts.includes(r));
   if (unknown.length > 0) {
@@ -205,10 +227,16 @@ async function main(): Promise<number> {
   const runtimes = RUNTIMES.filter((r) => wanted.includes(r));
   let scaleOut: ScaleOutConfig | undefined;
   let longRun: LongRunConfig | undefined;
+  let soak: SoakConfig | undefined;
+  let p4: P4Config | undefined;
+  let p5: P5Config | undefined;
   try {
     // Read first: a bad variable should not wait for the other benches to surface.
     if (wanted.includes(SCALEOUT)) scaleOut = scaleOutConfig();
     if (wanted.includes(LONGRUN)) longRun = longRunConfig();
+    if (wanted.includes(SOAK)) soak = soakConfig();
+    if (wanted.includes(P4)) p4 = p4Config();
+    if (wanted.includes(P5)) p5 = p5Config();
   } catch (error) {
     console.error(error instanceof Error ? error.message : error);
     return 2;
@@ -260,6 +288,37 @@ async function main(): Promise<number> {
     } catch (error) {
       failed++;
       console.error(`=== long run: ${error instanceof Error ? error.message : error}\n`);
+    }
+  }
+  if (soak) {
+    console.log("");
+    try {
+      const runs = await runSoak(soak);
+      console.log(formatSoak(runs, soak));
+      for (const run of runs) {
+        if (run.error !== null || run.settleMs === null) failed++;
+      }
+    } catch (error) {
+      failed++;
+      console.error(`=== soak: ${error instanceof Error ? error.message : error}\n`);
+    }
+  }
+  if (p4) {
+    console.log("");
+    try {
+      console.log(formatP4(await runP4(p4), p4));
+    } catch (error) {
+      failed++;
+      console.error(`=== p4: ${error instanceof Error ? error.message : error}\n`);
+    }
+  }
+  if (p5) {
+    console.log("");
+    try {
+      console.log(formatP5(await runP5(p5), p5));
+    } catch (error) {
+      failed++;
+      console.error(`=== p5: ${error instanceof Error ? error.message : error}\n`);
     }
   }
   console.log(`\nbench took ${((performance.now() - began) / 1000).toFixed(1)} s`);

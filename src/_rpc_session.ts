@@ -209,6 +209,11 @@ export class RpcSession {
     return this.#lastActivity;
   }
 
+  /** Requests awaiting an answer, and call deadlines being tracked: for leak checks. */
+  sizes(): { pendingRequests: number; deadlines: number } {
+    return { pendingRequests: this.#pending.size, deadlines: this.#clock.size };
+  }
+
   /**
    * A scope for one call: aborts on `signal`, at the deadline, or when the session closes.
    *

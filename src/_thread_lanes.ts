@@ -14,6 +14,11 @@ interface Lane {
 export class ThreadLanes {
   #lanes = new Map<string, Lane>();
 
+  /** Threads whose lane is held. */
+  get size(): number {
+    return this.#lanes.size;
+  }
+
   /**
    * Waits for the thread's turn in line.
    *

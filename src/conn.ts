@@ -23,6 +23,7 @@ import { type ActiveTurn, ActiveTurns } from "./_active_turns.ts";
 import { LruSet } from "./_lru.ts";
 import { type ConnStats, isObject, RpcSession, type WireCall } from "./_rpc_session.ts";
 import { ThreadLanes } from "./_thread_lanes.ts";
+import { registerSizes } from "./_internals.ts";
 
 export type { ConnStats, DroppedFrames } from "./_rpc_session.ts";
 
@@ -180,6 +181,13 @@ export class Conn extends EventTarget {
       },
     });
     this.#turns = new ActiveTurns(this.#session.stats.dropped);
+    registerSizes(this, () => ({
+      ...this.#session.sizes(),
+      calls: this.#calls,
+      activeTurns: this.#turns.size,
+      threadLanes: this.#lanes.size,
+      attachedThreads: this.#attached.size,
+    }));
   }
 
   /**

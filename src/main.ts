@@ -68,6 +68,7 @@ import {
 } from "./_flags.ts";
 import { timerDelay } from "./_timer.ts";
 import { scrubInitialEnvironment } from "./_environ_scrub.ts";
+import { stderrSink } from "./_stderr_sink.ts";
 
 // Re-exported so this entry point documents every type its API mentions.
 export type { ApprovalDecision } from "./approvals.ts";
@@ -560,7 +561,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
  */
 export async function main(args: readonly string[], options: MainOptions = {}): Promise<number> {
   const stdout = options.stdout ?? ((text: string) => void process.stdout.write(text));
-  const stderr = options.stderr ?? ((text: string) => void process.stderr.write(text));
+  const stderr = options.stderr ?? stderrSink();
   const log = (entry: LogEntry) => {
     const { level, msg, ...fields } = entry;
     stderr(`${JSON.stringify({ time: new Date().toISOString(), level, msg, ...fields })}\n`);

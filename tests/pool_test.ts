@@ -566,3 +566,52 @@ test("Pool with an idleTtlMs of 3000 hours neither spins its sweep nor reaps", a
     await server.close();
   }
 });
+
+test("Pool reaps a mass of idle connections in batches, with the event loop served between them", async () => {
+  const server = await startFakeAppServer();
+  const pool = new Pool(() => Promise.resolve(server.url), {
+    idleTtlMs: 60_000,
+    sweepIntervalMs: 5,
+  });
+  const total = 250;
+  const realNow = Date.now;
+  try {
+    await Promise.all(Array.from({ length: total }, (_, i) => pool.get(`ws-${i}`)));
+    let reaped = 0;
+    let reapedBeforeTimer: number | undefined;
+    pool.addEventListener("reap", () => {
+      // A task queued at the first reap runs once the sweep gives the event loop back.
+      if (reaped++ === 0) setTimeout(() => reapedBeforeTimer = reaped, 0);
+    });
+    // Every connection is idle past its TTL at once, as after a quiet night.
+    Date.now = () => realNow() + 120_000;
+    await waitFor("every idle connection to be reaped", () => pool.size === 0);
+    await waitFor("the task queued at the first reap", () => reapedBeforeTimer !== undefined);
+    assert.equal(reaped, total);
+    assert.ok(
+      reapedBeforeTimer! < total,
+      `all ${total} connections were reaped in one go, before any other task could run`,
+    );
+  } finally {
+    Date.now = realNow;
+    await pool.close();
+    await server.close();
+  }
+});
+
+test("Pool reaps an idle connection dialed after one that is kept in use", async () => {
+  const server = await startFakeAppServer();
+  const pool = new Pool(() => Promise.resolve(server.url), { idleTtlMs: 40, sweepIntervalMs: 5 });
+  const keepAlive = setInterval(() => pool.touch("ws-busy"), 5);
+  try {
+    const busy = await pool.get("ws-busy");
+    const idle = await pool.get("ws-idle");
+    await waitFor("the connection dialed later and left idle to be reaped", () => idle.closed);
+    assert.equal(busy.closed, false);
+    assert.equal(pool.size, 1);
+  } finally {
+    clearInterval(keepAlive);
+    await pool.close();
+    await server.close();
+  }
+});

@@ -1,0 +1,493 @@
+/**
+ * P4 (issue 10, section 5): REST throughput of the broker with an instantly answering codex,
+ * at concurrency 64, a new thread per request, against the lower of two baselines from the
+ * same run on the same runtime. Per runtime (Deno, Bun, Node 22), one after the other:
+ *
+ * - **hello srvx**: `bench/hello_server.ts` (a hello-world srvx server, 401 JSON without
+ *   reading the body) on that runtime, loaded by `wrk`;
+ * - **minimal ws client**: `bench/p4_minimal_client.ts` on that runtime, the same JSON-RPC
+ *   exchange the broker does per request (`thread/start`, `turn/start`, wait for
+ *   `turn/completed`; `initialize` once) straight to the instant fake codex over one
+ *   WebSocket, 64 requests in flight;
+ * - **broker**: `src/main.ts` on that runtime with `--codex` a wrapper that runs
+ *   `bench/_instant_codex.ts` (Node 22): the stand-in prints codex's listening line, answers
+ *   `/readyz` and completes every turn at once. Loaded by the same `wrk` command as hello
+ *   srvx: `POST /api/turns` for one workspace with no `threadId` (a new thread each time).
+ *   After the run the broker's `/metrics` must count every answered request as a
+ *   `completed` turn, so an error answer cannot pass for throughput.
+ *
+ * The load generator is Debian's `wrk` (`apt-get install wrk`): `wrk -t1 -c64` on keep-alive
+ * connections, a warm-up run, then the measured run. It prints req/s (turns/s) per server,
+ * the server's CPU per request, and broker / min(hello, minimal) against the goal
+ * {@linkcode P4_GOAL}. The machine's load average goes beside it: wrk, the server and the
+ * fake codex share the cores.
+ *
+ * `BENCH_P4_PROFILE=DIR` runs the broker under the runtime's CPU profiler (`--cpu-prof`
+ * for Node and Deno; Bun's is `--cpu-prof` too where it has one), writing into DIR.
+ *
+ * ```sh
+ * npm run bench -- p4
+ * BENCH_P4_RUNTIMES=node BENCH_P4_SECONDS=10 npm run bench -- p4
+ * ```
+ *
+ * Environment: `BENCH_P4_SECONDS` (5, the measured run; the warm-up is a fifth of it, at
+ * least 1 s), `BENCH_P4_CONCURRENCY` (64), `BENCH_P4_RUNTIMES` (`deno,bun,node`),
+ * `BENCH_P4_PROFILE`, and `BENCH_P4_BROKER_ONLY=1` (the broker alone: for comparing two
+ * versions of `src/` under the same load, by CPU per request).
+ *
+ * @module
+ */
+
+import { chmod, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { P4MinimalResult } from "./p4_minimal_client.ts";
+import {
+  BENCH_RUNTIMES,
+  type BenchRuntime,
+  BIN,
+  cpuUs,
+  loadText,
+  ROOT,
+  type RunningServer,
+  runtimeCommand,
+  startServer,
+} from "./_procs.ts";
+import { envInt, RESULT_MARKER, table } from "./_stats.ts";
+
+/** The goal: the broker keeps at least this share of the lower baseline. */
+export const P4_GOAL = 0.5;
+
+const SECRET = "p4-bench-secret-0123456789";
+const WORKSPACE = "p4";
+
+/** What to run. */
+export interface P4Config {
+  seconds: number;
+  warmupSeconds: number;
+  concurrency: number;
+  runtimes: BenchRuntime[];
+  /** Directory for the broker's CPU profiles, or undefined. */
+  profileDir: string | undefined;
+  /** Run the broker alone, without the baselines (for before/after comparisons). */
+  brokerOnly: boolean;
+}
+
+/** One server's or client's figures. */
+export interface P4Figure {
+  /** Requests (turns) per second. */
+  perSec: number;
+  /** Requests (turns) in the measured run. */
+  count: number;
+  /** CPU of the measured process per request, µs (the server; the minimal client). */
+  cpuUsPerRequest: number;
+  /** Anything that went wrong: non-2xx answers, socket errors, missing turns. */
+  problems: string[];
+}
+
+/** One runtime's figures. */
+export interface P4Run {
+  runtime: BenchRuntime;
+  hello: P4Figure | string;
+  minimal: P4Figure | string;
+  broker: P4Figure | string;
+  /** The instant codex's CPU per broker turn, µs. */
+  codexCpuUsPerTurn: number;
+  load: string;
+}
+
+/**
+ * Reads the configuration from the environment.
+ *
+ * @returns The configuration.
+ * @throws {TypeError} If a variable is not valid.
+ */
+export function p4Config(): P4Config {
+  const seconds = envInt("BENCH_P4_SECONDS", 5, 1);
+  const raw = Deno.env.get("BENCH_P4_RUNTIMES") || BENCH_RUNTIMES.join(",");
+  const names = raw.split(",").map((r) => r.trim()).filter((r) => r !== "");
+  const runtimes = names.filter((r): r is BenchRuntime =>
+    (BENCH_RUNTIMES as readonly string[]).includes(r)
+  );
+  if (runtimes.length !== names.length || runtimes.length === 0) {
+    throw new TypeError(
+      `BENCH_P4_RUNTIMES must list some of ${BENCH_RUNTIMES.join(",")}, got "${raw}"`,
+    );
+  }
+  return {
+    seconds,
+    warmupSeconds: Math.max(1, Math.round(seconds / 5)),
+    concurrency: envInt("BENCH_P4_CONCURRENCY", 64, 1),
+    runtimes,
+    profileDir: Deno.env.get("BENCH_P4_PROFILE") || undefined,
+    brokerOnly: Deno.env.get("BENCH_P4_BROKER_ONLY") === "1",
+  };
+}
+
+interface WrkResult {
+  requests: number;
+  perSec: number;
+  non2xx: number;
+  socketErrors: string | null;
+}
+
+async function wrk(
+  url: string,
+  script: string,
+  concurrency: number,
+  seconds: number,
+): Promise<WrkResult> {
+  const output = await new Deno.Command("wrk", {
+    args: ["-t1", `-c${concurrency}`, `-d${seconds}s`, "--timeout", "10s", "-s", script, url],
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout((seconds + 30) * 1000),
+  }).output();
+  const text = new TextDecoder().decode(output.stdout);
+  if (!output.success) {
+    throw new Error(`wrk failed: ${new TextDecoder().decode(output.stderr)}${text}`);
+  }
+  const requests = Number(/(\d+) requests in/.exec(text)?.[1] ?? NaN);
+  const perSec = Number(/Requests\/sec:\s+([\d.]+)/.exec(text)?.[1] ?? NaN);
+  const non2xx = Number(/Non-2xx or 3xx responses:\s+(\d+)/.exec(text)?.[1] ?? 0);
+  const socketErrors = /Socket errors:.*/.exec(text)?.[0] ?? null;
+  return { requests, perSec, non2xx, socketErrors };
+}
+
+/** Runs wrk against a server: a warm-up, then the measured run, with the server's CPU. */
+async function load(
+  server: RunningServer,
+  path: string,
+  script: string,
+  config: P4Config,
+): Promise<{ result: WrkResult; cpuUsPerRequest: number }> {
+  await wrk(`${server.url}${path}`, script, config.concurrency, config.warmupSeconds);
+  const before = cpuUs(server.pid);
+  const result = await wrk(`${server.url}${path}`, script, config.concurrency, config.seconds);
+  return { result, cpuUsPerRequest: (cpuUs(server.pid) - before) / result.requests };
+}
+
+function message(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+async function runHello(runtime: BenchRuntime, script: string, config: P4Config) {
+  const [binary, args] = runtimeCommand(runtime, "bench/hello_server.ts");
+  const server = await startServer(binary, args);
+  try {
+    const { result, cpuUsPerRequest } = await load(server, "/api/turns", script, config);
+    const problems: string[] = [];
+    // Every answer is the 401 it is meant to give: non-2xx is all of them.
+    if (result.non2xx !== result.requests) {
+      problems.push(`${result.requests - result.non2xx} answers other than 401`);
+    }
+    if (result.socketErrors) problems.push(result.socketErrors);
+    return { perSec: result.perSec, count: result.requests, cpuUsPerRequest, problems };
+  } finally {
+    await server.stop();
+  }
+}
+
+async function runMinimal(
+  runtime: BenchRuntime,
+  dir: string,
+  config: P4Config,
+): Promise<P4Figure> {
+  const token = "p4-minimal-token";
+  const tokenFile = join(dir, "minimal-token");
+  await writeFile(tokenFile, token);
+  const codex = await startServer(`${BIN}/node`, [
+    "bench/_instant_codex.ts",
+    "app-server",
+    "--listen",
+    "ws://127.0.0.1:0",
+    "--ws-token-file",
+    tokenFile,
+  ]);
+  try {
+    const [binary, args] = runtimeCommand(runtime, "bench/p4_minimal_client.ts", [
+      "--url",
+      codex.url,
+      "--token",
+      token,
+      "--concurrency",
+      String(config.concurrency),
+      "--duration-ms",
+      String(config.seconds * 1000),
+      "--warmup-ms",
+      String(config.warmupSeconds * 1000),
+    ]);
+    const output = await new Deno.Command(binary, {
+      args,
+      cwd: ROOT,
+      stdout: "piped",
+      stderr: "inherit",
+      signal: AbortSignal.timeout((config.seconds + config.warmupSeconds + 60) * 1000),
+    }).output();
+    const stdout = new TextDecoder().decode(output.stdout);
+    const line = stdout.split("\n").find((l) => l.startsWith(RESULT_MARKER));
+    if (!output.success || line === undefined) {
+      throw new Error(`minimal client failed (exit ${output.code}): ${stdout.trim()}`);
+    }
+    const result = JSON.parse(line.slice(RESULT_MARKER.length)) as P4MinimalResult;
+    return {
+      perSec: result.turns / (result.ms / 1000),
+      count: result.turns,
+      cpuUsPerRequest: result.cpuUs / result.turns,
+      problems: [],
+    };
+  } finally {
+    await codex.stop();
+  }
+}
+
+async function completedTurns(url: string): Promise<number> {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const match = /codex_broker_turns_total\{outcome="completed"\}\s+(\d+)/.exec(text);
+  return Number(match?.[1] ?? 0);
+}
+
+function profileFlags(runtime: BenchRuntime, dir: string): string[] {
+  const name = `broker-${runtime}-${Date.now()}.cpuprofile`;
+  switch (runtime) {
+    case "node":
+      return ["--cpu-prof", `--cpu-prof-dir=${dir}`, `--cpu-prof-name=${name}`];
+    case "deno":
+      return ["--cpu-prof", `--cpu-prof-dir=${dir}`, `--cpu-prof-name=${name}`, "--cpu-prof-md"];
+    case "bun":
+      return ["--cpu-prof", `--cpu-prof-dir=${dir}`, `--cpu-prof-name=${name}`];
+  }
+}
+
+async function runBroker(
+  runtime: BenchRuntime,
+  dir: string,
+  script: string,
+  config: P4Config,
+): Promise<{ figure: P4Figure; codexCpuUsPerTurn: number }> {
+  // The broker spawns `--codex` itself: a wrapper that execs the stand-in on Node 22.
+  const wrapper = join(dir, "codex");
+  await writeFile(
+    wrapper,
+    `#!/bin/sh\nexec ${JSON.stringify(`${BIN}/node`)} ${
+      JSON.stringify(`${ROOT}/bench/_instant_codex.ts`)
+    } "$@"\n`,
+  );
+  await chmod(wrapper, 0o755);
+  const workspaces = await mkdtemp(join(dir, "workspaces-"));
+  const flags = config.profileDir ? profileFlags(runtime, config.profileDir) : [];
+  const [binary, args] = runtimeCommand(runtime, "src/main.ts", [
+    "--port",
+    "0",
+    "--secret",
+    SECRET,
+    "--workspaces-dir",
+    workspaces,
+    "--codex",
+    wrapper,
+  ], flags);
+  const server = await startServer(binary, args, {
+    // An empty codex home to copy from: the operator's own is none of the bench's business.
+    env: { CODEX_HOME: await mkdtemp(join(dir, "codex-home-")) },
+  });
+  try {
+    // The first turn spawns the workspace's codex; it is not part of the throughput.
+    const first = await fetch(`${server.url}/api/turns`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "x-internal-secret": SECRET },
+      body: turnBody(),
+    });
+    const answer = await first.json() as { turn?: { status?: string } };
+    if (answer.turn?.status !== "completed") {
+      throw new Error(`the first turn did not complete: ${JSON.stringify(answer)}`);
+    }
+    const codexPid = await childPid(server.pid);
+    await wrk(`${server.url}/api/turns`, script, config.concurrency, config.warmupSeconds);
+    const completedWarm = await completedTurns(server.url);
+    const before = cpuUs(server.pid);
+    const codexWarm = codexPid === undefined ? NaN : cpuUs(codexPid);
+    const result = await wrk(`${server.url}/api/turns`, script, config.concurrency, config.seconds);
+    const cpuUsPerRequest = (cpuUs(server.pid) - before) / result.requests;
+    const codexCpuUsPerTurn = codexPid === undefined
+      ? NaN
+      : (cpuUs(codexPid) - codexWarm) / result.requests;
+    const completed = await completedTurns(server.url) - completedWarm;
+    const problems: string[] = [];
+    if (result.non2xx > 0) problems.push(`${result.non2xx} non-2xx answers`);
+    if (result.socketErrors) problems.push(result.socketErrors);
+    // wrk counts answers; requests cut off at its end are turns without an answer.
+    if (completed < result.requests) {
+      problems.push(`${result.requests - completed} answers without a completed turn`);
+    }
+    return {
+      figure: { perSec: result.perSec, count: result.requests, cpuUsPerRequest, problems },
+      codexCpuUsPerTurn,
+    };
+  } finally {
+    await server.stop(15_000);
+  }
+}
+
+/** The instant codex the broker spawned: its child, or its grandchild under a watchdog. */
+async function childPid(pid: number): Promise<number | undefined> {
+  // The codex runs in a process group of its own; find it among all processes by parent.
+  const found: number[] = [];
+  const walk = async (parent: number) => {
+    for await (const entry of Deno.readDir("/proc")) {
+      if (!/^\d+$/.test(entry.name)) continue;
+      try {
+        const stat = await Deno.readTextFile(`/proc/${entry.name}/stat`);
+        const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+        if (ppid === parent) found.push(Number(entry.name));
+      } catch {
+        // Gone.
+      }
+    }
+  };
+  await walk(pid);
+  for (const child of [...found]) {
+    const cmdline = await Deno.readTextFile(`/proc/${child}/cmdline`).catch(() => "");
+    if (cmdline.includes("_instant_codex")) return child;
+  }
+  // Under a watchdog the codex is a grandchild.
+  for (const child of [...found]) {
+    found.length = 0;
+    await walk(child);
+    for (const grandchild of found) {
+      const cmdline = await Deno.readTextFile(`/proc/${grandchild}/cmdline`).catch(() => "");
+      if (cmdline.includes("_instant_codex")) return grandchild;
+    }
+  }
+  return undefined;
+}
+
+function turnBody(): string {
+  return JSON.stringify({
+    workspaceId: WORKSPACE,
+    params: { input: [{ type: "text", text: "hi", text_elements: [] }] },
+  });
+}
+
+/**
+ * Runs P4 on each runtime of the configuration.
+ *
+ * @param config What to run.
+ * @returns Each runtime's figures.
+ */
+export async function runP4(config: P4Config): Promise<P4Run[]> {
+  const dir = await mkdtemp(join(tmpdir(), "codex-broker-p4-"));
+  const script = join(dir, "post.lua");
+  await writeFile(
+    script,
+    [
+      'wrk.method = "POST"',
+      `wrk.body = '${turnBody()}'`,
+      'wrk.headers["Content-Type"] = "application/json"',
+      `wrk.headers["X-Internal-Secret"] = "${SECRET}"`,
+      "",
+    ].join("\n"),
+  );
+  const runs: P4Run[] = [];
+  try {
+    for (const runtime of config.runtimes) {
+      const hello = config.brokerOnly
+        ? "skipped"
+        : await runHello(runtime, script, config).catch(message);
+      const minimal = config.brokerOnly
+        ? "skipped"
+        : await runMinimal(runtime, dir, config).catch(message);
+      let broker: P4Figure | string;
+      let codexCpuUsPerTurn = NaN;
+      try {
+        const result = await runBroker(runtime, dir, script, config);
+        broker = result.figure;
+        codexCpuUsPerTurn = result.codexCpuUsPerTurn;
+      } catch (error) {
+        broker = message(error);
+      }
+      runs.push({ runtime, hello, minimal, broker, codexCpuUsPerTurn, load: loadText() });
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true }).catch(() => {});
+  }
+  return runs;
+}
+
+function num(value: number, digits = 0): string {
+  return Number.isFinite(value)
+    ? value.toLocaleString("en-US", {
+      minimumFractionDigits: digits,
+      maximumFractionDigits: digits,
+    })
+    : "-";
+}
+
+/**
+ * Formats the P4 figures: per runtime, each figure beside the baseline, and the ratio.
+ *
+ * @param runs The runs.
+ * @param config What ran.
+ * @returns The text.
+ */
+export function formatP4(runs: P4Run[], config: P4Config): string {
+  const figure = (f: P4Figure | string) => typeof f === "string" ? NaN : f.perSec;
+  const rows = runs.map((run) => {
+    const hello = figure(run.hello);
+    const minimal = figure(run.minimal);
+    const broker = figure(run.broker);
+    const baseline = Math.min(hello, minimal);
+    const ratio = broker / baseline;
+    const cpu = (f: P4Figure | string) => typeof f === "string" ? "-" : num(f.cpuUsPerRequest);
+    return [
+      run.runtime,
+      num(broker),
+      num(hello),
+      num(minimal),
+      `${hello <= minimal ? "hello" : "minimal"} ${num(baseline)}`,
+      num(ratio, 2),
+      ratio >= P4_GOAL ? "met" : "not met",
+      `${cpu(run.broker)} + codex ${num(run.codexCpuUsPerTurn)} / ${cpu(run.hello)} / ${
+        cpu(run.minimal)
+      }`,
+    ];
+  });
+  const lines = [
+    `P4: REST turns/s with an instant fake codex, wrk -t1 -c${config.concurrency} -d${config.seconds}s ` +
+    `after ${config.warmupSeconds} s warm-up, a new thread per request`,
+    "",
+    table(
+      [
+        "runtime",
+        "broker req/s",
+        "hello srvx req/s",
+        "minimal ws turns/s",
+        "baseline (lower)",
+        "broker/baseline",
+        `goal >=${P4_GOAL}`,
+        "CPU us/req broker / hello / minimal",
+      ],
+      rows,
+    ),
+  ];
+  for (const run of runs) {
+    for (
+      const [name, f] of [["hello", run.hello], ["minimal", run.minimal], [
+        "broker",
+        run.broker,
+      ]] as const
+    ) {
+      if (typeof f === "string") lines.push(`${run.runtime} ${name}: failed: ${f}`);
+      else if (f.problems.length > 0) {
+        lines.push(`${run.runtime} ${name}: ${f.problems.join("; ")}`);
+      }
+    }
+    lines.push(`${run.runtime}: ${run.load} at its end`);
+  }
+  return lines.join("\n");
+}
+
+if (import.meta.main) {
+  const config = p4Config();
+  const runs = await runP4(config);
+  console.log(formatP4(runs, config));
+}
