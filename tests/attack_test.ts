@@ -22,6 +22,7 @@ import { createTurnsHandler, type TurnsHandlerOptions } from "../src/handler.ts"
 import { type LogEntry, startBroker } from "../src/main.ts";
 import { codexLike, type FakeAppServer, startFakeAppServer } from "./_fake_app_server.ts";
 import { waitFor, within } from "./_wait.ts";
+import { codelessBroker } from "./_codeless_broker.ts";
 
 const SECRET = "attack-test-operator-secret";
 const HS_KEY = "attack-test-hs256-key-of-32-bytes+";
@@ -496,11 +497,7 @@ test(
     const dir = await realpath(await mkdtemp(join(tmpdir(), "attack-test-")));
     const logs: LogEntry[] = [];
     const broker = await startBroker({
-      secret: SECRET,
-      port: 0,
-      workspacesDir: join(dir, "workspaces"),
-      codex: join(dir, "no-such-codex"),
-      checkCredentials: false,
+      ...codelessBroker(dir, SECRET),
       jwtSecret: HS_KEY,
       log: (entry) => logs.push(entry),
     });

@@ -9,6 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { exportJWK, generateKeyPair, SignJWT } from "jose";
 import { parseFlags, startBroker, UsageError } from "../src/main.ts";
+import { codelessBroker } from "./_codeless_broker.ts";
 
 const SECRET = "auth-flags-test-operator-secret";
 
@@ -87,11 +88,7 @@ test("a broker started with a JWKS file takes a token of its key and refuses a s
       JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid: "k1", alg: "ES256" }] }),
     );
     const broker = await startBroker({
-      secret: SECRET,
-      port: 0,
-      workspacesDir: join(dir, "workspaces"),
-      codex: join(dir, "no-such-codex"),
-      checkCredentials: false,
+      ...codelessBroker(dir, SECRET),
       jwks,
     });
     try {

@@ -29,6 +29,7 @@ import { waitFor, within } from "./_wait.ts";
 import { Pool } from "../mod.ts";
 import { SignJWT } from "jose";
 import { createTurnsHandler } from "../src/handler.ts";
+import { codelessBroker } from "./_codeless_broker.ts";
 
 const SECRET = "bad-clients-test-secret";
 // Bun's own default is 5 s per test.
@@ -57,11 +58,7 @@ async function withBroker(
   const dir = await realpath(await mkdtemp(join(tmpdir(), "bad-clients-test-")));
   const logs: LogEntry[] = [];
   const broker = await startBroker({
-    secret: SECRET,
-    port: 0,
-    workspacesDir: join(dir, "workspaces"),
-    codex: join(dir, "no-such-codex"),
-    checkCredentials: false,
+    ...codelessBroker(dir, SECRET),
     log: (entry) => logs.push(entry),
     ...options,
   });

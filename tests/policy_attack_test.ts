@@ -21,6 +21,7 @@ import { createTurnsHandler } from "../src/handler.ts";
 import { startBroker } from "../src/main.ts";
 import { workspacePathResolver } from "../src/_workspace_path.ts";
 import { codexLike, type FakeAppServer, startFakeAppServer } from "./_fake_app_server.ts";
+import { codelessBroker } from "./_codeless_broker.ts";
 
 const SECRET = "test-secret-0123456789";
 const input = [{ type: "text", text: "hi", text_elements: [] }];
@@ -336,11 +337,7 @@ test("an allowed request reaches codex with its paths resolved and the default s
 test("startBroker() applies the default policy: a cwd of / is refused with 403 before any codex starts", async () => {
   const dir = await realpath(await mkdtemp(join(tmpdir(), "policy-broker-")));
   const broker = await startBroker({
-    secret: SECRET,
-    port: 0,
-    workspacesDir: join(dir, "workspaces"),
-    codex: join(dir, "no-such-codex"),
-    checkCredentials: false,
+    ...codelessBroker(dir, SECRET),
   });
   try {
     const response = await fetch(`${broker.url}/api/turns`, {
