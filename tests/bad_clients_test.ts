@@ -474,7 +474,7 @@ test(
     await withBroker(async (running) => {
       for (const size of [100 * 1024, 1024 * 1024]) {
         const { response, client } = await exchange(running.port, bigHead(size));
-        // Deno's parser refuses a head past its own limit with a bare 400 and closes.
+        // The 431 may be lost to a reset: the server closes without reading the rest of the head.
         assert.ok(
           response?.status === 431 || (client.closed && (response?.status ?? 400) >= 400),
           `${size} bytes: ${response?.status}`,
