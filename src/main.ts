@@ -38,11 +38,13 @@
 import { spawnSync } from "node:child_process";
 import { existsSync, realpathSync } from "node:fs";
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import type { IncomingMessage, ServerResponse } from "node:http";
 import { homedir, hostname, totalmem } from "node:os";
 import { join, resolve as resolvePath } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
-import { serve, type Server } from "srvx";
+import { serve as serveNative, type Server, type ServerOptions } from "srvx";
+import { serve as serveNode } from "srvx/node";
 import { type CodexHealth, createTurnsHandler, VERSION } from "./handler.ts";
 import { createTokenVerifier, type JsonWebKeySet, type TokenVerifier } from "./auth.ts";
 import { Metrics } from "./metrics.ts";
@@ -140,8 +142,8 @@ export interface BrokerOptions {
   /** How long {@linkcode Broker.close} lets turns in flight finish. Defaults to 10 s. */
   graceMs?: number;
   /**
-   * How long a client may take to send a request: its headers (on Node; Bun closes a
-   * connection idle for 10 s, Deno has no such bound) and then its body, each; a slower one
+   * How long a client may take to send a request: its headers (on Node and Deno; Bun closes
+   * a connection idle for 10 s) and then its body, each; a slower one
    * is answered 408 `requestTimeout` and its connection closed. Defaults to 60 s.
    */
   requestTimeoutMs?: number;
@@ -417,7 +419,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   const host = options.host ?? DEFAULT_HOST;
   const port = options.port ?? DEFAULT_PORT;
   try {
-    // Deno and Bun throw here when the port is taken, Node from ready().
+    // Bun throws here when the port is taken, node:http (Node and Deno) from ready().
     server = serve({
       hostname: host,
       port,
@@ -521,9 +523,9 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
         await ownership.close();
         const closed = listener.close();
         closed.catch(() => {});
-        // Node keeps a connection open after its last answer, and its server.close() waits
-        // for every connection; closing the idle ones lets it end. Deno and Bun close them on
-        // their own.
+        // node:http (Node, Deno) keeps a connection open after its last answer, and its
+        // server.close() waits for every connection; closing the idle ones lets it end. Bun
+        // closes them on its own.
         const sweep = setInterval(
           () => nodeServer?.closeIdleConnections?.(),
           timerDelay(SWEEP_MS),
@@ -914,8 +916,8 @@ async function timeout(promise: Promise<unknown>, ms: number): Promise<void> {
  * Node's own deadlines for a request that has not reached the handler yet. Its headers get
  * `requestTimeoutMs` (answered with Node's bare 408), checked every tenth of it (Node's
  * default checks every 30 s); the body's deadline is the handler's, so Node's deadline for
- * the whole request is twice that, a backstop the handler's JSON 408 comes before. Deno
- * and Bun ignore these options.
+ * the whole request is twice that, a backstop the handler's JSON 408 comes before. Deno's
+ * `node:http` honours them too; Bun ignores them.
  */
 function nodeTimeouts(requestTimeoutMs: number): Record<string, number> {
   const headersTimeout = timerDelay(requestTimeoutMs);
@@ -949,6 +951,32 @@ function listenFailure(error: unknown): string {
     default:
       return messageOf(error);
   }
+}
+
+/**
+ * Deno serves with `node:http` too: `Deno.serve` has no deadlines, so it keeps idle
+ * keep-alive connections and half-sent headers open forever and ignores `Connection: close`
+ * (denoland/deno#9411); Deno's `node:http` closes them as Node does. Bun keeps `Bun.serve`.
+ */
+function serve(options: ServerOptions): Server {
+  if (!("Deno" in globalThis)) return serveNative(options);
+  const server = serveNode(options);
+  server.node?.server?.on("request", discardUnreadBody);
+  return server;
+}
+
+/**
+ * Once the answer is sent, reads and drops what is left of a body the handler did not read,
+ * as Node's server does: Deno's `node:http` (2.9.6) does not, so a client that sent more
+ * than its buffers hold before an early answer (401, 404, 415) waits on a connection that
+ * serves nothing more.
+ */
+function discardUnreadBody(req: IncomingMessage, res: ServerResponse): void {
+  res.once("finish", () => {
+    if (req.complete || req.destroyed) return;
+    req.removeAllListeners("data");
+    req.resume();
+  });
 }
 
 function runtime(): string {
