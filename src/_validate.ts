@@ -103,8 +103,10 @@ export function requestHeadBytes(request: Request): number {
 /**
  * Lets go of a body that was read in part, so the connection can end or go on.
  *
- * Deno leaves such a connection open, neither reading the rest nor closing it, until the
- * body is cancelled; cancelled, it drains the rest and serves the next request. On Node the
+ * `Deno.serve` (the handler used on its own) leaves such a connection open, neither reading
+ * the rest nor closing it, until the body is cancelled; cancelled, it drains the rest and
+ * serves the next request. Deno's `node:http`, which the broker serves with, survives the
+ * cancel and closes the connection after the answer's `Connection: close`. On Node the
  * body is `Readable.toWeb(req)` (srvx, like every Node adapter): cancelling it destroys the
  * socket before the answer is out, and data still arriving then throws an uncaught
  * ERR_INVALID_STATE that ends the process (nodejs/node#54205, #64529). There the answer's
