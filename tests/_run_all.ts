@@ -290,7 +290,10 @@ function denoExports(): [string, string][] {
 }
 
 function selectTests(filters: string[]): string[] {
-  const all = walk("tests").filter((f) => f.endsWith("_test.ts"));
+  // tests/_test.ts is the registration helper, not a test file, though its name ends so.
+  const all = walk("tests").filter((f) =>
+    f.endsWith("_test.ts") && !(f.split("/").at(-1) ?? "").startsWith("_")
+  );
   if (filters.length === 0) return all;
   const normalized = filters.map((f) => f.replace(/^\.\//, ""));
   return all.filter((file) => normalized.some((f) => file === f || file.includes(f)));
