@@ -42,6 +42,9 @@ const IS_NODE = (globalThis as { navigator?: { userAgent?: string } }).navigator
 /** Headers of an answer given while the client may still be sending its body. */
 const CLOSE: Readonly<Record<string, string>> = Object.freeze({ connection: "close" });
 
+// One for every request: a fatal decoder that is not streaming keeps no state between calls.
+const UTF8 = new TextDecoder("utf-8", { fatal: true });
+
 const INVALID_WORKSPACE_ID =
   'Invalid workspaceId: expected 1 to 128 characters from A-Z, a-z, 0-9, ".", "_" and "-", ' +
   'other than "." and ".."';
@@ -332,7 +335,7 @@ export async function readTurnRequest(
   }
   let parsed: unknown;
   try {
-    parsed = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+    parsed = JSON.parse(UTF8.decode(bytes));
   } catch (error) {
     return refusal(400, "invalidJson", `Invalid JSON body: ${(error as Error).message}`);
   }
