@@ -15,15 +15,8 @@ import { MAX_TIMER_DELAY_MS, timerDelay } from "./_timer.ts";
 
 /** A call's combined signal, and the cleanup that must run when the call settles. */
 export interface Scope {
-  /**
-   * Aborts on caller abort, deadline or close; its reason is the first cause. Made on first
-   * use: a call that only checks {@linkcode Scope.aborted} costs no controller.
-   */
+  /** Aborts on caller abort, deadline or close; its reason is the first cause. */
   readonly signal: AbortSignal;
-  /** True once the scope aborted. */
-  readonly aborted: boolean;
-  /** Why the scope aborted; `undefined` until it did. */
-  readonly reason: unknown;
   /** `performance.now()` at which the deadline passes. */
   readonly deadline: number;
   /** True once the deadline, and not the caller or a close, aborted the scope. */
@@ -46,9 +39,7 @@ interface ClockEntry {
 }
 
 class ScopeImpl implements Scope, ClockEntry {
-  #controller: AbortController | undefined;
-  aborted = false;
-  reason: unknown = undefined;
+  readonly #controller = new AbortController();
   readonly deadline: number;
   readonly timeoutMs: number;
   timedOut = false;
@@ -65,10 +56,6 @@ class ScopeImpl implements Scope, ClockEntry {
   }
 
   get signal(): AbortSignal {
-    if (this.#controller === undefined) {
-      this.#controller = new AbortController();
-      if (this.aborted) this.#controller.abort(this.reason);
-    }
     return this.#controller.signal;
   }
 
@@ -105,19 +92,14 @@ class ScopeImpl implements Scope, ClockEntry {
   }
 
   expire(): void {
-    if (this.aborted) return;
+    if (this.#controller.signal.aborted) return;
     this.timedOut = true;
     this.abort(new DOMException(`Timed out after ${this.timeoutMs} ms`, "TimeoutError"));
   }
 
   abort(reason: unknown): void {
-    if (this.aborted) return;
-    this.aborted = true;
-    // What `AbortController.abort()` makes of a missing reason, so both tell the same.
-    this.reason = reason === undefined
-      ? new DOMException("This operation was aborted", "AbortError")
-      : reason;
-    this.#controller?.abort(reason);
+    if (this.#controller.signal.aborted) return;
+    this.#controller.abort(reason);
     const hooks = this.#hooks;
     this.#hooks = [];
     this.dispose();
@@ -332,7 +314,7 @@ export function createScope(
 export function abortable<T>(promise: Promise<T>, signal: AbortSignal | Scope): Promise<T> {
   if (!(signal instanceof AbortSignal)) {
     const scope = signal;
-    if (scope.aborted) return Promise.reject(scope.reason);
+    if (scope.signal.aborted) return Promise.reject(scope.signal.reason);
     return new Promise<T>((resolve, reject) => {
       const off = scope.onAbort(reject);
       promise.then(
@@ -373,7 +355,8 @@ export function abortable<T>(promise: Promise<T>, signal: AbortSignal | Scope): 
  * @returns A promise that resolves after the delay.
  */
 export function delay(ms: number, signal: AbortSignal | Scope): Promise<void> {
-  if (signal.aborted) return Promise.reject(signal.reason);
+  const aborted = signal instanceof AbortSignal ? signal : signal.signal;
+  if (aborted.aborted) return Promise.reject(aborted.reason);
   return new Promise<void>((resolve, reject) => {
     const end = performance.now() + ms;
     let timer: ReturnType<typeof setTimeout>;

@@ -262,7 +262,7 @@ export class RpcSession {
   ): Promise<unknown> {
     let slowest = 0;
     for (let attempt = 0;; attempt++) {
-      if (scope.aborted) throw scope.reason;
+      if (scope.signal.aborted) throw scope.signal.reason;
       const sentAt = performance.now();
       let overload: RpcError;
       try {

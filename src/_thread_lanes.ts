@@ -1,5 +1,3 @@
-import type { Scope } from "./_deadline.ts";
-
 interface Waiter {
   readonly grant: () => void;
 }
@@ -25,12 +23,11 @@ export class ThreadLanes {
    * Waits for the thread's turn in line.
    *
    * @param threadId The thread.
-   * @param scope Leaves the line (a signal, or a scope's); the promise then rejects with its
-   * reason.
+   * @param signal Leaves the line; the promise then rejects with `signal.reason`.
    * @returns A function that releases the lane to the next waiter. Call it exactly once.
    */
-  acquire(threadId: string, scope: AbortSignal | Scope): Promise<() => void> {
-    if (scope.aborted) return Promise.reject(scope.reason);
+  acquire(threadId: string, signal: AbortSignal): Promise<() => void> {
+    if (signal.aborted) return Promise.reject(signal.reason);
     let released = false;
     const release = () => {
       if (released) return;
@@ -42,8 +39,6 @@ export class ThreadLanes {
       this.#lanes.set(threadId, { waiters: [] });
       return Promise.resolve(release);
     }
-    // Only a wait in line needs the signal: a free lane costs a scope no controller.
-    const signal = scope instanceof AbortSignal ? scope : scope.signal;
     return new Promise<() => void>((resolve, reject) => {
       const waiter: Waiter = {
         grant: () => {

@@ -490,7 +490,7 @@ export class Conn extends EventTarget {
     let handedOver = false;
     this.#calls++;
     try {
-      release = await this.#lanes.acquire(threadId, scope);
+      release = await this.#lanes.acquire(threadId, scope.signal);
       if (!this.#attached.touch(threadId)) {
         // Events of a thread started elsewhere (or on an earlier connection, or forgotten
         // by the LRU) go nowhere until this connection resumes it.
