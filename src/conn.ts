@@ -148,6 +148,10 @@ export class Conn extends EventTarget {
   #requestTimeoutMs: number;
   #interruptTimeoutMs: number;
   #turnSilenceMs: number;
+  // Whether a `notification` listener was ever added: the broker adds none, and an Event
+  // made and dispatched per notification with nobody to hear it was 0.7% of its busy time
+  // on Deno.
+  #notificationListened = false;
 
   /**
    * Wraps an open socket. Use {@linkcode Conn.dial}, which also performs the handshake.
@@ -170,7 +174,9 @@ export class Conn extends EventTarget {
     }, {
       notification: (method, params) => {
         this.#turns.route(method, params);
-        this.dispatchEvent(new NotificationEvent(method, params));
+        if (this.#notificationListened) {
+          this.dispatchEvent(new NotificationEvent(method, params));
+        }
       },
       answered: (request, outcome) => {
         this.dispatchEvent(new ServerRequestEvent(request, outcome));
@@ -188,6 +194,29 @@ export class Conn extends EventTarget {
       threadLanes: this.#lanes.size,
       attachedThreads: this.#attached.size,
     }));
+  }
+
+  /**
+   * Adds an event listener, as `EventTarget` does.
+   *
+   * @example Log every notification
+   * ```ts ignore
+   * conn.addEventListener("notification", (event) => {
+   *   console.log((event as NotificationEvent).method);
+   * });
+   * ```
+   *
+   * @param type The event type: `notification`, `serverrequest` or `close`.
+   * @param listener The listener.
+   * @param options `EventTarget` listener options.
+   */
+  override addEventListener(
+    type: string,
+    listener: EventListenerOrEventListenerObject | null,
+    options?: boolean | AddEventListenerOptions,
+  ): void {
+    if (type === "notification") this.#notificationListened = true;
+    super.addEventListener(type, listener, options);
   }
 
   /**

@@ -356,9 +356,13 @@ export class Pool extends EventTarget {
     positive("timeoutMs", timeoutMs);
     const deadline = Date.now() + timeoutMs;
     const remaining = () => Math.max(1, deadline - Date.now());
-    const scope = createScope([options.signal], timeoutMs);
+    const live = this.#entries.get(workspaceId)?.conn;
+    // A live connection is had at once: no deadline to keep meanwhile, and a scope (a
+    // controller, a listener and a timer) per turn cost 3% of the broker's CPU on Deno.
+    const scope = live && !live.closed ? undefined : createScope([options.signal], timeoutMs);
     try {
-      const conn = await this.get(workspaceId, { signal: scope.signal });
+      const getSignal = scope ? scope.signal : options.signal;
+      const conn = await this.get(workspaceId, getSignal ? { signal: getSignal } : {});
       const signal = options.signal;
       const call = signal ? { signal } : {};
       const { onStart, onNotification } = options;
@@ -373,7 +377,7 @@ export class Pool extends EventTarget {
       });
       return { threadId: id, turn };
     } finally {
-      scope.dispose();
+      scope?.dispose();
       this.touch(workspaceId);
     }
   }
