@@ -88,6 +88,8 @@ export interface P4Figure {
 /** One runtime's figures. */
 export interface P4Run {
   runtime: BenchRuntime;
+  /** How the row is named, when not by its runtime alone. */
+  label?: string;
   hello: P4Figure | string;
   minimal: P4Figure | string;
   broker: P4Figure | string;
@@ -264,6 +266,7 @@ async function runBroker(
   dir: string,
   script: string,
   config: P4Config,
+  extraFlags: string[] = [],
 ): Promise<{ figure: P4Figure; codexCpuUsPerTurn: number }> {
   // The broker spawns `--codex` itself: a wrapper that execs the stand-in on Node 22.
   const wrapper = join(dir, "codex");
@@ -285,6 +288,7 @@ async function runBroker(
     workspaces,
     "--codex",
     wrapper,
+    ...extraFlags,
   ], flags);
   const server = await startServer(binary, args, {
     // An empty codex home to copy from: the operator's own is none of the bench's business.
@@ -396,16 +400,30 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
       const minimal = config.brokerOnly
         ? "skipped"
         : await runMinimal(runtime, dir, config).catch(message);
-      let broker: P4Figure | string;
-      let codexCpuUsPerTurn = NaN;
-      try {
-        const result = await runBroker(runtime, dir, script, config);
-        broker = result.figure;
-        codexCpuUsPerTurn = result.codexCpuUsPerTurn;
-      } catch (error) {
-        broker = message(error);
+      // On Deno the broker serves through node:http unless told otherwise: both are shown.
+      const variants: [string | undefined, string[]][] = runtime === "deno"
+        ? [[undefined, []], ["deno, --deno-server native", ["--deno-server", "native"]]]
+        : [[undefined, []]];
+      for (const [label, extraFlags] of variants) {
+        let broker: P4Figure | string;
+        let codexCpuUsPerTurn = NaN;
+        try {
+          const result = await runBroker(runtime, dir, script, config, extraFlags);
+          broker = result.figure;
+          codexCpuUsPerTurn = result.codexCpuUsPerTurn;
+        } catch (error) {
+          broker = message(error);
+        }
+        runs.push({
+          runtime,
+          ...(label === undefined ? {} : { label }),
+          hello,
+          minimal,
+          broker,
+          codexCpuUsPerTurn,
+          load: loadText(),
+        });
       }
-      runs.push({ runtime, hello, minimal, broker, codexCpuUsPerTurn, load: loadText() });
     }
   } finally {
     await rm(dir, { recursive: true, force: true }).catch(() => {});
@@ -439,7 +457,7 @@ export function formatP4(runs: P4Run[], config: P4Config): string {
     const ratio = broker / baseline;
     const cpu = (f: P4Figure | string) => typeof f === "string" ? "-" : num(f.cpuUsPerRequest);
     return [
-      run.runtime,
+      run.label ?? run.runtime,
       num(broker),
       num(hello),
       num(minimal),

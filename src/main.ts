@@ -90,6 +90,9 @@ export type { CodexUser } from "./_codex_user.ts";
 export { parseDuration, parseFlags, USAGE, UsageError } from "./_flags.ts";
 export type { ParsedFlags, SecretSource } from "./_flags.ts";
 
+/** The HTTP server of a broker on Deno: see {@linkcode BrokerOptions.denoServer}. */
+export type DenoServer = "node" | "native";
+
 /** Severity of a {@linkcode LogEntry}. */
 export type LogLevel = "info" | "warn" | "error";
 
@@ -147,6 +150,14 @@ export interface BrokerOptions {
    * is answered 408 `requestTimeout` and its connection closed. Defaults to 60 s.
    */
   requestTimeoutMs?: number;
+  /**
+   * Which HTTP server the broker uses on Deno (other runtimes ignore it): `"node"`, Deno's
+   * `node:http`, which closes idle keep-alive connections and half-sent requests and honours
+   * `Connection: close`; or `"native"`, `Deno.serve`, which serves turns with about half
+   * the CPU but never closes a slow or idle client's connection, so it belongs behind a
+   * proxy that does (nginx). Defaults to `"node"`.
+   */
+  denoServer?: DenoServer;
   /** Receives the log records: start, dial, reap, evict, close, turns, shutdown. */
   log?: (entry: LogEntry) => void;
   /**
@@ -420,7 +431,7 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   const port = options.port ?? DEFAULT_PORT;
   try {
     // Bun throws here when the port is taken, node:http (Node and Deno) from ready().
-    server = serve({
+    server = serve(options.denoServer ?? "node", {
       hostname: host,
       port,
       // main() owns the signals and the log; srvx would print to stdout and exit on its own.
@@ -642,6 +653,7 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       idleTtlMs: brokerOptions.idleTtlMs ?? DEFAULT_IDLE_TTL_MS,
       graceMs: brokerOptions.graceMs ?? DEFAULT_GRACE_MS,
       requestTimeoutMs: brokerOptions.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
+      ...("Deno" in globalThis ? { denoServer: brokerOptions.denoServer ?? "node" } : {}),
       secretFrom: parsed.secretSource,
       codexUser: brokerOptions.codexUser?.name ?? null,
       bearerTokens: [
@@ -958,8 +970,8 @@ function listenFailure(error: unknown): string {
  * keep-alive connections and half-sent headers open forever and ignores `Connection: close`
  * (denoland/deno#9411); Deno's `node:http` closes them as Node does. Bun keeps `Bun.serve`.
  */
-function serve(options: ServerOptions): Server {
-  if (!("Deno" in globalThis)) return serveNative(options);
+function serve(denoServer: DenoServer, options: ServerOptions): Server {
+  if (!("Deno" in globalThis) || denoServer === "native") return serveNative(options);
   const server = serveNode(options);
   server.node?.server?.on("request", discardUnreadBody);
   return server;

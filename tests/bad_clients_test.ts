@@ -465,6 +465,37 @@ test(
 );
 
 test(
+  "startBroker() with denoServer native serves with Deno.serve on Deno, where the handler answers a head over 16 KiB 431 headersTooLarge as JSON; elsewhere the option changes nothing",
+  TIMEOUT,
+  async () => {
+    await withBroker(async (running) => {
+      const { response } = await exchange(running.port, bigHead(20 * 1024));
+      assert.equal(response?.status, 431);
+      if ("Deno" in globalThis) {
+        assert.equal(errorOf(response).code, "headersTooLarge");
+      } else {
+        assert.equal(response!.body ?? "", "");
+      }
+      await assertNothingLeft(running);
+    }, { denoServer: "native" });
+  },
+);
+
+test("parseFlags() reads --deno-server node or native and refuses anything else", () => {
+  for (const server of ["node", "native"] as const) {
+    const parsed = parseFlags(["--deno-server", server], {});
+    assert.ok(!parsed.help);
+    assert.equal(parsed.options.denoServer, server);
+  }
+  assert.throws(
+    () => parseFlags(["--deno-server", "deno"], {}),
+    (error) =>
+      error instanceof UsageError &&
+      error.message === 'Invalid --deno-server "deno": expected node or native',
+  );
+});
+
+test(
   "a request head of several hundred KiB gets a 431 or a closed socket at once, and the server serves the next client",
   TIMEOUT,
   async () => {
