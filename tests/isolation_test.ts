@@ -9,7 +9,7 @@
 import { test } from "./_test.ts";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync, rmSync } from "node:fs";
 import {
   chmod,
   lstat,
@@ -22,7 +22,7 @@ import {
   writeFile,
 } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { dirname, join } from "node:path";
+import { dirname, join, relative } from "node:path";
 import process from "node:process";
 import {
   type BrokerProcess,
@@ -32,6 +32,7 @@ import {
   records,
   spawnBroker,
 } from "./_broker_process.ts";
+import { codexBinary } from "./_processes.ts";
 import { makeCodexHome, type TempCodexHome } from "./_codex_home.ts";
 import { startBroker, USAGE } from "../src/main.ts";
 import { execThenReply, type MockModel, startMockModel } from "./_mock_model.ts";
@@ -61,6 +62,21 @@ interface Fixture {
   cleanup(): Promise<void>;
 }
 
+/** codex's files (binary and resources) linked, or copied, into `dir`; returns the binary. */
+function reachableCodex(dir: string): string {
+  const vendor = dirname(dirname(codexBinary()));
+  const copy = join(dir, "codex-vendor");
+  try {
+    execFileSync("cp", ["-al", vendor, copy]);
+  } catch {
+    // Another file system: a copy, then.
+    rmSync(copy, { recursive: true, force: true });
+    execFileSync("cp", ["-a", vendor, copy]);
+  }
+  execFileSync("chmod", ["-R", "a+rX", copy]);
+  return join(copy, relative(vendor, codexBinary()));
+}
+
 async function startFixture(
   args: string[],
   env: Record<string, string>,
@@ -75,6 +91,9 @@ async function startFixture(
   // mkdtemp makes it 0700; another user must reach the workspaces below it.
   await chmod(dir, 0o755);
   await prepare?.(dir);
+  // The codex user must reach codex's binary, and a checkout in a 0700 directory (mktemp's
+  // default, as CI's fresh clone may be) keeps it out: hand it a linked copy in reach.
+  const codexArgs = args.includes("--codex-user") ? ["--codex", reachableCodex(dir)] : [];
   // The commands must run outside codex's sandbox, whose pid namespace hides the broker's
   // /proc entry. A broker with a policy (issue 11 §2) refuses danger-full-access by
   // default: the operator allows it for the secret, as for a trusted caller.
@@ -89,6 +108,7 @@ async function startFixture(
     join(dir, "workspaces"),
     "--codex-home",
     home.path,
+    ...codexArgs,
     ...args,
   ], childEnv({ ISOLATION_TEST_MARKER: "visible-to-commands", ...env }));
   const cleanup = async () => {

@@ -5,7 +5,7 @@
 
 import { test } from "./_test.ts";
 import assert from "node:assert/strict";
-import { execFileSync, spawn } from "node:child_process";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { chmod, mkdir, mkdtemp, realpath, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -221,10 +221,38 @@ test(
   },
 );
 
+// Starting a broker as nobody needs root, and a checkout nobody can read (a fresh clone in a
+// 0700 mktemp directory, say); the in-process test below covers the rule either way.
+const NOBODY_READS_CHECKOUT = IS_ROOT &&
+  spawnSync("test", ["-r", MAIN], {
+      uid: Number(execFileSync("id", ["-u", "nobody"], { encoding: "utf8" })),
+      gid: Number(execFileSync("id", ["-g", "nobody"], { encoding: "utf8" })),
+    }).status === 0;
+
+test("parseFlags() refuses --codex-user when the broker does not run as root, naming its uid", () => {
+  const getuid = process.getuid;
+  process.getuid = () => 1000;
+  try {
+    assert.throws(
+      () => parseFlags(["--codex-user", "nobody"]),
+      (error) =>
+        error instanceof UsageError &&
+        error.message === `Invalid --codex-user "nobody": only a broker running as root can ` +
+            `run codex as another user (this one runs as uid 1000)`,
+    );
+  } finally {
+    process.getuid = getuid!;
+  }
+});
+
 test(
   "a broker not running as root exits 2 on --codex-user, saying that it needs root" +
-    (IS_ROOT ? "" : " (skipped: it needs root to start a broker as another user)"),
-  { ...TIMEOUT, skip: !IS_ROOT },
+    (!IS_ROOT
+      ? " (skipped: it needs root to start a broker as another user)"
+      : NOBODY_READS_CHECKOUT
+      ? ""
+      : " (skipped: user nobody cannot read this checkout)"),
+  { ...TIMEOUT, skip: !NOBODY_READS_CHECKOUT },
   async () => {
     const uid = Number(execFileSync("id", ["-u", "nobody"], { encoding: "utf8" }));
     const gid = Number(execFileSync("id", ["-g", "nobody"], { encoding: "utf8" }));
