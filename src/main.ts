@@ -808,6 +808,8 @@ async function checkWorkspacesDir(dir: string): Promise<void> {
  */
 function checkReachable(dir: string, user: CodexUser): void {
   const result = spawnSync("/bin/sh", ["-c", 'cd "$1"', "sh", dir], {
+    // Not the broker's own cwd, which the user may not reach (Deno changes into it).
+    cwd: "/",
     uid: user.uid,
     gid: user.gid,
     encoding: "utf8",

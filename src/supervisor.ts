@@ -1172,6 +1172,8 @@ function runAs(
 ): Promise<void> {
   return new Promise((resolve, reject) => {
     const child = spawn("/bin/sh", ["-c", script, "sh", ...args], {
+      // Not the broker's own cwd, which the user may not reach (Deno changes into it).
+      cwd: "/",
       uid: user.uid,
       gid: user.gid,
       stdio: ["ignore", "ignore", "pipe"],
