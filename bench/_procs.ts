@@ -192,3 +192,62 @@ export function loadText(): string {
     return "load average unknown";
   }
 }
+
+/** A helper process that announced itself; {@linkcode AnnouncingProcess.stop} ends it. */
+export interface AnnouncingProcess<T> {
+  /** The JSON object it printed as its first line on stdout. */
+  info: T;
+  /** Closes its stdin, on which it exits; SIGKILL after `killAfterMs`. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts `script` on Node 22 with its stdin piped, and waits for the JSON line it prints
+ * first on stdout (the fake servers print their URLs so). It exits when its stdin closes.
+ *
+ * @param script The script, relative to the repository.
+ * @param args Its arguments.
+ * @param options `killAfterMs` (default 5 s): how long `stop()` waits before SIGKILL;
+ * `timeoutMs`: SIGKILL if it has announced nothing by then.
+ * @returns The process and what it announced.
+ * @throws {Error} If it exits before printing a line.
+ */
+export async function startAnnouncing<T>(
+  script: string,
+  args: string[] = [],
+  options: { killAfterMs?: number; timeoutMs?: number } = {},
+): Promise<AnnouncingProcess<T>> {
+  const child = new Deno.Command(`${BIN}/node`, {
+    args: [script, ...args],
+    cwd: ROOT,
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const stop = async () => {
+    await child.stdin.close().catch(() => {});
+    const timer = setTimeout(() => child.kill("SIGKILL"), options.killAfterMs ?? 5_000);
+    await child.status;
+    clearTimeout(timer);
+  };
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  const timer = options.timeoutMs === undefined
+    ? undefined
+    : setTimeout(() => child.kill("SIGKILL"), options.timeoutMs);
+  try {
+    let text = "";
+    while (!text.includes("\n")) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`${script} exited before announcing itself`);
+      text += value;
+    }
+    return { info: JSON.parse(text.slice(0, text.indexOf("\n"))) as T, stop };
+  } catch (error) {
+    await stop();
+    throw error;
+  } finally {
+    clearTimeout(timer);
+    // It prints nothing more; releasing the pipe keeps it from holding the bench open.
+    await reader.cancel().catch(() => {});
+  }
+}

@@ -85,11 +85,16 @@ import { formatSoak, runSoak, type SoakConfig, soakConfig } from "./soak.ts";
 import { formatP4, type P4Config, p4Config, runP4 } from "./p4.ts";
 import { formatP5, type P5Config, p5Config, runP5 } from "./p5.ts";
 import { formatRuntime, GOAL_RATIO, RESULT_MARKER, type RuntimeResult } from "./_stats.ts";
+import {
+  BENCH_RUNTIMES,
+  type BenchRuntime,
+  ROOT,
+  runtimeCommand,
+  startAnnouncing,
+} from "./_procs.ts";
 
-const ROOT = decodeURIComponent(new URL("..", import.meta.url).pathname).replace(/\/$/, "");
-const BIN = `${ROOT}/node_modules/.bin`;
-const RUNTIMES = ["deno", "bun", "node"] as const;
-type Runtime = typeof RUNTIMES[number];
+const RUNTIMES = BENCH_RUNTIMES;
+type Runtime = BenchRuntime;
 /** The argument that selects the real-codex latency run. */
 const CODEX = "codex";
 /** The argument that selects the scale-out run. */
@@ -105,66 +110,16 @@ const P5 = "p5";
 const RUNTIME_TIMEOUT_MS = 3 * 60_000;
 const SERVER_START_TIMEOUT_MS = 30_000;
 
-function clientCommand(runtime: Runtime): [string, string[]] {
-  const script = "bench/conn_bench.ts";
-  switch (runtime) {
-    case "deno":
-      return [`${BIN}/deno`, ["run", "-A", script]];
-    case "bun":
-      return [`${BIN}/bun`, [script]];
-    case "node":
-      // The global `node` is Node 20, which cannot run .ts files; this one is Node 22.
-      return [`${BIN}/node`, [script]];
-  }
-}
-
-/** A fake server process; `stop()` closes its stdin, on which it exits. */
-interface ServerProcess {
-  url: string;
-  stop(): Promise<void>;
-}
-
-async function startServer(): Promise<ServerProcess> {
-  const child = new Deno.Command(`${BIN}/node`, {
-    args: ["bench/server_process.ts"],
-    cwd: ROOT,
-    stdin: "piped",
-    stdout: "piped",
-    stderr: "inherit",
-  }).spawn();
-  const stop = async () => {
-    await child.stdin.close().catch(() => {});
-    const timer = setTimeout(() => child.kill("SIGKILL"), 5_000);
-    await child.status;
-    clearTimeout(timer);
-  };
-  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  const timer = setTimeout(() => child.kill("SIGKILL"), SERVER_START_TIMEOUT_MS);
-  try {
-    let text = "";
-    while (!text.includes("\n")) {
-      const { value, done } = await reader.read();
-      if (done) throw new Error("fake server exited before printing its URL");
-      text += value;
-    }
-    const { url } = JSON.parse(text.slice(0, text.indexOf("\n"))) as { url: string };
-    return { url, stop };
-  } catch (error) {
-    await stop();
-    throw error;
-  } finally {
-    clearTimeout(timer);
-    // It prints nothing more; releasing the pipe keeps it from holding the bench open.
-    await reader.cancel().catch(() => {});
-  }
-}
-
 async function runOne(runtime: Runtime, inProcess: boolean): Promise<RuntimeResult> {
-  const server = inProcess ? undefined : await startServer();
+  const server = inProcess ? undefined : await startAnnouncing<{ url: string }>(
+    "bench/server_process.ts",
+    [],
+    { timeoutMs: SERVER_START_TIMEOUT_MS },
+  );
   try {
-    const [binary, args] = clientCommand(runtime);
+    const [binary, args] = runtimeCommand(runtime, "bench/conn_bench.ts");
     const output = await new Deno.Command(binary, {
-      args: [...args, "--json", ...(server ? ["--url", server.url] : [])],
+      args: [...args, "--json", ...(server ? ["--url", server.info.url] : [])],
       cwd: ROOT,
       stdout: "piped",
       stderr: "inherit",

@@ -27,10 +27,10 @@ import type { P5Result } from "./p5_pool.ts";
 import {
   BENCH_RUNTIMES,
   type BenchRuntime,
-  BIN,
   loadText,
   ROOT,
   runtimeCommand,
+  startAnnouncing,
 } from "./_procs.ts";
 import { envInt, ms, percentile, RESULT_MARKER, table } from "./_stats.ts";
 
@@ -71,37 +71,6 @@ export function p5Config(): P5Config {
     );
   }
   return { connections: envInt("BENCH_P5_CONNECTIONS", 10_000, 1), runtimes };
-}
-
-async function startFake(): Promise<{ urls: string[]; stop(): Promise<void> }> {
-  const child = new Deno.Command(`${BIN}/node`, {
-    args: ["bench/_idle_fake.ts", "--ports", "8"],
-    cwd: ROOT,
-    stdin: "piped",
-    stdout: "piped",
-    stderr: "inherit",
-  }).spawn();
-  const stop = async () => {
-    await child.stdin.close().catch(() => {});
-    const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
-    await child.status;
-    clearTimeout(timer);
-  };
-  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  try {
-    let text = "";
-    while (!text.includes("\n")) {
-      const { value, done } = await reader.read();
-      if (done) throw new Error("The fake app-servers exited before printing their URLs");
-      text += value;
-    }
-    return { ...JSON.parse(text.slice(0, text.indexOf("\n"))) as { urls: string[] }, stop };
-  } catch (error) {
-    await stop();
-    throw error;
-  } finally {
-    await reader.cancel().catch(() => {});
-  }
 }
 
 async function runMode(
@@ -145,11 +114,17 @@ async function runMode(
 export async function runP5(config: P5Config): Promise<P5Run[]> {
   const runs: P5Run[] = [];
   for (const runtime of config.runtimes) {
-    const fake = await startFake();
+    const fake = await startAnnouncing<{ urls: string[] }>(
+      "bench/_idle_fake.ts",
+      ["--ports", "8"],
+      {
+        killAfterMs: 10_000,
+      },
+    );
     const message = (error: unknown) => error instanceof Error ? error.message : String(error);
     try {
-      const raw = await runMode(runtime, "raw", fake.urls, config).catch(message);
-      const pool = await runMode(runtime, "pool", fake.urls, config).catch(message);
+      const raw = await runMode(runtime, "raw", fake.info.urls, config).catch(message);
+      const pool = await runMode(runtime, "pool", fake.info.urls, config).catch(message);
       runs.push({ runtime, raw, pool, load: loadText() });
     } finally {
       await fake.stop();
