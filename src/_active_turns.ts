@@ -40,7 +40,7 @@ export interface ActiveTurn {
   readonly completed: PromiseWithResolvers<Turn>;
   /** True once turn/completed was applied. */
   done: boolean;
-  /** `performance.now()` of the turn's last notification (or of its acceptance). */
+  /** `Date.now()` of the frame with the turn's last notification (or its acceptance). */
   lastFrameAt: number;
   /** Set once the caller gave up: runs when codex has stopped the turn (or gave up on it). */
   onFinished: (() => void) | undefined;
@@ -61,14 +61,18 @@ function hasTurnId(params: unknown): boolean {
 export class ActiveTurns {
   #turns = new Map<string, ActiveTurn>();
   readonly #dropped: DroppedFrames;
+  readonly #frameTime: () => number;
 
   /**
    * Creates an empty registry.
    *
    * @param dropped Counters; `unknownTurn` counts turn notifications nobody waits for.
+   * @param frameTime `Date.now()` of the frame being handled, which the read loop has taken
+   * already, so the clock is not read again per notification. Defaults to `Date.now`.
    */
-  constructor(dropped: DroppedFrames) {
+  constructor(dropped: DroppedFrames, frameTime: () => number = Date.now) {
     this.#dropped = dropped;
+    this.#frameTime = frameTime;
   }
 
   /** Running turns, including turns still being interrupted. */
@@ -100,7 +104,7 @@ export class ActiveTurns {
       onNotification,
       completed: Promise.withResolvers<Turn>(),
       done: false,
-      lastFrameAt: performance.now(),
+      lastFrameAt: this.#frameTime(),
       onFinished: undefined,
     };
     // Swallow here: the caller may have given up, and the rejection is read there if not.
@@ -124,7 +128,7 @@ export class ActiveTurns {
     }
     const turnId = turn.id;
     active.turnId = turnId;
-    active.lastFrameAt = performance.now();
+    active.lastFrameAt = this.#frameTime();
     const early = active.early;
     active.early = [];
     for (const entry of early) {
@@ -233,7 +237,7 @@ export class ActiveTurns {
       // turn/completed (and the rest) can be processed before the turn/start response.
       active.early.push({ method, turnId, params });
     } else if (turnId === active.turnId) {
-      active.lastFrameAt = performance.now();
+      active.lastFrameAt = this.#frameTime();
       this.#deliver(active, method, params);
       if (method === ITEM_COMPLETED) {
         if (isObject(params.item)) active.items.push(params.item as ThreadItem);
@@ -241,7 +245,7 @@ export class ActiveTurns {
         this.#complete(active, params.turn as Turn);
       }
     } else if (turnId === undefined && method !== TURN_COMPLETED && method !== ITEM_COMPLETED) {
-      active.lastFrameAt = performance.now();
+      active.lastFrameAt = this.#frameTime();
       this.#deliver(active, method, params);
     } else {
       this.#dropIfTurnNotification(method);

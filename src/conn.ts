@@ -186,7 +186,10 @@ export class Conn extends EventTarget {
         this.dispatchEvent(new ConnCloseEvent(error));
       },
     });
-    this.#turns = new ActiveTurns(this.#session.stats.dropped);
+    this.#turns = new ActiveTurns(
+      this.#session.stats.dropped,
+      () => this.#session.lastActivity,
+    );
     registerSizes(this, () => ({
       ...this.#session.sizes(),
       calls: this.#calls,
@@ -592,7 +595,7 @@ export class Conn extends EventTarget {
     const check = () => {
       cancel = undefined;
       if (stopped || active.done) return;
-      const quiet = performance.now() - active.lastFrameAt;
+      const quiet = Date.now() - active.lastFrameAt;
       if (quiet < silenceMs) {
         arm(silenceMs - quiet);
         return;
@@ -611,7 +614,7 @@ export class Conn extends EventTarget {
           scope.dispose();
           reading = undefined;
           if (verdict === "running" && !stopped && !active.done && !this.closed) {
-            active.lastFrameAt = performance.now();
+            active.lastFrameAt = Date.now();
             arm(silenceMs);
           }
         });
