@@ -699,6 +699,38 @@ export function createParamsCheck(policy: Policy, options: ParamsCheckOptions = 
     );
   }
 
+  /**
+   * Checks a field that `thread/start` and `turn/start` share; `cwd` is rewritten in `out`
+   * to the path that passed (codex gets exactly what was checked).
+   *
+   * @returns Whether `key` was one of them.
+   */
+  async function checkSharedField(
+    key: string,
+    value: unknown,
+    field: string,
+    rules: CredentialRules,
+    workspaceId: string,
+    out: Record<string, unknown>,
+  ): Promise<boolean> {
+    switch (key) {
+      case "model":
+        oneOf(value, rules.models, field);
+        return true;
+      case "cwd":
+        if (!rules.cwd) throw new Refused(field, `Forbidden ${field}: callers may not set cwd`);
+        out.cwd = await insideWorkspace(value, field, workspaceId);
+        return true;
+      case "approvalPolicy":
+        checkApproval(value, rules, field);
+        return true;
+      case "approvalsReviewer":
+        oneOf(value, rules.approvalsReviewer, field);
+        return true;
+    }
+    return false;
+  }
+
   async function checkThread(
     threadParams: ThreadStartParams,
     rules: CredentialRules,
@@ -711,16 +743,19 @@ export function createParamsCheck(policy: Policy, options: ParamsCheckOptions = 
       if (!CHECKED_THREAD_FIELDS.has(key)) unknownField(field);
       // null is codex's "unset".
       if (value === null || value === undefined) continue;
+      if (
+        await checkSharedField(
+          key,
+          value,
+          field,
+          rules,
+          workspaceId,
+          out as Record<string, unknown>,
+        )
+      ) continue;
       switch (key) {
-        case "model":
-          oneOf(value, rules.models, field);
-          break;
         case "modelProvider":
           oneOf(value, rules.modelProviders, field);
-          break;
-        case "cwd":
-          if (!rules.cwd) throw new Refused(field, `Forbidden ${field}: callers may not set cwd`);
-          out.cwd = await insideWorkspace(value, field, workspaceId);
           break;
         case "sandbox":
           if (!THREAD_SANDBOX_MODES.includes(value as SandboxMode)) {
@@ -739,12 +774,6 @@ export function createParamsCheck(policy: Policy, options: ParamsCheckOptions = 
                 `may not turn on`,
             );
           }
-          break;
-        case "approvalPolicy":
-          checkApproval(value, rules, field);
-          break;
-        case "approvalsReviewer":
-          oneOf(value, rules.approvalsReviewer, field);
           break;
         case "config":
           if (!isObject(value)) {
@@ -846,22 +875,19 @@ export function createParamsCheck(policy: Policy, options: ParamsCheckOptions = 
       if (PLAIN_TURN_FIELDS.has(key) || rules.extraFields.params.includes(key)) continue;
       if (!CHECKED_TURN_FIELDS.has(key)) unknownField(field);
       if (value === null || value === undefined) continue;
+      if (
+        await checkSharedField(
+          key,
+          value,
+          field,
+          rules,
+          workspaceId,
+          out as Record<string, unknown>,
+        )
+      ) continue;
       switch (key) {
-        case "model":
-          oneOf(value, rules.models, field);
-          break;
-        case "cwd":
-          if (!rules.cwd) throw new Refused(field, `Forbidden ${field}: callers may not set cwd`);
-          out.cwd = await insideWorkspace(value, field, workspaceId);
-          break;
         case "sandboxPolicy":
           out.sandboxPolicy = await checkSandboxPolicy(value, rules, workspaceId);
-          break;
-        case "approvalPolicy":
-          checkApproval(value, rules, field);
-          break;
-        case "approvalsReviewer":
-          oneOf(value, rules.approvalsReviewer, field);
           break;
         case "threadId":
           // The handler refuses it first; here for a check used on its own.
