@@ -215,6 +215,30 @@ async function runTurn(
   return { brokerId: response.headers.get("x-broker-id"), threadId: answer.threadId };
 }
 
+/**
+ * A codex that starts thread thr-1 and turn turn-1 (answering turn/start and sending
+ * turn/started at once), and runs `rest` for the turn once `gate` resolves.
+ */
+function gatedCodex(
+  gate: Promise<void>,
+  rest: (peer: FakePeer, threadId: string) => void,
+): (peer: FakePeer) => void {
+  return (peer) => {
+    peer.handle((m) => {
+      if (m.method === "thread/start") {
+        peer.reply(m as Req, threadResult("thr-1"));
+        return true;
+      }
+      if (m.method !== "turn/start") return false;
+      const threadId = m.params.threadId as string;
+      peer.reply(m as Req, { turn: turnObject("turn-1", "inProgress") });
+      peer.notify("turn/started", { threadId, turn: turnObject("turn-1", "inProgress") });
+      void gate.then(() => rest(peer, threadId));
+      return true;
+    });
+  };
+}
+
 /** A codex whose turns hang until interrupted, telling when a turn starts and is interrupted. */
 function hangingCodex() {
   const started = Promise.withResolvers<void>();
@@ -276,28 +300,15 @@ test(
   TIMEOUT,
   async () => {
     const gate = Promise.withResolvers<void>();
-    const codex = (peer: FakePeer) => {
-      peer.handle((m) => {
-        if (m.method === "thread/start") {
-          peer.reply(m as Req, threadResult("thr-1"));
-          return true;
-        }
-        if (m.method !== "turn/start") return false;
-        const threadId = m.params.threadId as string;
-        peer.reply(m as Req, { turn: turnObject("turn-1", "inProgress") });
-        peer.notify("turn/started", { threadId, turn: turnObject("turn-1", "inProgress") });
-        // The rest only once the client has seen turn/started through both brokers.
-        void gate.promise.then(() => {
-          const item = agentMessage("msg-1", "hello");
-          peer.notify("item/completed", { completedAtMs: 1, threadId, turnId: "turn-1", item });
-          peer.notify("turn/completed", {
-            threadId,
-            turn: turnObject("turn-1", "completed", [item]),
-          });
-        });
-        return true;
+    // The rest only once the client has seen turn/started through both brokers.
+    const codex = gatedCodex(gate.promise, (peer, threadId) => {
+      const item = agentMessage("msg-1", "hello");
+      peer.notify("item/completed", { completedAtMs: 1, threadId, turnId: "turn-1", item });
+      peer.notify("turn/completed", {
+        threadId,
+        turn: turnObject("turn-1", "completed", [item]),
       });
-    };
+    });
     await withCluster(5_000, async (cluster) => {
       const a = await cluster.start("broker-a", { codex });
       const b = await cluster.start("broker-b", { codex });
@@ -382,22 +393,9 @@ test(
   TIMEOUT,
   async () => {
     const gate = Promise.withResolvers<void>();
-    const codex = (peer: FakePeer) => {
-      peer.handle((m) => {
-        if (m.method === "thread/start") {
-          peer.reply(m as Req, threadResult("thr-1"));
-          return true;
-        }
-        if (m.method !== "turn/start") return false;
-        const threadId = m.params.threadId as string;
-        peer.reply(m as Req, { turn: turnObject("turn-1", "inProgress") });
-        peer.notify("turn/started", { threadId, turn: turnObject("turn-1", "inProgress") });
-        void gate.promise.then(() => {
-          peer.notify("turn/completed", { threadId, turn: turnObject("turn-1", "completed") });
-        });
-        return true;
-      });
-    };
+    const codex = gatedCodex(gate.promise, (peer, threadId) => {
+      peer.notify("turn/completed", { threadId, turn: turnObject("turn-1", "completed") });
+    });
     await withCluster(5_000, async (cluster) => {
       const ended: string[] = [];
       const a = await cluster.start("broker-a", { codex });
