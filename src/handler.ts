@@ -291,6 +291,18 @@ export interface ErrorAnswer {
 /** A fetch handler: one `Request` in, one `Response` out. */
 export type TurnsHandler = (request: Request) => Promise<Response>;
 
+/** What a refusal carries besides its status, code and message. */
+interface Refusal {
+  /** Headers of the answer (`Retry-After`, `WWW-Authenticate`, `Connection: close`, …). */
+  headers?: Record<string, string> | undefined;
+  /** The broker that owns the workspace, for `workspaceBusy`. */
+  owner?: string | undefined;
+  /** The parameter a `forbiddenParam` names. */
+  field?: string;
+  /** More for the log line only (the principal, why a token failed). */
+  details?: Record<string, unknown>;
+}
+
 const MiB = 1024 * 1024;
 const DEFAULT_MAX_BODY_BYTES = MiB;
 const DEFAULT_REQUEST_TIMEOUT_MS = 60_000;
@@ -515,11 +527,9 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     status: number,
     code: ErrorCode,
     message: string,
-    headers: Record<string, string> = {},
-    owner?: string,
-    field?: string,
-    details: Record<string, unknown> = {},
+    extra: Refusal = {},
   ): Response {
+    const { headers = {}, owner, field, details } = extra;
     metrics.observeBadRequest(status);
     log({
       msg: "bad request",
@@ -618,24 +628,18 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
         403,
         "insufficientScope",
         `Cannot run turn: the token lacks the scope ${SCOPE_TURNS_WRITE}`,
-        { "www-authenticate": INSUFFICIENT_SCOPE_CHALLENGE },
-        undefined,
-        undefined,
-        who,
+        { headers: { "www-authenticate": INSUFFICIENT_SCOPE_CHALLENGE }, details: who },
       );
     }
     const read = await readTurnRequest(request, bodyLimits, pathWorkspaceId);
-    if (!read.ok) return refuse(read.status, read.code, read.message, read.headers);
+    if (!read.ok) return refuse(read.status, read.code, read.message, { headers: read.headers });
     let turn = read.value;
     if (!allowsWorkspace(principal, turn.workspaceId)) {
       return refuse(
         403,
         "forbiddenWorkspace",
         `Cannot run turn: the token is not for workspace ${turn.workspaceId}`,
-        {},
-        undefined,
-        undefined,
-        who,
+        { details: who },
       );
     }
     if (checkParams) {
@@ -644,7 +648,10 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
         workspaceId: turn.workspaceId,
       });
       if (!verdict.allowed) {
-        return refuse(403, "forbiddenParam", verdict.message, {}, undefined, verdict.field, who);
+        return refuse(403, "forbiddenParam", verdict.message, {
+          field: verdict.field,
+          details: who,
+        });
       }
       const { threadParams, params } = verdict;
       turn = { ...turn, params, ...(threadParams ? { threadParams } : {}) };
@@ -673,7 +680,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
       }
       if (placement.kind === "refused") {
         const { status, code, message, headers, owner } = placement.refusal;
-        return refuse(status, code, message, headers, owner);
+        return refuse(status, code, message, { headers, owner });
       }
       const forwarded = placement.forwarded;
       served = () => {
@@ -692,10 +699,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
         "tooManyTurns",
         `Cannot run turn: workspace ${turn.workspaceId} has ${limits.maxRunning} turns ` +
           `running and ${limits.maxWaiting} waiting`,
-        { "retry-after": TOO_MANY_TURNS_RETRY_AFTER },
-        undefined,
-        undefined,
-        who,
+        { headers: { "retry-after": TOO_MANY_TURNS_RETRY_AFTER }, details: who },
       );
     }
     const run = { principal: principal.subject, admission };
@@ -725,7 +729,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
         401,
         "unauthorized",
         "Send either X-Internal-Secret or Authorization, not both",
-        challenge,
+        { headers: challenge },
       );
     }
     if (secret !== null) {
@@ -741,7 +745,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
         verifyToken
           ? "Missing X-Internal-Secret or Authorization header"
           : "Missing X-Internal-Secret header",
-        challenge,
+        { headers: challenge },
       );
     }
     if (!verifyToken) {
@@ -754,7 +758,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     const invalid = (message: string, reason: string) => {
       const headers = { "www-authenticate": INVALID_TOKEN_CHALLENGE };
       // The reason (expired, badSignature, …) is for the operator's log, never the token.
-      return refuse(401, "unauthorized", message, headers, undefined, undefined, { reason });
+      return refuse(401, "unauthorized", message, { headers, details: { reason } });
     };
     const match = BEARER.exec(authorization);
     if (!match) {
@@ -770,7 +774,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
           503,
           "unavailable",
           "Cannot check token: the keys to verify it are unavailable",
-          { "retry-after": KEY_SOURCE_RETRY_AFTER },
+          { headers: { "retry-after": KEY_SOURCE_RETRY_AFTER } },
         );
       }
       throw error;
@@ -820,7 +824,9 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     notFound: (request, pathname) =>
       refuse(404, "notFound", `Not found: ${request.method} ${pathname}`),
     methodNotAllowed: (request, allow) =>
-      refuse(405, "methodNotAllowed", `Method ${request.method} is not allowed`, { allow }),
+      refuse(405, "methodNotAllowed", `Method ${request.method} is not allowed`, {
+        headers: { allow },
+      }),
   });
 
   return async function handleTurnsRequest(request: Request): Promise<Response> {
@@ -841,7 +847,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
           431,
           "headersTooLarge",
           `Request header fields too large: the limit is ${MAX_HEAD_BYTES} bytes`,
-          { connection: "close" },
+          { headers: { connection: "close" } },
         )
         : await route(request, {
           takeEnd: () => {
