@@ -2,11 +2,11 @@
  * A stand-in for `codex app-server` that answers every turn at once, for the P4 throughput
  * bench (`bench/p4.ts`). The broker runs it through `--codex` (a shell wrapper execs it with
  * Node 22), the way it runs codex: `app-server --listen ws://127.0.0.1:0 --ws-auth
- * capability-token --ws-token-file FILE`. It then
+ * capability-token --ws-token-sha256 HEX` (or `--ws-token-file FILE`). It then
  *
  * - listens on a loopback port and prints `listening on: ws://127.0.0.1:PORT` on stderr, as
  *   codex does;
- * - answers `GET /readyz` with 200, and refuses upgrades without the token of the file;
+ * - answers `GET /readyz` with 200, and refuses upgrades without the token;
  * - answers `initialize`, `thread/start`, `thread/resume` and `turn/start`, and completes
  *   each turn at once with codex's sequence (`turn/started`, two `item/completed`,
  *   `turn/completed`), built with the tests' fake's shapes;
@@ -22,6 +22,7 @@
  * @module
  */
 
+import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { createServer } from "node:http";
 import process from "node:process";
@@ -39,10 +40,17 @@ const flag = (name: string) => {
   return index === -1 ? undefined : args[index + 1];
 };
 if (flag("--listen") === undefined) process.exit(0);
+// The broker gives the token's SHA-256 (as codex takes it); the bench's minimal client a file.
 const tokenFile = flag("--ws-token-file");
-const authorization = tokenFile === undefined
-  ? undefined
-  : `Bearer ${readFileSync(tokenFile, "utf8").trim()}`;
+const tokenSha256 = flag("--ws-token-sha256");
+const token = tokenFile === undefined ? undefined : readFileSync(tokenFile, "utf8").trim();
+function authorized(header: string | undefined): boolean {
+  if (tokenSha256 !== undefined) {
+    const bearer = header?.startsWith("Bearer ") ? header.slice(7) : "";
+    return createHash("sha256").update(bearer).digest("hex") === tokenSha256;
+  }
+  return token === undefined || header === `Bearer ${token}`;
+}
 
 const INIT_RESULT = {
   userAgent: "instant/0.0.0",
@@ -64,7 +72,7 @@ const http = createServer((request, response) => {
 });
 const wss = new WebSocketServer({ noServer: true });
 http.on("upgrade", (request, socket, head) => {
-  if (authorization !== undefined && request.headers.authorization !== authorization) {
+  if (!authorized(request.headers.authorization)) {
     socket.end("HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     return;
   }

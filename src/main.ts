@@ -151,6 +151,12 @@ export interface BrokerOptions {
    */
   requestTimeoutMs?: number;
   /**
+   * How long a keep-alive connection may stay idle between requests: Node's and Deno's
+   * `keepAliveTimeout`, Bun's `idleTimeout` (whole seconds, at least 1). Defaults to each
+   * server's own (5 s on `node:http`, 10 s on Bun). A turn in progress is never cut by it.
+   */
+  keepAliveTimeoutMs?: number;
+  /**
    * Which HTTP server the broker uses on Deno (other runtimes ignore it): `"node"`, Deno's
    * `node:http`, which closes idle keep-alive connections and half-sent requests and honours
    * `Connection: close`; or `"native"`, `Deno.serve`, which serves turns with about half
@@ -429,6 +435,9 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   let url: string;
   const host = options.host ?? DEFAULT_HOST;
   const port = options.port ?? DEFAULT_PORT;
+  const bunIdleSeconds = options.keepAliveTimeoutMs === undefined
+    ? BUN_IDLE_TIMEOUT_S
+    : Math.min(255, Math.max(1, Math.ceil(options.keepAliveTimeoutMs / 1000)));
   try {
     // Bun throws here when the port is taken, node:http (Node and Deno) from ready().
     server = serve(options.denoServer ?? "node", {
@@ -437,12 +446,27 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
       // main() owns the signals and the log; srvx would print to stdout and exit on its own.
       silent: true,
       gracefulShutdown: false,
-      node: nodeTimeouts(options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS),
+      node: {
+        ...nodeTimeouts(options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS),
+        ...(options.keepAliveTimeoutMs === undefined
+          ? {}
+          : { keepAliveTimeout: timerDelay(options.keepAliveTimeoutMs) }),
+      },
+      bun: { idleTimeout: bunIdleSeconds },
       fetch: (request: Request) => {
         const handler = serving.handler;
         if (!handler) return new Response(null, { status: 503, headers: { "retry-after": "1" } });
         inFlight.enter();
-        return handler(request);
+        const bun = bunServerOf(request);
+        if (bun === undefined) return handler(request);
+        // Bun's idle timeout also runs while the handler waits for codex and while an event
+        // stream is quiet, and would cut a turn longer than it (silently, for a stream):
+        // it is off for the request, and back for the idle time after a whole answer.
+        bun.timeout(request, 0);
+        return handler(request).then((response) => {
+          if (!isEventStream(response)) bun.timeout(request, bunIdleSeconds);
+          return response;
+        });
       },
     });
     await server.ready();
@@ -972,6 +996,26 @@ function listenFailure(error: unknown): string {
  * keep-alive connections and half-sent headers open forever and ignores `Connection: close`
  * (denoland/deno#9411); Deno's `node:http` closes them as Node does. Bun keeps `Bun.serve`.
  */
+/** Bun's own default idle timeout, in seconds (its largest is 255). */
+const BUN_IDLE_TIMEOUT_S = 10;
+
+/** The Bun server a request came through (srvx's `request.runtime.bun.server`), if any. */
+function bunServerOf(
+  request: Request,
+): { timeout(request: Request, seconds: number): void } | undefined {
+  const runtime = (request as { runtime?: { bun?: { server?: unknown } } }).runtime;
+  const server = runtime?.bun?.server as
+    | { timeout?(request: Request, seconds: number): void }
+    | undefined;
+  return typeof server?.timeout === "function"
+    ? server as { timeout(request: Request, seconds: number): void }
+    : undefined;
+}
+
+function isEventStream(response: Response): boolean {
+  return response.headers.get("content-type")?.startsWith("text/event-stream") ?? false;
+}
+
 function serve(denoServer: DenoServer, options: ServerOptions): Server {
   if (!("Deno" in globalThis) || denoServer === "native") return serveNative(options);
   const server = serveNode(options);
