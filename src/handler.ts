@@ -62,6 +62,14 @@ export type { Principal, TokenVerifier } from "./auth.ts";
 /** The broker's version, answered by `GET /healthz` unless the options say otherwise. */
 export const VERSION = "0.1.0"; // keep in sync with deno.json
 
+/** What {@linkcode TurnsHandlerOptions.jsonResponse} is given besides the body. */
+export interface JsonResponseInit {
+  /** The status code. */
+  status: number;
+  /** The headers, `content-type` among them, names in lower case. */
+  headers: Record<string, string>;
+}
+
 /** Options for {@linkcode createTurnsHandler}. */
 export interface TurnsHandlerOptions {
   /**
@@ -142,6 +150,14 @@ export interface TurnsHandlerOptions {
    * graceful shutdown. A hook that throws is ignored.
    */
   onRequestEnd?: (request: Request) => void;
+  /**
+   * Makes each JSON answer: every answer but event streams and answers relayed from an
+   * owner. Defaults to `new Response(body, init)`. A server may take a class of its own:
+   * srvx's `FastResponse` on `node:http` is written straight to the socket, where a web
+   * `Response` is copied through a web stream first. The answer's headers may still be
+   * added to (`X-Broker-Id`).
+   */
+  jsonResponse?: (body: string, init: JsonResponseInit) => Response;
   /** This broker's id: every answer the handler gives carries it as `X-Broker-Id`. */
   brokerId?: string;
   /**
@@ -356,11 +372,8 @@ function nonNegativeInteger(name: string, value: number | undefined): void {
   }
 }
 
-function json(status: number, body: unknown, headers: Record<string, string> = {}): Response {
-  return new Response(JSON.stringify(body), {
-    status,
-    headers: { "content-type": "application/json", ...headers },
-  });
+function webJsonResponse(body: string, init: JsonResponseInit): Response {
+  return new Response(body, init);
 }
 
 /**
@@ -509,6 +522,12 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
     options.maxWaitingTurnsPerWorkspace ?? DEFAULT_MAX_WAITING_TURNS_PER_WORKSPACE,
   );
   const { log: logHook, onRequestEnd } = options;
+  const makeJson = options.jsonResponse ?? webJsonResponse;
+  const json = (status: number, body: unknown, headers: Record<string, string> = {}) =>
+    makeJson(JSON.stringify(body), {
+      status,
+      headers: { "content-type": "application/json", ...headers },
+    });
   const log = (entry: Record<string, unknown>) => {
     try {
       logHook?.(entry);

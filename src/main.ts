@@ -44,7 +44,7 @@ import { join, resolve as resolvePath } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { serve as serveNative, type Server, type ServerOptions } from "srvx";
-import { serve as serveNode } from "srvx/node";
+import { FastResponse, serve as serveNode } from "srvx/node";
 import { type CodexHealth, createTurnsHandler, VERSION } from "./handler.ts";
 import { createTokenVerifier, type JsonWebKeySet, type TokenVerifier } from "./auth.ts";
 import { Metrics } from "./metrics.ts";
@@ -494,6 +494,12 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
   holder.url = options.advertiseUrl ?? url;
   serving.handler = createTurnsHandler(pool, {
     secret: options.secret,
+    // node:http (Node, and Deno by default): srvx writes its own answers straight to the
+    // socket, where a web Response's body goes through a web stream (7% of the CPU per turn
+    // on Node with an instant codex).
+    ...(server.node === undefined
+      ? {}
+      : { jsonResponse: (body, init) => new FastResponse(body, init) as Response }),
     ...(tokens ? { tokens } : {}),
     ...(options.maxTurnsPerWorkspace === undefined
       ? {}

@@ -442,6 +442,46 @@ test(
   },
 );
 
+test(
+  "bodies that arrive in pieces, with Content-Length and chunked, are read whole, one after the other on a keep-alive connection",
+  TIMEOUT,
+  async () => {
+    await withBroker(async (running) => {
+      // Invalid on purpose: each answer shows its whole body was read and parsed.
+      const body = JSON.stringify({ workspaceId: "ws-1", note: "x".repeat(20_000) });
+      const half = body.length >> 1;
+      const client = await rawClient(running.port);
+      try {
+        client.socket.write(
+          request("POST", "/api/turns", { ...JSON_HEADERS, "Content-Length": String(body.length) }),
+        );
+        for (const piece of [body.slice(0, half), body.slice(half)]) {
+          await new Promise((resolve) => setTimeout(resolve, 20));
+          client.socket.write(piece);
+        }
+        await client.until(() => responses(client.received).length === 1, 5_000, "answer 1");
+        client.socket.write(
+          request("POST", "/api/turns", { ...JSON_HEADERS, "Transfer-Encoding": "chunked" }),
+        );
+        for (const piece of [body.slice(0, half), body.slice(half)]) {
+          await new Promise((resolve) => setTimeout(resolve, 20));
+          client.socket.write(`${piece.length.toString(16)}\r\n${piece}\r\n`);
+        }
+        client.socket.write("0\r\n\r\n");
+        await client.until(() => responses(client.received).length === 2, 5_000, "answer 2");
+        for (const response of responses(client.received)) {
+          assert.equal(response.status, 400);
+          assert.equal(errorOf(response).code, "invalidParams");
+        }
+        assert.equal(client.closed, false);
+      } finally {
+        await client.destroy();
+      }
+      await assertNothingLeft(running);
+    });
+  },
+);
+
 /** A `GET /healthz` whose head carries `bytes` more in one header field. */
 function bigHead(bytes: number): string {
   return request("GET", "/healthz", { "X-Padding": "a".repeat(bytes) });

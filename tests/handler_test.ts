@@ -473,6 +473,43 @@ test("POST /api/turns without threadId starts a thread with threadParams and ans
   }
 });
 
+test("createTurnsHandler() answers every JSON answer through jsonResponse, refusals included", async () => {
+  const made: { body: string; status: number; headers: Record<string, string> }[] = [];
+  class OwnResponse extends Response {}
+  const h = await harness((peer) => codexLike(peer), {
+    handler: {
+      brokerId: "broker-a",
+      jsonResponse: (body, init) => {
+        made.push({ body, status: init.status, headers: { ...init.headers } });
+        return new OwnResponse(body, init);
+      },
+    },
+  });
+  try {
+    const turn = await h.handler(post({ workspaceId: "ws-1", params: { input } }));
+    assert.ok(turn instanceof OwnResponse);
+    assert.equal(turn.status, 200);
+    assert.equal(turn.headers.get("x-broker-id"), "broker-a");
+    const body = await turn.json();
+    assert.equal(body.turn.id, "turn-1");
+    assert.deepEqual(made[0], {
+      body: JSON.stringify(body),
+      status: 200,
+      headers: { "content-type": "application/json" },
+    });
+    const refused = await h.handler(new Request(URL_TURNS, { method: "DELETE" }));
+    assert.ok(refused instanceof OwnResponse);
+    assert.equal(refused.status, 405);
+    assert.equal(made.length, 2);
+    assert.equal(made[1]!.status, 405);
+    assert.equal(JSON.parse(made[1]!.body).error.code, "methodNotAllowed");
+    assert.equal(made[1]!.headers.allow, "POST");
+    assert.equal(made[1]!.headers["content-type"], "application/json");
+  } finally {
+    await h.close();
+  }
+});
+
 test("POST /api/turns with a threadId resumes that thread and runs the turn on it", async () => {
   const h = await harness((peer) => codexLike(peer));
   try {
