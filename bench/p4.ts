@@ -14,7 +14,9 @@
  *   `/readyz` and completes every turn at once. Loaded by the same `wrk` command as hello
  *   srvx: `POST /api/turns` for one workspace with no `threadId` (a new thread each time).
  *   After the run the broker's `/metrics` must count every answered request as a
- *   `completed` turn, so an error answer cannot pass for throughput.
+ *   `completed` turn, so an error answer cannot pass for throughput. The broker runs with
+ *   its defaults, then with `--ws-client web` (the runtime's own WebSocket to codex, as the
+ *   minimal client uses), and on Deno also with `--deno-server native`.
  *
  * The load generator is Debian's `wrk` (`apt-get install wrk`): `wrk -t1 -c64` on keep-alive
  * connections, a warm-up run, then the measured run. It prints req/s (turns/s) per server,
@@ -401,9 +403,14 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
         ? "skipped"
         : await runMinimal(runtime, dir, config).catch(message);
       // On Deno the broker serves through node:http unless told otherwise: both are shown.
-      const variants: [string | undefined, string[]][] = runtime === "deno"
-        ? [[undefined, []], ["deno, --deno-server native", ["--deno-server", "native"]]]
-        : [[undefined, []]];
+      // Each runtime also runs with its own WebSocket to codex, for the client's share.
+      const variants: [string | undefined, string[]][] = [
+        [undefined, []],
+        ...(runtime === "deno"
+          ? [["deno, --deno-server native", ["--deno-server", "native"]] as [string, string[]]]
+          : []),
+        [`${runtime}, --ws-client web`, ["--ws-client", "web"]],
+      ];
       for (const [label, extraFlags] of variants) {
         let broker: P4Figure | string;
         let codexCpuUsPerTurn = NaN;

@@ -8,7 +8,9 @@
  * - `bench/p5_pool.ts --mode pool`: a `Pool` dialing 10,000 workspaces (a `Conn` each,
  *   handshake included), RSS before and after (forced GC), then the reaper's sweep timed:
  *   20 sweeps with nothing to reap, and, with all 10,000 due, the first sweep and the
- *   time until the pool is empty.
+ *   time until the pool is empty. Twice: with the runtime's `WebSocket` (`--client web`,
+ *   the library's default) and with the service's own client on `node:net` (`--client
+ *   net`, what `src/main.ts` dials with by default).
  *
  * It prints the pool's RSS growth against the goal {@linkcode P5_RSS_GOAL_MB} MB and beside
  * the raw sockets' growth, and the sweep times against {@linkcode P5_SWEEP_GOAL_MS} ms.
@@ -48,6 +50,8 @@ export interface P5Config {
 /** One runtime's run. */
 export interface P5Run {
   runtime: BenchRuntime;
+  /** The pool's WebSocket client: the runtime's (`web`) or the service's own (`net`). */
+  client: "web" | "net";
   raw: P5Result | string;
   pool: P5Result | string;
   load: string;
@@ -78,6 +82,7 @@ async function runMode(
   mode: "raw" | "pool",
   urls: string[],
   config: P5Config,
+  client: "web" | "net" = "web",
 ): Promise<P5Result> {
   const flags = runtime === "node"
     ? ["--expose-gc"]
@@ -87,7 +92,16 @@ async function runMode(
   const [binary, args] = runtimeCommand(
     runtime,
     "bench/p5_pool.ts",
-    ["--urls", urls.join(","), "--count", String(config.connections), "--mode", mode],
+    [
+      "--urls",
+      urls.join(","),
+      "--count",
+      String(config.connections),
+      "--mode",
+      mode,
+      "--client",
+      client,
+    ],
     flags,
   );
   const output = await new Deno.Command(binary, {
@@ -124,8 +138,11 @@ export async function runP5(config: P5Config): Promise<P5Run[]> {
     const message = (error: unknown) => error instanceof Error ? error.message : String(error);
     try {
       const raw = await runMode(runtime, "raw", fake.info.urls, config).catch(message);
-      const pool = await runMode(runtime, "pool", fake.info.urls, config).catch(message);
-      runs.push({ runtime, raw, pool, load: loadText() });
+      for (const client of ["web", "net"] as const) {
+        const pool = await runMode(runtime, "pool", fake.info.urls, config, client)
+          .catch(message);
+        runs.push({ runtime, client, raw, pool, load: loadText() });
+      }
     } finally {
       await fake.stop();
     }
@@ -151,7 +168,7 @@ export function formatP5(runs: P5Run[], config: P5Config): string {
     const idleP50 = percentile(sweeps, 50);
     const idleMax = sweeps.length > 0 ? sweeps[sweeps.length - 1]! : NaN;
     return [
-      run.runtime,
+      `${run.runtime} (${run.client})`,
       pool ? `${pool.baselineRssMb.toFixed(0)} -> ${pool.openRssMb.toFixed(0)}` : "-",
       `${poolGrowth.toFixed(0)} (${(poolGrowth * 1024 / config.connections).toFixed(1)} KB/conn)`,
       `${rawGrowth.toFixed(0)} (${(rawGrowth * 1024 / config.connections).toFixed(1)} KB/conn)`,
@@ -184,13 +201,14 @@ export function formatP5(runs: P5Run[], config: P5Config): string {
     ),
   ];
   for (const run of runs) {
-    if (typeof run.pool === "string") lines.push(`${run.runtime} pool: failed: ${run.pool}`);
+    const name = `${run.runtime} (${run.client})`;
+    if (typeof run.pool === "string") lines.push(`${name} pool: failed: ${run.pool}`);
     else if (run.pool.entriesAfterReap !== 0) {
-      lines.push(`${run.runtime}: ${run.pool.entriesAfterReap} entries left after the reap`);
+      lines.push(`${name}: ${run.pool.entriesAfterReap} entries left after the reap`);
     }
     if (typeof run.raw === "string") lines.push(`${run.runtime} raw: failed: ${run.raw}`);
     lines.push(
-      `${run.runtime}: GC ${typeof run.pool === "string" ? "-" : run.pool.gc}; ${run.load}`,
+      `${name}: GC ${typeof run.pool === "string" ? "-" : run.pool.gc}; ${run.load}`,
     );
   }
   lines.push(

@@ -22,6 +22,7 @@
 import process from "node:process";
 import { parseArgs } from "node:util";
 import { Pool } from "../src/pool.ts";
+import { openNetWebSocket } from "../src/_net_websocket.ts";
 import { internalSizes } from "../src/_internals.ts";
 import { RESULT_MARKER } from "./_stats.ts";
 
@@ -66,6 +67,8 @@ const { values } = parseArgs({
     count: { type: "string", default: "10000" },
     concurrency: { type: "string", default: "64" },
     mode: { type: "string", default: "pool" },
+    // The pool's WebSocket: the runtime's (web) or the service's own on node:net (net).
+    client: { type: "string", default: "web" },
   },
 });
 const urls = (values.urls ?? "").split(",").filter((u) => u !== "");
@@ -73,6 +76,7 @@ if (urls.length === 0) throw new TypeError("--urls is required");
 const count = Number(values.count);
 const concurrency = Number(values.concurrency);
 const mode = values.mode === "raw" ? "raw" : "pool";
+const client = values.client === "net" ? "net" : "web";
 
 function collect(): string {
   const bun = (globalThis as { Bun?: { gc(force: boolean): void } }).Bun;
@@ -131,7 +135,11 @@ const result: P5Result = {
 if (mode === "pool") {
   const pool = new Pool(
     (workspaceId) => Promise.resolve(urls[Number(workspaceId.slice(3)) % urls.length]!),
-    { idleTtlMs: IDLE_TTL_MS, sweepIntervalMs: SWEEP_INTERVAL_MS },
+    {
+      idleTtlMs: IDLE_TTL_MS,
+      sweepIntervalMs: SWEEP_INTERVAL_MS,
+      ...(client === "net" ? { dial: { webSocket: openNetWebSocket } } : {}),
+    },
   );
   const began = performance.now();
   await inBatches(async (index) => {

@@ -251,6 +251,21 @@ const FLAGS: readonly Flag[] = [
     },
   },
   {
+    name: "ws-client",
+    value: "<client>",
+    help: [
+      "The WebSocket client to codex: net (default), the broker's own on",
+      "node:net, which writes the frames of one event-loop turn together,",
+      "or web, the runtime's WebSocket",
+    ],
+    apply(client, options) {
+      if (client !== "net" && client !== "web") {
+        throw new UsageError(`Invalid --ws-client ${JSON.stringify(client)}: expected net or web`);
+      }
+      options.wsClient = client;
+    },
+  },
+  {
     name: "grace",
     value: "<duration>",
     help: [

@@ -12,18 +12,22 @@ type WebSocketWithHeaders = new (
  * @param url The ws:// URL.
  * @param headers Upgrade request headers.
  * @param signal Abandons the attempt (the socket is closed) and rejects with its reason.
+ * @param create Makes the socket; defaults to the platform's `WebSocket`.
  * @returns The open socket.
  */
 export function openWebSocket(
   url: string,
   headers: Record<string, string>,
   signal: AbortSignal,
+  create?: (url: string, headers: Record<string, string>) => WebSocket,
 ): Promise<WebSocket> {
   if (signal.aborted) return Promise.reject(signal.reason);
   return new Promise<WebSocket>((resolve, reject) => {
     let ws: WebSocket;
     try {
-      ws = Object.keys(headers).length > 0
+      ws = create
+        ? create(url, headers)
+        : Object.keys(headers).length > 0
         ? new (WebSocket as unknown as WebSocketWithHeaders)(url, { headers })
         : new WebSocket(url);
     } catch (error) {

@@ -70,6 +70,12 @@ export interface DialOptions {
    * its queue only until the event loop turns, so there the bound catches a burst only.
    */
   maxSendBufferBytes?: number;
+  /**
+   * Makes the WebSocket, given the URL and the upgrade headers. Defaults to the platform's
+   * `WebSocket`. The broker's service (`./main`) passes its own client on `node:net`,
+   * which writes the frames of one event-loop turn in one system call.
+   */
+  webSocket?: (url: string, headers: Record<string, string>) => WebSocket;
 }
 
 /** Options for {@linkcode Conn.request}, {@linkcode Conn.startThread} and {@linkcode Conn.interrupt}. */
@@ -275,7 +281,7 @@ export class Conn extends EventTarget {
     try {
       let ws: WebSocket;
       try {
-        ws = await openWebSocket(href, options.headers ?? {}, scope.signal);
+        ws = await openWebSocket(href, options.headers ?? {}, scope.signal, options.webSocket);
       } catch (error) {
         if (scope.timedOut) {
           throw fail(

@@ -10,6 +10,7 @@ import { type FakeWebSocket, installFakeWebSocket } from "./_fake_socket.ts";
 import assert from "node:assert/strict";
 import { Conn, ConnectionClosedError, Pool, RpcError, TurnLostError } from "../mod.ts";
 import { createTurnsHandler } from "../src/handler.ts";
+import { openNetWebSocket } from "../src/_net_websocket.ts";
 import {
   agentMessage,
   type FakePeer,
@@ -342,98 +343,111 @@ test("Conn closes as stalled instead of queueing the answer to a server request"
   }
 });
 
-test("Conn bounds its send backlog when codex stops reading its socket", {
-  // Bun's client WebSocket reports bufferedAmount 0 once the event loop has turned, however
-  // much it holds (oven-sh/bun#31760): there only the in-process tests above apply.
-  skip: isBun,
-}, async () => {
-  const server = await startFakeAppServer(() => {});
-  const maxSendBufferBytes = 1024 * 1024;
-  const conn = await Conn.dial(server.url, { maxSendBufferBytes, requestTimeoutMs: 60_000 });
-  const peer = server.peers[0]!;
-  const socket = (peer.ws as unknown as { _socket: { pause(): void; resume(): void } })._socket;
-  socket.pause();
-  const chunk = "x".repeat(256 * 1024);
-  const calls: Promise<unknown>[] = [];
-  try {
-    // Far beyond what the kernel's socket buffers hold, one send per event loop turn.
-    for (let i = 0; i < 400 && !conn.closed; i++) {
-      const call = conn.request("thread/read", { threadId: chunk });
-      call.catch(() => {});
-      calls.push(call);
-      await new Promise((resolve) => setTimeout(resolve, 1));
+for (const client of ["web", "net"] as const) {
+  test(`Conn bounds its send backlog when codex stops reading its socket (${client} WebSocket)`, {
+    // Bun's own client WebSocket reports bufferedAmount 0 once the event loop has turned,
+    // however much it holds (oven-sh/bun#31760); and on Bun the ws server's socket goes on
+    // reading when paused. There the in-process tests above apply, and the broker's own
+    // client is tested against a raw server in net_websocket_test.ts.
+    skip: isBun,
+  }, async () => {
+    const server = await startFakeAppServer(() => {});
+    const maxSendBufferBytes = 1024 * 1024;
+    const conn = await Conn.dial(server.url, {
+      maxSendBufferBytes,
+      requestTimeoutMs: 60_000,
+      ...(client === "net" ? { webSocket: openNetWebSocket } : {}),
+    });
+    const peer = server.peers[0]!;
+    const socket = (peer.ws as unknown as { _socket: { pause(): void; resume(): void } })._socket;
+    socket.pause();
+    const chunk = "x".repeat(256 * 1024);
+    const calls: Promise<unknown>[] = [];
+    try {
+      // Far beyond what the kernel's socket buffers hold, one send per event loop turn.
+      for (let i = 0; i < 400 && !conn.closed; i++) {
+        const call = conn.request("thread/read", { threadId: chunk });
+        call.catch(() => {});
+        calls.push(call);
+        await new Promise((resolve) => setTimeout(resolve, 1));
+      }
+      assert.equal(conn.closed, true, "the connection closed as stalled");
+      const outcomes = await Promise.allSettled(calls);
+      for (const outcome of outcomes) {
+        assert.equal(outcome.status, "rejected");
+        assert.ok(outcome.reason instanceof ConnectionClosedError);
+      }
+      assert.match(
+        (outcomes.at(-1) as PromiseRejectedResult).reason.message,
+        /codex stopped reading/,
+      );
+    } finally {
+      socket.resume();
+      conn.close();
+      await within(conn.finished, 5_000, "the socket to close once codex reads again");
+      await server.close();
     }
-    assert.equal(conn.closed, true, "the connection closed as stalled");
-    const outcomes = await Promise.allSettled(calls);
-    for (const outcome of outcomes) {
-      assert.equal(outcome.status, "rejected");
-      assert.ok(outcome.reason instanceof ConnectionClosedError);
-    }
-    assert.match(
-      (outcomes.at(-1) as PromiseRejectedResult).reason.message,
-      /codex stopped reading/,
-    );
-  } finally {
-    socket.resume();
-    conn.close();
-    await within(conn.finished, 5_000, "the socket to close once codex reads again");
-    await server.close();
-  }
-});
+  });
+}
 
 // 3. A flood
 
-test("Conn.turn() takes 20,000 notifications and items of 4 MiB in one turn without closing", async () => {
-  const big = (i: number) => agentMessage(`msg-${i}`, String(i).repeat(4 * 1024 * 1024));
-  const server = await startFakeAppServer(async (peer) => {
-    peer.reply(await peer.expect("thread/start"), threadResult("thr-1"));
-    await acceptTurn(peer, "turn-1");
-    for (let i = 0; i < 20_000; i++) {
-      peer.sendUnchecked({
-        method: "item/agentMessage/delta",
-        params: { threadId: "thr-1", turnId: "turn-1", itemId: "msg-0", delta: `d${i}` },
-      });
-    }
-    for (let i = 0; i < 3; i++) {
-      peer.sendUnchecked({
-        method: "item/completed",
-        params: itemCompleted("thr-1", "turn-1", big(i)),
-      });
-    }
-    peer.notify("turn/completed", { threadId: "thr-1", turn: turnObject("turn-1") });
-    peer.reply(await peer.expect("thread/list"), { data: [], nextCursor: null });
-  });
-  const conn = await Conn.dial(server.url);
-  try {
-    const threadId = await conn.startThread();
-    let deltas = 0;
-    let inOrder = true;
-    const turn = await conn.turn(threadId, { input }, {
-      timeoutMs: 60_000,
-      onNotification: (method, params) => {
-        if (method !== "item/agentMessage/delta") return;
-        if (params.delta !== `d${deltas}`) inOrder = false;
-        deltas++;
-      },
+for (const client of ["web", "net"] as const) {
+  test(`Conn.turn() takes 20,000 notifications and items of 4 MiB in one turn without closing (${client} WebSocket)`, async () => {
+    const big = (i: number) => agentMessage(`msg-${i}`, String(i).repeat(4 * 1024 * 1024));
+    const server = await startFakeAppServer(async (peer) => {
+      peer.reply(await peer.expect("thread/start"), threadResult("thr-1"));
+      await acceptTurn(peer, "turn-1");
+      for (let i = 0; i < 20_000; i++) {
+        peer.sendUnchecked({
+          method: "item/agentMessage/delta",
+          params: { threadId: "thr-1", turnId: "turn-1", itemId: "msg-0", delta: `d${i}` },
+        });
+      }
+      for (let i = 0; i < 3; i++) {
+        peer.sendUnchecked({
+          method: "item/completed",
+          params: itemCompleted("thr-1", "turn-1", big(i)),
+        });
+      }
+      peer.notify("turn/completed", { threadId: "thr-1", turn: turnObject("turn-1") });
+      peer.reply(await peer.expect("thread/list"), { data: [], nextCursor: null });
     });
-    assert.equal(deltas, 20_000);
-    assert.ok(inOrder, "deltas came in the order codex sent them");
-    // The turn holds its items (they are its result), not its notifications.
-    assert.deepEqual(turn.items.map((item) => (item as { id: string }).id), [
-      "msg-0",
-      "msg-1",
-      "msg-2",
-    ]);
-    assert.equal((turn.items[2] as unknown as { text: string }).text.length, 4 * 1024 * 1024);
-    assert.equal(conn.closed, false);
-    assert.deepEqual(Object.values(conn.stats.dropped), [0, 0, 0, 0, 0, 0]);
-    assert.deepEqual(await conn.request("thread/list"), { data: [], nextCursor: null });
-    assert.equal(conn.inFlight, 0);
-  } finally {
-    conn.close();
-    await server.close();
-  }
-});
+    const conn = await Conn.dial(
+      server.url,
+      client === "net" ? { webSocket: openNetWebSocket } : {},
+    );
+    try {
+      const threadId = await conn.startThread();
+      let deltas = 0;
+      let inOrder = true;
+      const turn = await conn.turn(threadId, { input }, {
+        timeoutMs: 60_000,
+        onNotification: (method, params) => {
+          if (method !== "item/agentMessage/delta") return;
+          if (params.delta !== `d${deltas}`) inOrder = false;
+          deltas++;
+        },
+      });
+      assert.equal(deltas, 20_000);
+      assert.ok(inOrder, "deltas came in the order codex sent them");
+      // The turn holds its items (they are its result), not its notifications.
+      assert.deepEqual(turn.items.map((item) => (item as { id: string }).id), [
+        "msg-0",
+        "msg-1",
+        "msg-2",
+      ]);
+      assert.equal((turn.items[2] as unknown as { text: string }).text.length, 4 * 1024 * 1024);
+      assert.equal(conn.closed, false);
+      assert.deepEqual(Object.values(conn.stats.dropped), [0, 0, 0, 0, 0, 0]);
+      assert.deepEqual(await conn.request("thread/list"), { data: [], nextCursor: null });
+      assert.equal(conn.inFlight, 0);
+    } finally {
+      conn.close();
+      await server.close();
+    }
+  });
+}
 
 // 4. Valid JSON of the wrong shape
 

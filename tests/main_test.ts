@@ -98,55 +98,63 @@ function codexPids(broker: BrokerProcess): number[] {
   return records(broker.lines).filter((r) => r.msg === "dial").map((r) => r.pid as number);
 }
 
-test(
-  "src/main.ts serves a complete turn over HTTP, run by codex in the workspace directory",
-  TIMEOUT,
-  async () => {
-    const fx = await startFixture();
-    try {
-      const response = await turnRequest(fx.url, HELLO);
-      assert.equal(response.status, 200);
-      const body = await response.json();
-      assert.equal(typeof body.threadId, "string");
-      assert.equal(body.turn.status, "completed");
-      const agent = body.turn.items.find((item: { type: string }) => item.type === "agentMessage");
-      assert.equal(agent?.text, "hello from the mock");
-      // codex tells the model its working directory: the workspace's own work folder, with
-      // its own codex home and lease beside it, not inside.
-      const workspace = join(fx.dir, "workspaces", "ws-1");
-      assert.ok(
-        JSON.stringify(fx.model.requests[0]?.body).includes(`<cwd>${workspace}/work</cwd>`),
-      );
-      assert.ok(
-        existsSync(join(workspace, "codex-home", "config.toml")),
-        "the template was copied",
-      );
-      assert.ok(existsSync(join(workspace, "codex-home", "sessions")), "the thread lives there");
-      assert.ok(existsSync(join(workspace, "lease")));
-      const turn = await fx.broker.waitForLine((l) => l.includes('"msg":"turn"'), "the turn");
-      assert.deepEqual(
-        { ...JSON.parse(turn), time: undefined, durationMs: undefined },
-        {
-          time: undefined,
-          level: "info",
-          msg: "turn",
-          workspaceId: "ws-1",
-          threadId: body.threadId,
-          turnId: body.turn.id,
-          status: "completed",
-          outcome: "completed",
-          durationMs: undefined,
-          stream: false,
-          principal: "operator",
-        },
-      );
-      assert.equal(typeof JSON.parse(turn).durationMs, "number");
-      assert.equal(fx.broker.lines.some((line) => line.includes(SECRET)), false);
-    } finally {
-      await fx.cleanup();
-    }
-  },
-);
+for (const wsClient of ["net", "web"] as const) {
+  test(
+    `src/main.ts serves a complete turn over HTTP, run by codex in the workspace directory (--ws-client ${wsClient})`,
+    TIMEOUT,
+    async () => {
+      const fx = await startFixture({
+        args: ["--secret", SECRET, ...(wsClient === "web" ? ["--ws-client", "web"] : [])],
+      });
+      try {
+        const start = records(fx.broker.lines).find((r) => r.msg === "start");
+        assert.equal(start?.wsClient, wsClient);
+        const response = await turnRequest(fx.url, HELLO);
+        assert.equal(response.status, 200);
+        const body = await response.json();
+        assert.equal(typeof body.threadId, "string");
+        assert.equal(body.turn.status, "completed");
+        const agent = body.turn.items.find((item: { type: string }) =>
+          item.type === "agentMessage"
+        );
+        assert.equal(agent?.text, "hello from the mock");
+        // codex tells the model its working directory: the workspace's own work folder, with
+        // its own codex home and lease beside it, not inside.
+        const workspace = join(fx.dir, "workspaces", "ws-1");
+        assert.ok(
+          JSON.stringify(fx.model.requests[0]?.body).includes(`<cwd>${workspace}/work</cwd>`),
+        );
+        assert.ok(
+          existsSync(join(workspace, "codex-home", "config.toml")),
+          "the template was copied",
+        );
+        assert.ok(existsSync(join(workspace, "codex-home", "sessions")), "the thread lives there");
+        assert.ok(existsSync(join(workspace, "lease")));
+        const turn = await fx.broker.waitForLine((l) => l.includes('"msg":"turn"'), "the turn");
+        assert.deepEqual(
+          { ...JSON.parse(turn), time: undefined, durationMs: undefined },
+          {
+            time: undefined,
+            level: "info",
+            msg: "turn",
+            workspaceId: "ws-1",
+            threadId: body.threadId,
+            turnId: body.turn.id,
+            status: "completed",
+            outcome: "completed",
+            durationMs: undefined,
+            stream: false,
+            principal: "operator",
+          },
+        );
+        assert.equal(typeof JSON.parse(turn).durationMs, "number");
+        assert.equal(fx.broker.lines.some((line) => line.includes(SECRET)), false);
+      } finally {
+        await fx.cleanup();
+      }
+    },
+  );
+}
 
 test(
   "src/main.ts answers 401 to a request without the secret or with a wrong one",
@@ -439,6 +447,20 @@ test("parseFlags() refuses an --idle-ttl or --grace past 24 days, which timers c
   assert.equal(longest.options.idleTtlMs, 24 * 24 * 3_600_000);
   assert.equal(longest.options.graceMs, 24 * 24 * 3_600_000);
   assert.equal(parseDuration("0", "--grace"), 0);
+});
+
+test("parseFlags() reads --ws-client net or web and refuses anything else", () => {
+  for (const client of ["net", "web"] as const) {
+    const parsed = parseFlags(["--ws-client", client], {});
+    assert.ok(!parsed.help);
+    assert.equal(parsed.options.wsClient, client);
+  }
+  assert.throws(
+    () => parseFlags(["--ws-client", "ws"], {}),
+    (error) =>
+      error instanceof UsageError &&
+      error.message === 'Invalid --ws-client "ws": expected net or web',
+  );
 });
 
 test("parseFlags() reads --turn-silence as a positive duration", () => {
