@@ -245,6 +245,12 @@ async function runMinimal(
   }
 }
 
+async function metric(url: string, name: string): Promise<number> {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const match = new RegExp(`^${name}\\s+(\\d+)$`, "m").exec(text);
+  return Number(match?.[1] ?? NaN);
+}
+
 async function completedTurns(url: string): Promise<number> {
   const text = await (await fetch(`${url}/metrics`)).text();
   const match = /codex_broker_turns_total\{outcome="completed"\}\s+(\d+)/.exec(text);
@@ -325,6 +331,9 @@ async function runBroker(
     if (completed < result.requests) {
       problems.push(`${result.requests - completed} answers without a completed turn`);
     }
+    // One workspace, one connection: a redial would be a fault, and its cost in the figures.
+    const dials = await metric(server.url, "codex_broker_dials_total");
+    if (dials !== 1) problems.push(`${dials} dials to codex, not 1`);
     return {
       figure: { perSec: result.perSec, count: result.requests, cpuUsPerRequest, problems },
       codexCpuUsPerTurn,

@@ -82,6 +82,9 @@ interface Pending {
   readonly reject: (error: unknown) => void;
 }
 
+// WebSocket.CLOSED, without touching the global: on Node its first use loads undici's
+// WebSocket (35 ms), which a broker dialing with its own client never needs.
+const CLOSED = 3;
 const DRAINING_CODE = -32600;
 const INTERNAL_ERROR_CODE = -32603;
 /**
@@ -416,7 +419,7 @@ export class RpcSession {
     }
     ws.onmessage = null;
     ws.onerror = null;
-    if (ws.readyState === WebSocket.CLOSED) this.#socketClosed.resolve();
+    if (ws.readyState === CLOSED) this.#socketClosed.resolve();
     else ws.onclose = () => this.#socketClosed.resolve();
     const pending = [...this.#pending.values()];
     this.#pending.clear();
