@@ -131,6 +131,8 @@ for (const wsClient of ["net", "web"] as const) {
         assert.ok(existsSync(join(workspace, "codex-home", "sessions")), "the thread lives there");
         assert.ok(existsSync(join(workspace, "lease")));
         const turn = await fx.broker.waitForLine((l) => l.includes('"msg":"turn"'), "the turn");
+        // One JSON object per line, time, level and msg first.
+        assert.match(turn, /^\{"time":"\d{4}-\d\d-\d\dT[\d:.]+Z","level":"info","msg":"turn",/);
         assert.deepEqual(
           { ...JSON.parse(turn), time: undefined, durationMs: undefined },
           {
