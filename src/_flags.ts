@@ -238,8 +238,8 @@ const FLAGS: readonly Flag[] = [
     value: "<server>",
     help: [
       "On Deno: node (node:http, default), which closes idle and slow",
-      "clients' connections, or native (Deno.serve): about twice the",
-      "turns per CPU second, but no bound on slow clients: behind nginx",
+      "clients' connections, or native (Deno.serve): about the same CPU",
+      "per turn, but no bound on slow clients: behind nginx",
     ],
     apply(server, options) {
       if (server !== "node" && server !== "native") {

@@ -163,9 +163,9 @@ export interface BrokerOptions {
   /**
    * Which HTTP server the broker uses on Deno (other runtimes ignore it): `"node"`, Deno's
    * `node:http`, which closes idle keep-alive connections and half-sent requests and honours
-   * `Connection: close`; or `"native"`, `Deno.serve`, which serves turns with about half
-   * the CPU but never closes a slow or idle client's connection, so it belongs behind a
-   * proxy that does (nginx). Defaults to `"node"`.
+   * `Connection: close`; or `"native"`, `Deno.serve`, which serves turns with about the same
+   * CPU but never closes a slow or idle client's connection, so it belongs behind a proxy
+   * that does (nginx). Defaults to `"node"`.
    */
   denoServer?: DenoServer;
   /**
