@@ -265,7 +265,7 @@ export class RpcSession {
   ): Promise<unknown> {
     let slowest = 0;
     for (let attempt = 0;; attempt++) {
-      if (scope.signal.aborted) throw scope.signal.reason;
+      if (scope.aborted) throw scope.reason;
       const sentAt = performance.now();
       let overload: RpcError;
       try {

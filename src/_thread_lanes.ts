@@ -1,3 +1,5 @@
+import type { Scope } from "./_deadline.ts";
+
 interface Waiter {
   readonly grant: () => void;
 }
@@ -26,7 +28,7 @@ export class ThreadLanes {
    * @param signal Leaves the line; the promise then rejects with `signal.reason`.
    * @returns A function that releases the lane to the next waiter. Call it exactly once.
    */
-  acquire(threadId: string, signal: AbortSignal): Promise<() => void> {
+  acquire(threadId: string, signal: AbortSignal | Scope): Promise<() => void> {
     if (signal.aborted) return Promise.reject(signal.reason);
     let released = false;
     const release = () => {
@@ -40,9 +42,10 @@ export class ThreadLanes {
       return Promise.resolve(release);
     }
     return new Promise<() => void>((resolve, reject) => {
+      let off = () => {};
       const waiter: Waiter = {
         grant: () => {
-          signal.removeEventListener("abort", onAbort);
+          off();
           resolve(release);
         },
       };
@@ -51,7 +54,12 @@ export class ThreadLanes {
         if (index !== -1) lane.waiters.splice(index, 1);
         reject(signal.reason);
       };
-      signal.addEventListener("abort", onAbort, { once: true });
+      if (signal instanceof AbortSignal) {
+        signal.addEventListener("abort", onAbort, { once: true });
+        off = () => signal.removeEventListener("abort", onAbort);
+      } else {
+        off = signal.onAbort(onAbort);
+      }
       lane.waiters.push(waiter);
     });
   }

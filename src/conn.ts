@@ -500,7 +500,7 @@ export class Conn extends EventTarget {
     let handedOver = false;
     this.#calls++;
     try {
-      release = await this.#lanes.acquire(threadId, scope.signal);
+      release = await this.#lanes.acquire(threadId, scope);
       if (!this.#attached.touch(threadId)) {
         // Events of a thread started elsewhere (or on an earlier connection, or forgotten
         // by the LRU) go nowhere until this connection resumes it.
@@ -528,7 +528,7 @@ export class Conn extends EventTarget {
           unwatch();
         }
       } catch (error) {
-        if (scope.signal.aborted && !this.closed) {
+        if (scope.aborted && !this.closed) {
           // The caller gave up but codex may still be working: interrupt it, and keep the
           // thread's lane until the turn has really stopped, since codex would merge the
           // next turn/start into this one.
@@ -570,10 +570,10 @@ export class Conn extends EventTarget {
     turnId: string | null,
   ): unknown {
     const closeError = this.#session.closeError;
-    if (closeError && (error === closeError || scope.signal.reason === closeError)) {
+    if (closeError && (error === closeError || scope.reason === closeError)) {
       return closeError;
     }
-    if (signal?.aborted && scope.signal.reason === signal.reason) return signal.reason;
+    if (signal?.aborted && scope.reason === signal.reason) return signal.reason;
     // An overload (RpcError) that outlasted the deadline was already chosen over a timeout
     // by the session's retry loop.
     if (scope.timedOut && !(error instanceof RpcError)) {
@@ -685,7 +685,7 @@ export class Conn extends EventTarget {
     };
     active.onFinished = finish;
     deadline.onAbort(finish);
-    if (deadline.signal.aborted) {
+    if (deadline.aborted) {
       finish();
       return;
     }

@@ -178,3 +178,32 @@ test("delay() with a scope resolves after the delay and rejects when the scope a
   scope.dispose();
   clock.close(new Error("done"));
 });
+
+test("a scope makes its AbortSignal only when asked, aborted with the reason if the scope already is", () => {
+  const real = globalThis.AbortController;
+  let made = 0;
+  globalThis.AbortController = class extends real {
+    constructor() {
+      super();
+      made++;
+    }
+  };
+  try {
+    const clock = new DeadlineClock();
+    const parent = new real();
+    const scope = createScope([parent.signal], 60_000, clock);
+    assert.equal(scope.aborted, false);
+    parent.abort("gone");
+    assert.deepEqual([scope.aborted, scope.reason, made], [true, "gone", 0]);
+    assert.equal(scope.signal.aborted, true);
+    assert.equal(scope.signal.reason, "gone");
+    assert.equal(made, 1);
+    const live = createScope([], 60_000, clock);
+    const signal = live.signal;
+    live.dispose();
+    clock.close("closed");
+    assert.equal(signal.aborted, false, "a disposed scope is not aborted by its clock");
+  } finally {
+    globalThis.AbortController = real;
+  }
+});
