@@ -22,7 +22,7 @@
 import process from "node:process";
 import { parseArgs } from "node:util";
 import { Pool } from "../src/pool.ts";
-import { openNetWebSocket } from "../src/_net_websocket.ts";
+import { openNetWebSocket } from "../src/net_websocket.ts";
 import { internalSizes } from "../src/_internals.ts";
 import { RESULT_MARKER } from "./_stats.ts";
 

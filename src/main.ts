@@ -45,7 +45,7 @@ import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { serve as serveNative, type Server, type ServerOptions } from "srvx";
 import { FastResponse, serve as serveNode } from "srvx/node";
-import { openNetWebSocket } from "./_net_websocket.ts";
+import { openNetWebSocket } from "./net_websocket.ts";
 import { type CodexHealth, createTurnsHandler, VERSION } from "./handler.ts";
 import { createTokenVerifier, type JsonWebKeySet, type TokenVerifier } from "./auth.ts";
 import { Metrics } from "./metrics.ts";

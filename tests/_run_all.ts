@@ -38,7 +38,12 @@ const RUNTIMES = ["deno", "bun", "node"] as const;
  * Subpath exports that may use runtime APIs; every other export must be web-standard. Keep in
  * sync with `RUNTIME_SPECIFIC_EXPORTS` in tests/web_standard_test.ts.
  */
-const RUNTIME_SPECIFIC_EXPORTS = new Set(["./supervisor", "./main", "./testing"]);
+const RUNTIME_SPECIFIC_EXPORTS = new Set([
+  "./supervisor",
+  "./main",
+  "./testing",
+  "./net_websocket",
+]);
 
 const CHECK_TIMEOUT_MS = 5 * 60_000;
 const RUNTIME_TIMEOUT_MS = envInt("RUNTIME_TIMEOUT_MS", 8 * 60_000);

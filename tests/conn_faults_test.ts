@@ -10,7 +10,7 @@ import { type FakeWebSocket, installFakeWebSocket } from "./_fake_socket.ts";
 import assert from "node:assert/strict";
 import { Conn, ConnectionClosedError, Pool, RpcError, TurnLostError } from "../mod.ts";
 import { createTurnsHandler } from "../src/handler.ts";
-import { openNetWebSocket } from "../src/_net_websocket.ts";
+import { openNetWebSocket } from "../src/net_websocket.ts";
 import {
   agentMessage,
   type FakePeer,

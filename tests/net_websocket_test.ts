@@ -6,7 +6,7 @@ import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
 import { type AddressInfo, createServer, type Server, type Socket } from "node:net";
 import { Conn, ConnectionClosedError } from "../mod.ts";
-import { NetWebSocket, openNetWebSocket } from "../src/_net_websocket.ts";
+import { NetWebSocket, openNetWebSocket } from "../src/net_websocket.ts";
 import { startWsServer, type WsConnection, type WsServer } from "../src/_testing_ws_server.ts";
 
 const GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";

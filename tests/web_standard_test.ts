@@ -21,7 +21,12 @@ const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
  * Subpath exports that may use runtime APIs. Keep in sync with `RUNTIME_SPECIFIC_EXPORTS` in
  * tests/_run_all.ts.
  */
-const RUNTIME_SPECIFIC_EXPORTS = new Set(["./supervisor", "./main", "./testing"]);
+const RUNTIME_SPECIFIC_EXPORTS = new Set([
+  "./supervisor",
+  "./main",
+  "./testing",
+  "./net_websocket",
+]);
 
 /**
  * npm packages the core may import by their bare name, being web-standard themselves: each

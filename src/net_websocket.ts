@@ -19,6 +19,20 @@
  * pong and close. Messages are whole in memory, as with the runtime's `WebSocket`; `Conn`
  * drops the ones over its `maxMessageBytes`.
  *
+ * With 10,000 idle pooled connections it took 9 KB each on Node (undici's `WebSocket`: 38 KB),
+ * 15 KB on Deno (26 KB) and 11 KB on Bun (12 KB): `npm run bench -- p5`.
+ *
+ * @example A pool that dials with it
+ * ```ts ignore
+ * import { Pool } from "jsr:@codex-broker/broker";
+ * import { createCodexResolver } from "jsr:@codex-broker/broker/supervisor";
+ * import { openNetWebSocket } from "jsr:@codex-broker/broker/net_websocket";
+ *
+ * const pool = new Pool(createCodexResolver({ cwd: (id) => `/srv/workspaces/${id}` }), {
+ *   dial: { webSocket: openNetWebSocket },
+ * });
+ * ```
+ *
  * @module
  */
 
@@ -115,8 +129,18 @@ function isValidReceivedCode(code: number): boolean {
 }
 
 /**
- * A client WebSocket on a `node:net` socket. Construct it with
- * {@linkcode openNetWebSocket}; it is used as the platform's `WebSocket`.
+ * A client WebSocket on a `node:net` socket, used where the platform's `WebSocket` is:
+ * {@linkcode openNetWebSocket} hands it to `Conn` typed as one.
+ *
+ * @example Exchange a message
+ * ```ts ignore
+ * const ws = new NetWebSocket("ws://127.0.0.1:4500/", { authorization: "Bearer t0ken" });
+ * ws.onopen = () => ws.send(JSON.stringify({ id: 0, method: "initialize", params: {} }));
+ * ws.onmessage = (event) => {
+ *   console.log(event.data);
+ *   ws.close(1000);
+ * };
+ * ```
  */
 export class NetWebSocket {
   /** The URL it connects to. */
@@ -552,11 +576,23 @@ function randomKey(): string {
 }
 
 /**
- * Opens a {@linkcode NetWebSocket}, typed as the platform's `WebSocket` for `Conn`.
+ * Opens a {@linkcode NetWebSocket}, typed as the platform's `WebSocket`: the shape of
+ * `DialOptions.webSocket` (also `PoolOptions.dial.webSocket`).
+ *
+ * @example Dial codex with it
+ * ```ts ignore
+ * import { Conn } from "jsr:@codex-broker/broker";
+ *
+ * const conn = await Conn.dial("ws://127.0.0.1:4500", {
+ *   headers: { authorization: "Bearer t0ken" },
+ *   webSocket: openNetWebSocket,
+ * });
+ * ```
  *
  * @param url A `ws:` URL.
  * @param headers Extra upgrade request headers.
  * @returns The socket, connecting.
+ * @throws {SyntaxError} If the URL is not a `ws:` URL, or a header cannot be sent.
  */
 export function openNetWebSocket(url: string, headers: Record<string, string>): WebSocket {
   return new NetWebSocket(url, headers) as unknown as WebSocket;
