@@ -102,6 +102,13 @@ export interface TurnsHandlerOptions {
    */
   requestTimeoutMs?: number;
   /**
+   * Whether the handler measures each request's line and headers itself, answering 431
+   * `headersTooLarge` over 16 KiB. Defaults to `true`. A server whose HTTP parser refuses
+   * such heads before the handler sees them (`node:http` on Node and Deno, Bun: 16 KiB
+   * each) may turn it off: the count walks every header of every request.
+   */
+  checkHeadSize?: boolean;
+  /**
    * Deadline of a turn whose request has no `timeoutMs`. Defaults to 5 minutes, or to
    * `maxTimeoutMs` when that is lower.
    */
@@ -425,9 +432,10 @@ function endWithBody(response: Response, onEnd: () => void): Response {
  *   and is answered `{ error: { code, message } }` with 400, 401, 403 (`forbiddenParam`
  *   from `checkParams`, with `field`), 404, 405 (with `Allow`), 408 (a body slower than
  *   `requestTimeoutMs`), 413, 415 or 431 (a request line and headers over 16 KiB, on any
- *   route); a closed pool gives 503 `unavailable` and a pool whose every workspace is busy
- *   503 `atCapacity`, both with `Retry-After`; anything unexpected 500. An answer given
- *   before the body was read to its end (408, 413, 431) carries `Connection: close`.
+ *   route, unless `checkHeadSize` is off); a closed pool gives 503 `unavailable` and a pool
+ *   whose every workspace is busy 503 `atCapacity`, both with `Retry-After`; anything
+ *   unexpected 500. An answer given before the body was read to its end (408, 413, 431)
+ *   carries `Connection: close`.
  * - Authentication: the right `X-Internal-Secret` opens every workspace (the log names the
  *   caller `operator`); a bearer token only the workspaces and scopes it names (the log
  *   names its `sub`, never the token). A missing, wrong, expired, not yet valid, badly
@@ -523,6 +531,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
   );
   const { log: logHook, onRequestEnd } = options;
   const makeJson = options.jsonResponse ?? webJsonResponse;
+  const checkHeadSize = options.checkHeadSize ?? true;
   const json = (status: number, body: unknown, headers: Record<string, string> = {}) =>
     makeJson(JSON.stringify(body), {
       status,
@@ -861,7 +870,7 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
       }
     };
     try {
-      const response = requestHeadBytes(request) > MAX_HEAD_BYTES
+      const response = checkHeadSize && requestHeadBytes(request) > MAX_HEAD_BYTES
         ? refuse(
           431,
           "headersTooLarge",

@@ -513,6 +513,9 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
     ...(server.node === undefined
       ? {}
       : { jsonResponse: (body, init) => new FastResponse(body, init) as Response }),
+    // node:http and Bun refuse a head over 16 KiB before the handler (tests/bad_clients_test.ts);
+    // Deno.serve lets up to about 64 KiB through.
+    checkHeadSize: options.denoServer === "native" && "Deno" in globalThis,
     ...(tokens ? { tokens } : {}),
     ...(options.maxTurnsPerWorkspace === undefined
       ? {}

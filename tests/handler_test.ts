@@ -473,6 +473,40 @@ test("POST /api/turns without threadId starts a thread with threadParams and ans
   }
 });
 
+test("the handler answers 431 headersTooLarge with Connection: close to a head over 16 KiB on any route, unless checkHeadSize is off", async () => {
+  const big = { "x-padding": "a".repeat(17 * 1024) };
+  const h = await harness(() => {});
+  const off = await harness(() => {}, { handler: { checkHeadSize: false } });
+  try {
+    for (
+      const request of [
+        new Request("http://broker.test/healthz", { headers: big }),
+        post({}, { headers: big }),
+      ]
+    ) {
+      const response = await h.handler(request);
+      assert.equal(response.status, 431);
+      assert.equal(response.headers.get("connection"), "close");
+      assert.equal((await errorOf(response)).code, "headersTooLarge");
+    }
+    const small = await h.handler(
+      new Request("http://broker.test/healthz", {
+        headers: { "x-padding": "a".repeat(15 * 1024) },
+      }),
+    );
+    assert.equal(small.status, 200);
+    // A server that caps heads itself never hands such a request over; the handler serves it.
+    const unchecked = await off.handler(
+      new Request("http://broker.test/healthz", { headers: big }),
+    );
+    assert.equal(unchecked.status, 200);
+    assertNothingReachedCodex(h);
+  } finally {
+    await h.close();
+    await off.close();
+  }
+});
+
 test("createTurnsHandler() answers every JSON answer through jsonResponse, refusals included", async () => {
   const made: { body: string; status: number; headers: Record<string, string> }[] = [];
   class OwnResponse extends Response {}
