@@ -379,6 +379,10 @@ function nonNegativeInteger(name: string, value: number | undefined): void {
   }
 }
 
+function brokerIdHeader(brokerId: string | undefined): Record<string, string> {
+  return brokerId === undefined ? {} : { "x-broker-id": brokerId };
+}
+
 function webJsonResponse(body: string, init: JsonResponseInit): Response {
   return new Response(body, init);
 }
@@ -532,11 +536,18 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
   const { log: logHook, onRequestEnd } = options;
   const makeJson = options.jsonResponse ?? webJsonResponse;
   const checkHeadSize = options.checkHeadSize ?? true;
-  const json = (status: number, body: unknown, headers: Record<string, string> = {}) =>
-    makeJson(JSON.stringify(body), {
+  // The JSON answers name this broker from the start: adding the header afterwards made
+  // srvx's FastResponse build a web Headers for every answer on node:http.
+  const ownHeaders: Record<string, string> = brokerIdHeader(options.brokerId);
+  const answered = new WeakSet<Response>();
+  const json = (status: number, body: unknown, headers: Record<string, string> = {}) => {
+    const response = makeJson(JSON.stringify(body), {
       status,
-      headers: { "content-type": "application/json", ...headers },
+      headers: { "content-type": "application/json", ...ownHeaders, ...headers },
     });
+    answered.add(response);
+    return response;
+  };
   const log = (entry: Record<string, unknown>) => {
     try {
       logHook?.(entry);
@@ -883,8 +894,10 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
             return end;
           },
         });
-      // A relayed answer names the owner that ran the turn.
-      if (brokerId !== undefined && !response.headers.has("x-broker-id")) {
+      // A relayed answer names the owner that ran the turn; event streams get this broker's.
+      if (
+        brokerId !== undefined && !answered.has(response) && !response.headers.has("x-broker-id")
+      ) {
         response.headers.set("x-broker-id", brokerId);
       }
       return response;
@@ -900,7 +913,6 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
         {
           error: { code: "internal", message: "Cannot answer request: internal error" },
         } satisfies ErrorAnswer,
-        brokerId === undefined ? {} : { "x-broker-id": brokerId },
       );
     } finally {
       if (!deferred) end();

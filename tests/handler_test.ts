@@ -529,7 +529,8 @@ test("createTurnsHandler() answers every JSON answer through jsonResponse, refus
     assert.deepEqual(made[0], {
       body: JSON.stringify(body),
       status: 200,
-      headers: { "content-type": "application/json" },
+      // Named from the start, not added to the made answer afterwards.
+      headers: { "content-type": "application/json", "x-broker-id": "broker-a" },
     });
     const refused = await h.handler(new Request(URL_TURNS, { method: "DELETE" }));
     assert.ok(refused instanceof OwnResponse);
