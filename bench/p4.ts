@@ -245,16 +245,15 @@ async function runMinimal(
   }
 }
 
-async function metric(url: string, name: string): Promise<number> {
+/** A sample of the broker's `/metrics`, by its series (name and labels), or `missing`. */
+async function metric(url: string, series: string, missing = NaN): Promise<number> {
   const text = await (await fetch(`${url}/metrics`)).text();
-  const match = new RegExp(`^${name}\\s+(\\d+)$`, "m").exec(text);
-  return Number(match?.[1] ?? NaN);
+  const line = text.split("\n").find((l) => l.startsWith(`${series} `));
+  return line === undefined ? missing : Number(line.slice(series.length + 1));
 }
 
-async function completedTurns(url: string): Promise<number> {
-  const text = await (await fetch(`${url}/metrics`)).text();
-  const match = /codex_broker_turns_total\{outcome="completed"\}\s+(\d+)/.exec(text);
-  return Number(match?.[1] ?? 0);
+function completedTurns(url: string): Promise<number> {
+  return metric(url, 'codex_broker_turns_total{outcome="completed"}', 0);
 }
 
 function profileFlags(runtime: BenchRuntime, dir: string): string[] {

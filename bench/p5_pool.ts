@@ -20,6 +20,7 @@
  */
 
 import process from "node:process";
+import { collectGarbage } from "./_gc.ts";
 import { parseArgs } from "node:util";
 import { Pool } from "../src/pool.ts";
 import { openNetWebSocket } from "../src/net_websocket.ts";
@@ -78,24 +79,10 @@ const concurrency = Number(values.concurrency);
 const mode = values.mode === "raw" ? "raw" : "pool";
 const client = values.client === "net" ? "net" : "web";
 
-function collect(): string {
-  const bun = (globalThis as { Bun?: { gc(force: boolean): void } }).Bun;
-  if (bun) {
-    bun.gc(true);
-    return "Bun.gc(true)";
-  }
-  const gc = (globalThis as { gc?: () => void }).gc;
-  if (gc) {
-    gc();
-    return "gc() (--expose-gc)";
-  }
-  return "none";
-}
-
 async function memory(): Promise<{ rss: number; heap: number; gc: string }> {
-  const gc = collect();
+  const gc = collectGarbage();
   await new Promise((resolve) => setTimeout(resolve, 200));
-  collect();
+  collectGarbage();
   const { rss, heapUsed } = process.memoryUsage();
   return { rss: rss / 2 ** 20, heap: heapUsed / 2 ** 20, gc };
 }

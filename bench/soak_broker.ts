@@ -26,6 +26,7 @@
 
 import { readdirSync } from "node:fs";
 import process from "node:process";
+import { collectGarbage } from "./_gc.ts";
 import { parseArgs } from "node:util";
 import { serve } from "srvx";
 import type { Conn } from "../src/conn.ts";
@@ -48,22 +49,8 @@ pool.addEventListener("dial", (event) => {
 });
 const handler = createTurnsHandler(pool, { secret: SOAK_SECRET });
 
-function collect(): string {
-  const bun = (globalThis as { Bun?: { gc(force: boolean): void } }).Bun;
-  if (bun) {
-    bun.gc(true);
-    return "Bun.gc(true)";
-  }
-  const gc = (globalThis as { gc?: () => void }).gc;
-  if (gc) {
-    gc();
-    return "gc() (--expose-gc)";
-  }
-  return "none";
-}
-
 function stats(): SoakStats {
-  const gc = collect();
+  const gc = collectGarbage();
   const sum: InternalSizes = {};
   for (const conn of conns) {
     for (const [key, value] of Object.entries(internalSizes(conn) ?? {})) {

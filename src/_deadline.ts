@@ -337,38 +337,34 @@ export function createScope(
  * @returns The work's result.
  */
 export function abortable<T>(promise: Promise<T>, signal: AbortSignal | Scope): Promise<T> {
-  if (!(signal instanceof AbortSignal)) {
-    const scope = signal;
-    if (scope.aborted) return Promise.reject(scope.reason);
-    return new Promise<T>((resolve, reject) => {
-      const off = scope.onAbort(reject);
-      promise.then(
-        (value) => {
-          off();
-          resolve(value);
-        },
-        (error) => {
-          off();
-          reject(error);
-        },
-      );
-    });
-  }
   if (signal.aborted) return Promise.reject(signal.reason);
   return new Promise<T>((resolve, reject) => {
-    const onAbort = () => reject(signal.reason);
-    signal.addEventListener("abort", onAbort, { once: true });
+    const off = onAbort(signal, reject);
     promise.then(
       (value) => {
-        signal.removeEventListener("abort", onAbort);
+        off();
         resolve(value);
       },
       (error) => {
-        signal.removeEventListener("abort", onAbort);
+        off();
         reject(error);
       },
     );
   });
+}
+
+/**
+ * Calls `fn(reason)` once `signal` aborts: a scope's own hook list, or an event listener.
+ *
+ * @param signal An abort signal, or a scope (cheaper: no event listener).
+ * @param fn Called with the abort reason.
+ * @returns The function that unsubscribes.
+ */
+export function onAbort(signal: AbortSignal | Scope, fn: (reason: unknown) => void): () => void {
+  if (!(signal instanceof AbortSignal)) return signal.onAbort(fn);
+  const listener = () => fn(signal.reason);
+  signal.addEventListener("abort", listener, { once: true });
+  return () => signal.removeEventListener("abort", listener);
 }
 
 /**
@@ -394,18 +390,10 @@ export function delay(ms: number, signal: AbortSignal | Scope): Promise<void> {
         resolve();
       }, timerDelay(wait));
     };
-    const onAbort = (reason: unknown) => {
+    const off = onAbort(signal, (reason) => {
       clearTimeout(timer);
       reject(reason);
-    };
-    let off: () => void;
-    if (signal instanceof AbortSignal) {
-      const listener = () => onAbort(signal.reason);
-      signal.addEventListener("abort", listener, { once: true });
-      off = () => signal.removeEventListener("abort", listener);
-    } else {
-      off = signal.onAbort(onAbort);
-    }
+    });
     arm(ms);
   });
 }

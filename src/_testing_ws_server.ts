@@ -7,18 +7,19 @@
  * @module
  */
 
-import { createHash } from "node:crypto";
 import { createServer, type IncomingMessage, type Server } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
 import type { Duplex } from "node:stream";
+import {
+  acceptKey,
+  OP_BINARY,
+  OP_CLOSE,
+  OP_CONTINUATION,
+  OP_PING,
+  OP_PONG,
+  OP_TEXT,
+} from "./_ws_protocol.ts";
 
-const GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-const OP_CONTINUATION = 0x0;
-const OP_TEXT = 0x1;
-const OP_BINARY = 0x2;
-const OP_CLOSE = 0x8;
-const OP_PING = 0x9;
-const OP_PONG = 0xa;
 // How long close() waits for the client's close frame before it drops the socket.
 const CLOSE_GRACE_MS = 1_000;
 
@@ -215,7 +216,7 @@ export async function startWsServer(options: WsServerOptions): Promise<WsServer>
       socket.end(`HTTP/1.1 ${status} Refused\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
       return;
     }
-    const accept = createHash("sha1").update(key + GUID).digest("base64");
+    const accept = acceptKey(key);
     socket.write(
       "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
         `Sec-WebSocket-Accept: ${accept}\r\n\r\n`,

@@ -1,4 +1,4 @@
-import type { Scope } from "./_deadline.ts";
+import { onAbort, type Scope } from "./_deadline.ts";
 
 interface Waiter {
   readonly grant: () => void;
@@ -42,24 +42,17 @@ export class ThreadLanes {
       return Promise.resolve(release);
     }
     return new Promise<() => void>((resolve, reject) => {
-      let off = () => {};
       const waiter: Waiter = {
         grant: () => {
           off();
           resolve(release);
         },
       };
-      const onAbort = () => {
+      const off = onAbort(signal, (reason) => {
         const index = lane.waiters.indexOf(waiter);
         if (index !== -1) lane.waiters.splice(index, 1);
-        reject(signal.reason);
-      };
-      if (signal instanceof AbortSignal) {
-        signal.addEventListener("abort", onAbort, { once: true });
-        off = () => signal.removeEventListener("abort", onAbort);
-      } else {
-        off = signal.onAbort(onAbort);
-      }
+        reject(reason);
+      });
       lane.waiters.push(waiter);
     });
   }

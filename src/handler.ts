@@ -161,8 +161,8 @@ export interface TurnsHandlerOptions {
    * Makes each JSON answer: every answer but event streams and answers relayed from an
    * owner. Defaults to `new Response(body, init)`. A server may take a class of its own:
    * srvx's `FastResponse` on `node:http` is written straight to the socket, where a web
-   * `Response` is copied through a web stream first. The answer's headers may still be
-   * added to (`X-Broker-Id`).
+   * `Response` is copied through a web stream first. `init.headers` already holds every
+   * header of the answer, `X-Broker-Id` included.
    */
   jsonResponse?: (body: string, init: JsonResponseInit) => Response;
   /** This broker's id: every answer the handler gives carries it as `X-Broker-Id`. */
@@ -379,10 +379,6 @@ function nonNegativeInteger(name: string, value: number | undefined): void {
   }
 }
 
-function brokerIdHeader(brokerId: string | undefined): Record<string, string> {
-  return brokerId === undefined ? {} : { "x-broker-id": brokerId };
-}
-
 function webJsonResponse(body: string, init: JsonResponseInit): Response {
   return new Response(body, init);
 }
@@ -538,7 +534,9 @@ export function createTurnsHandler(pool: Pool, options: TurnsHandlerOptions): Tu
   const checkHeadSize = options.checkHeadSize ?? true;
   // The JSON answers name this broker from the start: adding the header afterwards made
   // srvx's FastResponse build a web Headers for every answer on node:http.
-  const ownHeaders: Record<string, string> = brokerIdHeader(options.brokerId);
+  const ownHeaders: Record<string, string> = options.brokerId === undefined
+    ? {}
+    : { "x-broker-id": options.brokerId };
   const answered = new WeakSet<Response>();
   const json = (status: number, body: unknown, headers: Record<string, string> = {}) => {
     const response = makeJson(JSON.stringify(body), {

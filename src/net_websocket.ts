@@ -37,17 +37,19 @@
  */
 
 import { Buffer } from "node:buffer";
-import { createHash, randomFillSync } from "node:crypto";
+import { randomFillSync } from "node:crypto";
 import { connect, type Socket } from "node:net";
 import { clearTimeout, setImmediate, setTimeout } from "node:timers";
+import {
+  acceptKey,
+  OP_BINARY,
+  OP_CLOSE,
+  OP_CONTINUATION,
+  OP_PING,
+  OP_PONG,
+  OP_TEXT,
+} from "./_ws_protocol.ts";
 
-const GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-const OP_CONTINUATION = 0x0;
-const OP_TEXT = 0x1;
-const OP_BINARY = 0x2;
-const OP_CLOSE = 0x8;
-const OP_PING = 0x9;
-const OP_PONG = 0xa;
 const CONNECTING = 0;
 const OPEN = 1;
 const CLOSING = 2;
@@ -229,16 +231,6 @@ export class NetWebSocket {
     return this.#outBytes + this.#socket.writableLength;
   }
 
-  /** No extension is ever negotiated. */
-  get extensions(): string {
-    return "";
-  }
-
-  /** No subprotocol is ever negotiated. */
-  get protocol(): string {
-    return "";
-  }
-
   /**
    * Queues a message; it is written with the others sent in this turn of the event loop.
    *
@@ -318,8 +310,9 @@ export class NetWebSocket {
 
   #onData(chunk: Buffer): void {
     if (this.#head !== undefined) {
-      chunk = this.#onHandshakeData(chunk) as Buffer;
-      if (chunk === undefined || chunk.byteLength === 0) return;
+      const rest = this.#onHandshakeData(chunk);
+      if (rest === undefined || rest.byteLength === 0) return;
+      chunk = rest;
     }
     this.#chunks.push(chunk);
     this.#inBytes += chunk.byteLength;
@@ -366,7 +359,7 @@ export class NetWebSocket {
     if (!fields.get("connection")?.toLowerCase().split(/\s*,\s*/).includes("upgrade")) {
       return "101 without Connection: upgrade";
     }
-    const accept = createHash("sha1").update(this.#key + GUID).digest("base64");
+    const accept = acceptKey(this.#key);
     if (fields.get("sec-websocket-accept") !== accept) {
       return "101 with a wrong Sec-WebSocket-Accept";
     }
@@ -532,7 +525,7 @@ export class NetWebSocket {
 
   #error(message: string): void {
     if (this.#state === CLOSED) return;
-    if (this.#state !== CLOSING || !this.#wasClean) this.#state = CLOSING;
+    this.#state = CLOSING;
     if (!this.#errored && !this.#wasClean) {
       this.#errored = true;
       const event = new Event("error") as Event & { message: string };

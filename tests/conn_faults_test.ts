@@ -11,6 +11,7 @@ import assert from "node:assert/strict";
 import { Conn, ConnectionClosedError, Pool, RpcError, TurnLostError } from "../mod.ts";
 import { createTurnsHandler } from "../src/handler.ts";
 import { openNetWebSocket } from "../src/net_websocket.ts";
+import { sendUntilStalled } from "./_stall.ts";
 import {
   agentMessage,
   type FakePeer,
@@ -361,26 +362,8 @@ for (const client of ["web", "net"] as const) {
     const peer = server.peers[0]!;
     const socket = (peer.ws as unknown as { _socket: { pause(): void; resume(): void } })._socket;
     socket.pause();
-    const chunk = "x".repeat(256 * 1024);
-    const calls: Promise<unknown>[] = [];
     try {
-      // Far beyond what the kernel's socket buffers hold, one send per event loop turn.
-      for (let i = 0; i < 400 && !conn.closed; i++) {
-        const call = conn.request("thread/read", { threadId: chunk });
-        call.catch(() => {});
-        calls.push(call);
-        await new Promise((resolve) => setTimeout(resolve, 1));
-      }
-      assert.equal(conn.closed, true, "the connection closed as stalled");
-      const outcomes = await Promise.allSettled(calls);
-      for (const outcome of outcomes) {
-        assert.equal(outcome.status, "rejected");
-        assert.ok(outcome.reason instanceof ConnectionClosedError);
-      }
-      assert.match(
-        (outcomes.at(-1) as PromiseRejectedResult).reason.message,
-        /codex stopped reading/,
-      );
+      assert.match((await sendUntilStalled(conn)).message, /codex stopped reading/);
     } finally {
       socket.resume();
       conn.close();

@@ -1,6 +1,7 @@
 import { test } from "./_test.ts";
 import { waitFor, within } from "./_wait.ts";
 import { codexLike, startFakeAppServer } from "./_fake_app_server.ts";
+import { sendUntilStalled } from "./_stall.ts";
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
@@ -431,20 +432,8 @@ test("Conn over openNetWebSocket closes as stalled once codex stops reading, on 
     maxSendBufferBytes: 1024 * 1024,
     requestTimeoutMs: 60_000,
   });
-  const chunk = "x".repeat(256 * 1024);
-  const calls: Promise<unknown>[] = [];
   try {
-    for (let i = 0; i < 400 && !conn.closed; i++) {
-      const call = conn.request("thread/read", { threadId: chunk });
-      call.catch(() => {});
-      calls.push(call);
-      await new Promise((resolve) => setTimeout(resolve, 1));
-    }
-    assert.equal(conn.closed, true, "the connection closed as stalled");
-    const outcomes = await Promise.allSettled(calls);
-    assert.ok(outcomes.every((outcome) => outcome.status === "rejected"));
-    const last = (outcomes.at(-1) as PromiseRejectedResult).reason;
-    assert.ok(last instanceof ConnectionClosedError);
+    const last = await sendUntilStalled(conn);
     assert.match(last.message, /codex stopped reading \(\d+ bytes unsent/);
   } finally {
     conn.close();
