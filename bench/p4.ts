@@ -15,8 +15,11 @@
  *   srvx: `POST /api/turns` for one workspace with no `threadId` (a new thread each time).
  *   After the run the broker's `/metrics` must count every answered request as a
  *   `completed` turn, so an error answer cannot pass for throughput. The broker runs with
- *   its defaults, then with `--ws-client web` (the runtime's own WebSocket to codex, as the
- *   minimal client uses), and on Deno also with `--deno-server native`.
+ *   `--max-workspace-turns` set to the concurrency, so that like the minimal client it has
+ *   every request in flight to codex (with its default of 16 it holds the other 48 in its
+ *   own line, and codex gets smaller batches); then also with `--ws-client web` (the
+ *   runtime's own WebSocket to codex, as the minimal client uses), on Deno with
+ *   `--deno-server native`, and last with its defaults.
  *
  * The load generator is Debian's `wrk` (`apt-get install wrk`): `wrk -t1 -c64` on keep-alive
  * connections, a warm-up run, then the measured run. It prints req/s (turns/s) per server,
@@ -56,6 +59,7 @@ import {
   startServer,
 } from "./_procs.ts";
 import { envInt, RESULT_MARKER, table } from "./_stats.ts";
+import { commandLine, descendants } from "../tests/_broker_process.ts";
 
 /** The goal: the broker keeps at least this share of the lower baseline. */
 export const P4_GOAL = 0.5;
@@ -312,7 +316,7 @@ async function runBroker(
     if (answer.turn?.status !== "completed") {
       throw new Error(`the first turn did not complete: ${JSON.stringify(answer)}`);
     }
-    const codexPid = await childPid(server.pid);
+    const codexPid = codexPidOf(server.pid);
     await wrk(`${server.url}/api/turns`, script, config.concurrency, config.warmupSeconds);
     const completedWarm = await completedTurns(server.url);
     const before = cpuUs(server.pid);
@@ -342,37 +346,9 @@ async function runBroker(
   }
 }
 
-/** The instant codex the broker spawned: its child, or its grandchild under a watchdog. */
-async function childPid(pid: number): Promise<number | undefined> {
-  // The codex runs in a process group of its own; find it among all processes by parent.
-  const found: number[] = [];
-  const walk = async (parent: number) => {
-    for await (const entry of Deno.readDir("/proc")) {
-      if (!/^\d+$/.test(entry.name)) continue;
-      try {
-        const stat = await Deno.readTextFile(`/proc/${entry.name}/stat`);
-        const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
-        if (ppid === parent) found.push(Number(entry.name));
-      } catch {
-        // Gone.
-      }
-    }
-  };
-  await walk(pid);
-  for (const child of [...found]) {
-    const cmdline = await Deno.readTextFile(`/proc/${child}/cmdline`).catch(() => "");
-    if (cmdline.includes("_instant_codex")) return child;
-  }
-  // Under a watchdog the codex is a grandchild.
-  for (const child of [...found]) {
-    found.length = 0;
-    await walk(child);
-    for (const grandchild of found) {
-      const cmdline = await Deno.readTextFile(`/proc/${grandchild}/cmdline`).catch(() => "");
-      if (cmdline.includes("_instant_codex")) return grandchild;
-    }
-  }
-  return undefined;
+/** The instant codex the broker spawned, at whatever depth (a watchdog puts it lower). */
+function codexPidOf(pid: number): number | undefined {
+  return descendants(pid).find((child) => commandLine(child).includes("_instant_codex"));
 }
 
 function turnBody(): string {
@@ -410,14 +386,22 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
       const minimal = config.brokerOnly
         ? "skipped"
         : await runMinimal(runtime, dir, config).catch(message);
-      // On Deno the broker serves through node:http unless told otherwise: both are shown.
-      // Each runtime also runs with its own WebSocket to codex, for the client's share.
+      // Like the minimal client, the broker keeps every request in flight to codex: its
+      // per-workspace limit (16 by default) is raised to the concurrency, or it would queue
+      // the rest itself and send codex smaller batches. The defaults are shown too. On Deno
+      // the broker serves through node:http unless told otherwise: both are shown. Each
+      // runtime also runs with its own WebSocket to codex, for the client's share.
+      const inFlight = ["--max-workspace-turns", String(config.concurrency)];
       const variants: [string | undefined, string[]][] = [
-        [undefined, []],
+        [undefined, inFlight],
         ...(runtime === "deno"
-          ? [["deno, --deno-server native", ["--deno-server", "native"]] as [string, string[]]]
+          ? [[
+            "deno, --deno-server native",
+            [...inFlight, "--deno-server", "native"],
+          ] as [string, string[]]]
           : []),
-        [`${runtime}, --ws-client web`, ["--ws-client", "web"]],
+        [`${runtime}, --ws-client web`, [...inFlight, "--ws-client", "web"]],
+        [`${runtime}, defaults (16 turns per workspace)`, []],
       ];
       for (const [label, extraFlags] of variants) {
         let broker: P4Figure | string;
