@@ -37,8 +37,9 @@
  *
  * Environment: `BENCH_P4_SECONDS` (5, the measured run; the warm-up is a fifth of it, at
  * least 1 s), `BENCH_P4_CONCURRENCY` (64), `BENCH_P4_RUNTIMES` (`deno,bun,node`),
- * `BENCH_P4_PROFILE`, and `BENCH_P4_BROKER_ONLY=1` (the broker alone: for comparing two
- * versions of `src/` under the same load, by CPU per request).
+ * `BENCH_P4_PROFILE`, `BENCH_P4_BROKER_ONLY=1` (the broker alone: for comparing two
+ * versions of `src/` under the same load, by CPU per request), and `BENCH_P4_FIRST_ONLY=1`
+ * (the broker in its first configuration only).
  *
  * @module
  */
@@ -77,6 +78,8 @@ export interface P4Config {
   profileDir: string | undefined;
   /** Run the broker alone, without the baselines (for before/after comparisons). */
   brokerOnly: boolean;
+  /** Run the broker in its first configuration only, not the others. */
+  firstOnly: boolean;
 }
 
 /** One server's or client's figures. */
@@ -129,6 +132,7 @@ export function p4Config(): P4Config {
     runtimes,
     profileDir: Deno.env.get("BENCH_P4_PROFILE") || undefined,
     brokerOnly: Deno.env.get("BENCH_P4_BROKER_ONLY") === "1",
+    firstOnly: Deno.env.get("BENCH_P4_FIRST_ONLY") === "1",
   };
 }
 
@@ -403,7 +407,7 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
         [`${runtime}, --ws-client web`, [...inFlight, "--ws-client", "web"]],
         [`${runtime}, defaults (16 turns per workspace)`, []],
       ];
-      for (const [label, extraFlags] of variants) {
+      for (const [label, extraFlags] of config.firstOnly ? variants.slice(0, 1) : variants) {
         let broker: P4Figure | string;
         let codexCpuUsPerTurn = NaN;
         try {

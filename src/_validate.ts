@@ -381,22 +381,24 @@ export async function readTurnRequest(
       "Unsupported Content-Type: expected application/json",
     );
   }
-  const tooLarge = refusal(
-    413,
-    "bodyTooLarge",
-    `Request body too large: the limit is ${limits.maxBodyBytes} bytes`,
-    CLOSE,
-  );
+  // Made only when refused: every turn request passes here.
+  const tooLarge = () =>
+    refusal(
+      413,
+      "bodyTooLarge",
+      `Request body too large: the limit is ${limits.maxBodyBytes} bytes`,
+      CLOSE,
+    );
   const length = request.headers.get("content-length");
   const declared = length !== null && /^\d+$/.test(length.trim()) ? Number(length) : undefined;
-  if (declared !== undefined && declared > limits.maxBodyBytes) return tooLarge;
+  if (declared !== undefined && declared > limits.maxBodyBytes) return tooLarge();
   let bytes: Uint8Array | "tooLarge" | "timeout";
   try {
     bytes = await readBody(request, limits.maxBodyBytes, limits.requestTimeoutMs, declared);
   } catch {
     return refusal(400, "invalidBody", "Cannot read request body", CLOSE);
   }
-  if (bytes === "tooLarge") return tooLarge;
+  if (bytes === "tooLarge") return tooLarge();
   if (bytes === "timeout") {
     return refusal(
       408,

@@ -79,34 +79,61 @@ function nextMask(): Buffer {
   return mask;
 }
 
-/** One client frame, masked. */
-function frame(opcode: number, payload: Uint8Array): Buffer {
-  const length = payload.byteLength;
-  const header = length < 126 ? 2 : length < 0x10000 ? 4 : 10;
-  const out = Buffer.allocUnsafe(header + 4 + length);
-  out[0] = 0x80 | opcode;
+/** The bytes of a client frame (header, mask and payload) for a payload of `length`. */
+function frameBytes(length: number): number {
+  return (length < 126 ? 2 : length < 0x10000 ? 4 : 10) + 4 + length;
+}
+
+/**
+ * Writes one masked client frame into `out` at `at`: the payload is `payload`'s bytes, or a
+ * string's UTF-8 (`length` bytes, encoded straight into `out`). Returns where it ends.
+ */
+function writeFrame(
+  out: Buffer,
+  at: number,
+  opcode: number,
+  payload: string | Uint8Array,
+  length: number,
+): number {
+  out[at] = 0x80 | opcode;
+  let start = at + 2;
   if (length < 126) {
-    out[1] = 0x80 | length;
+    out[at + 1] = 0x80 | length;
   } else if (length < 0x10000) {
-    out[1] = 0x80 | 126;
-    out.writeUInt16BE(length, 2);
+    out[at + 1] = 0x80 | 126;
+    out.writeUInt16BE(length, at + 2);
+    start += 2;
   } else {
-    out[1] = 0x80 | 127;
-    out.writeUInt32BE(Math.floor(length / 0x100000000), 2);
-    out.writeUInt32BE(length >>> 0, 6);
+    out[at + 1] = 0x80 | 127;
+    out.writeUInt32BE(Math.floor(length / 0x100000000), at + 2);
+    out.writeUInt32BE(length >>> 0, at + 6);
+    start += 8;
   }
   const mask = nextMask();
-  out.set(mask, header);
-  const start = header + 4;
   const m0 = mask[0]!, m1 = mask[1]!, m2 = mask[2]!, m3 = mask[3]!;
-  let i = 0;
-  for (; i + 3 < length; i += 4) {
-    out[start + i] = payload[i]! ^ m0;
-    out[start + i + 1] = payload[i + 1]! ^ m1;
-    out[start + i + 2] = payload[i + 2]! ^ m2;
-    out[start + i + 3] = payload[i + 3]! ^ m3;
+  out[start] = m0;
+  out[start + 1] = m1;
+  out[start + 2] = m2;
+  out[start + 3] = m3;
+  start += 4;
+  if (typeof payload === "string") out.write(payload, start, length, "utf8");
+  else out.set(payload, start);
+  const end = start + length;
+  let i = start;
+  for (; i + 3 < end; i += 4) {
+    out[i] = out[i]! ^ m0;
+    out[i + 1] = out[i + 1]! ^ m1;
+    out[i + 2] = out[i + 2]! ^ m2;
+    out[i + 3] = out[i + 3]! ^ m3;
   }
-  for (; i < length; i++) out[start + i] = payload[i]! ^ mask[i & 3]!;
+  for (let k = 0; i < end; i++, k++) out[i] = out[i]! ^ mask[k]!;
+  return end;
+}
+
+/** One client frame, masked, in a buffer of its own. */
+function frame(opcode: number, payload: Uint8Array): Buffer {
+  const out = Buffer.allocUnsafe(frameBytes(payload.byteLength));
+  writeFrame(out, 0, opcode, payload, payload.byteLength);
   return out;
 }
 
@@ -167,7 +194,12 @@ export class NetWebSocket {
   #inBytes = 0;
   #message: Buffer[] = [];
   #messageOpcode = -1;
-  #out: Buffer[] = [];
+  // Messages sent in this turn of the event loop, framed together when it ends: the
+  // opcode, payload and payload length of each, side by side.
+  #outOpcodes: number[] = [];
+  #outPayloads: (string | Uint8Array)[] = [];
+  #outLengths: number[] = [];
+  /** Their bytes once framed. */
   #outBytes = 0;
   #flushing = false;
   #closeSent = false;
@@ -243,12 +275,13 @@ export class NetWebSocket {
     }
     // As the platform's WebSocket: after close, a send is dropped.
     if (this.#state !== OPEN) return;
-    if (typeof data === "string") this.#queue(frame(OP_TEXT, Buffer.from(data, "utf8")));
-    else if (data instanceof ArrayBuffer) this.#queue(frame(OP_BINARY, new Uint8Array(data)));
-    else {
-      this.#queue(
-        frame(OP_BINARY, new Uint8Array(data.buffer, data.byteOffset, data.byteLength)),
-      );
+    if (typeof data === "string") this.#queue(OP_TEXT, data, Buffer.byteLength(data, "utf8"));
+    else if (data instanceof ArrayBuffer) {
+      // A copy: the caller may change its buffer before the turn ends.
+      this.#queue(OP_BINARY, new Uint8Array(data.slice(0)), data.byteLength);
+    } else {
+      const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength).slice();
+      this.#queue(OP_BINARY, bytes, bytes.byteLength);
     }
   }
 
@@ -284,12 +317,15 @@ export class NetWebSocket {
   #sendClose(code: number | undefined, reason: string): void {
     if (this.#closeSent) return;
     this.#closeSent = true;
-    this.#queue(frame(OP_CLOSE, closePayload(code, reason)));
+    const payload = closePayload(code, reason);
+    this.#queue(OP_CLOSE, payload, payload.byteLength);
   }
 
-  #queue(bytes: Buffer): void {
-    this.#out.push(bytes);
-    this.#outBytes += bytes.byteLength;
+  #queue(opcode: number, payload: string | Uint8Array, length: number): void {
+    this.#outOpcodes.push(opcode);
+    this.#outPayloads.push(payload);
+    this.#outLengths.push(length);
+    this.#outBytes += frameBytes(length);
     if (this.#flushing) return;
     this.#flushing = true;
     setImmediate(() => this.#flush());
@@ -297,15 +333,30 @@ export class NetWebSocket {
 
   #flush(): void {
     this.#flushing = false;
-    const out = this.#out;
-    if (out.length === 0) return;
-    this.#out = [];
-    this.#outBytes = 0;
+    const opcodes = this.#outOpcodes;
+    const payloads = this.#outPayloads;
+    const lengths = this.#outLengths;
+    const size = this.#outBytes;
+    this.#clearOut();
+    if (opcodes.length === 0) return;
     const socket = this.#socket;
     if (socket.destroyed || socket.writableEnded) return;
-    socket.write(out.length === 1 ? out[0]! : Buffer.concat(out));
+    // One buffer for the turn's frames, encoded and masked in place.
+    const out = Buffer.allocUnsafe(size);
+    let at = 0;
+    for (let i = 0; i < opcodes.length; i++) {
+      at = writeFrame(out, at, opcodes[i]!, payloads[i]!, lengths[i]!);
+    }
+    socket.write(out);
     // The close frame was the last thing to send; the peer closes TCP after answering it.
     if (this.#closeSent && this.#wasClean) socket.end();
+  }
+
+  #clearOut(): void {
+    this.#outOpcodes = [];
+    this.#outPayloads = [];
+    this.#outLengths = [];
+    this.#outBytes = 0;
   }
 
   #onData(chunk: Buffer): void {
@@ -486,7 +537,8 @@ export class NetWebSocket {
 
   #onControl(opcode: number, payload: Buffer): boolean {
     if (opcode === OP_PING) {
-      if (this.#state === OPEN) this.#queue(frame(OP_PONG, payload));
+      // A copy: the payload is a view of input that is parsed on meanwhile.
+      if (this.#state === OPEN) this.#queue(OP_PONG, Buffer.from(payload), payload.byteLength);
       return true;
     }
     if (opcode === OP_PONG) return true;
@@ -550,8 +602,7 @@ export class NetWebSocket {
     // After the handshake, an end without a close frame is a close (1006), not an error.
     this.#state = CLOSED;
     if (this.#closeTimer !== undefined) clearTimeout(this.#closeTimer);
-    this.#out = [];
-    this.#outBytes = 0;
+    this.#clearOut();
     const clean = this.#wasClean;
     const event = {
       code: clean ? this.#closeCode : 1006,

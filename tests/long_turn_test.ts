@@ -8,10 +8,11 @@ import assert from "node:assert/strict";
 import { chmod, mkdtemp, realpath, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { type Broker, startBroker } from "../src/main.ts";
+import { type Broker, type LogEntry, startBroker } from "../src/main.ts";
 import { ROOT } from "./_processes.ts";
 import { rawClient } from "./_raw_http.ts";
 import { readEvents } from "./_sse_events.ts";
+import { waitFor } from "./_wait.ts";
 
 const SECRET = "long-turn-test-secret-0123456789";
 const TIMEOUT = { timeout: 30_000 };
@@ -21,7 +22,9 @@ const TIMEOUT = { timeout: 30_000 };
  */
 const TURN_MS = 5_000;
 
-async function withBroker(fn: (broker: Broker) => Promise<void>): Promise<void> {
+async function withBroker(
+  fn: (broker: Broker, logs: LogEntry[]) => Promise<void>,
+): Promise<void> {
   const dir = await realpath(await mkdtemp(join(tmpdir(), "long-turn-test-")));
   // The bench's instant stand-in for codex, whose `delay:MS` turns take MS milliseconds.
   const codex = join(dir, "codex");
@@ -30,6 +33,7 @@ async function withBroker(fn: (broker: Broker) => Promise<void>): Promise<void> 
     `#!/bin/sh\nexec "${ROOT}/node_modules/.bin/node" "${ROOT}/bench/_instant_codex.ts" "$@"\n`,
   );
   await chmod(codex, 0o755);
+  const logs: LogEntry[] = [];
   const broker = await startBroker({
     secret: SECRET,
     port: 0,
@@ -38,16 +42,17 @@ async function withBroker(fn: (broker: Broker) => Promise<void>): Promise<void> 
     codex,
     checkCredentials: false,
     keepAliveTimeoutMs: 1_000,
+    log: (entry) => logs.push(entry),
   });
   try {
-    await fn(broker);
+    await fn(broker, logs);
   } finally {
     await broker.close();
     await rm(dir, { recursive: true, force: true });
   }
 }
 
-function slowTurn(accept?: string): RequestInit {
+function slowTurn(accept?: string, turnMs = TURN_MS): RequestInit {
   return {
     method: "POST",
     headers: {
@@ -57,7 +62,7 @@ function slowTurn(accept?: string): RequestInit {
     },
     body: JSON.stringify({
       workspaceId: "ws-1",
-      params: { input: [{ type: "text", text: `delay:${TURN_MS}`, text_elements: [] }] },
+      params: { input: [{ type: "text", text: `delay:${turnMs}`, text_elements: [] }] },
     }),
   };
 }
@@ -98,6 +103,44 @@ test(
         }
       })();
       await Promise.all([json, stream, keepAlive]);
+    });
+  },
+);
+
+test(
+  "a client that hangs up on a JSON turn or on its event stream has the turn interrupted at once and logged as cancelled",
+  TIMEOUT,
+  async () => {
+    await withBroker(async (broker, logs) => {
+      const { host, port } = new URL(broker.url);
+      // A minute long: only the client leaving ends these turns within the test.
+      for (const accept of ["application/json", "text/event-stream"]) {
+        const body = slowTurn(accept, 60_000).body as string;
+        const client = await rawClient(Number(port));
+        try {
+          client.socket.write(
+            `POST /api/turns HTTP/1.1\r\nHost: ${host}\r\nContent-Type: application/json\r\n` +
+              `Accept: ${accept}\r\nX-Internal-Secret: ${SECRET}\r\n` +
+              `Content-Length: ${body.length}\r\n\r\n${body}`,
+          );
+          await waitFor("the turn to run", () => broker.inFlight === 1, 10_000);
+          if (accept === "text/event-stream") {
+            await client.until(() => client.received.includes("event: thread"), 10_000, "thread");
+          }
+        } finally {
+          await client.destroy();
+        }
+        await waitFor(
+          `the ${accept} turn to be cancelled`,
+          () =>
+            logs.some((entry) =>
+              entry.msg === "turn" && entry.outcome === "cancelled" &&
+              entry.stream === (accept === "text/event-stream")
+            ),
+          5_000,
+        );
+        await waitFor("the request to end", () => broker.inFlight === 0, 5_000);
+      }
     });
   },
 );
