@@ -20,6 +20,7 @@ import type { CodexError, ErrorAnswer, TransportFailure, TurnAnswer } from "./ha
 import type { Metrics } from "./metrics.ts";
 import type { Turn } from "./protocol.ts";
 import type { Pool, PoolTurnOptions } from "./pool.ts";
+import { HookedController } from "./_deadline.ts";
 import { OVERLOADED_CODE } from "./protocol.ts";
 import type { ValidTurnRequest } from "./_validate.ts";
 import type { Admission } from "./_workspace_limits.ts";
@@ -185,10 +186,11 @@ function transportFailure(error: unknown): TransportFailure | undefined {
  * removed when the turn ends, leaves nothing behind on the long-lived signal.
  */
 function linkSignals(parents: readonly TurnAbortSource[]): {
-  controller: AbortController;
+  controller: HookedController;
   dispose: () => void;
 } {
-  const controller = new AbortController();
+  // Its scopes and waits hear it through hooks, not event listeners.
+  const controller = new HookedController();
   const abort = (reason: unknown) => controller.abort(reason);
   const detach: (() => void)[] = [];
   for (const parent of parents) {
@@ -217,10 +219,10 @@ function linkSignals(parents: readonly TurnAbortSource[]): {
  * `EventTarget` made that 2% of the CPU per turn with an instant codex).
  */
 function shutdownLink(signal: AbortSignal | undefined): {
-  add(controller: AbortController): void;
-  delete(controller: AbortController): void;
+  add(controller: HookedController): void;
+  delete(controller: HookedController): void;
 } {
-  const live = new Set<AbortController>();
+  const live = new Set<HookedController>();
   signal?.addEventListener("abort", () => {
     for (const controller of [...live]) controller.abort(signal.reason);
   }, { once: true });

@@ -6,6 +6,8 @@
  * @module
  */
 
+import { onAbort } from "./_deadline.ts";
+
 /** A turn's place: running, or in line for a slot. */
 export interface Admission {
   /**
@@ -97,15 +99,14 @@ export class WorkspaceLimits {
         if (state === "released") return Promise.reject(new Error("Admission was released"));
         if (signal.aborted) return Promise.reject(signal.reason);
         return new Promise<void>((resolve, reject) => {
-          const onAbort = () => {
+          const off = onAbort(signal, (reason) => {
             granted = undefined;
-            reject(signal.reason);
-          };
+            reject(reason);
+          });
           granted = () => {
-            signal.removeEventListener("abort", onAbort);
+            off();
             resolve();
           };
-          signal.addEventListener("abort", onAbort, { once: true });
         });
       },
       release,

@@ -191,6 +191,8 @@ export class NetWebSocket {
   #head: Buffer | undefined = Buffer.alloc(0);
   // Input not yet parsed, as it came, so a large message is copied once, not per chunk.
   #chunks: Buffer[] = [];
+  /** Where the unparsed input starts in the first chunk: frames are read in place. */
+  #offset = 0;
   #inBytes = 0;
   #message: Buffer[] = [];
   #messageOpcode = -1;
@@ -423,36 +425,53 @@ export class NetWebSocket {
     return undefined;
   }
 
-  /** The first `n` input bytes in one buffer (n ≤ 14), without consuming them. */
+  /**
+   * The chunk holding the first `n` input bytes (n ≤ 14) from {@linkcode #offset}, without
+   * consuming them.
+   */
   #peek(n: number): Buffer {
     const first = this.#chunks[0]!;
-    if (first.byteLength >= n) return first;
-    const merged = Buffer.concat(this.#chunks);
+    if (first.byteLength - this.#offset >= n) return first;
+    const merged = Buffer.concat(this.#chunks).subarray(this.#offset);
     this.#chunks = [merged];
+    this.#offset = 0;
     return merged;
   }
 
-  /** Consumes `n` input bytes and returns them. */
-  #take(n: number): Buffer {
+  /** Consumes `n` input bytes of the first chunk, which holds them. */
+  #skip(n: number): void {
     this.#inBytes -= n;
-    const first = this.#chunks[0]!;
-    if (first.byteLength > n) {
-      this.#chunks[0] = first.subarray(n);
-      return first.subarray(0, n);
-    }
-    if (first.byteLength === n) {
+    this.#offset += n;
+    if (this.#offset === this.#chunks[0]!.byteLength) {
       this.#chunks.shift();
-      return first;
+      this.#offset = 0;
     }
+  }
+
+  /** Consumes `n` input bytes and returns them: a view when one chunk holds them. */
+  #take(n: number): Buffer {
+    const first = this.#chunks[0]!;
+    const at = this.#offset;
+    if (first.byteLength - at >= n) {
+      const bytes = first.subarray(at, at + n);
+      this.#skip(n);
+      return bytes;
+    }
+    this.#inBytes -= n;
     const out = Buffer.allocUnsafe(n);
     let filled = 0;
     while (filled < n) {
       const chunk = this.#chunks[0]!;
-      const part = Math.min(chunk.byteLength, n - filled);
-      out.set(part === chunk.byteLength ? chunk : chunk.subarray(0, part), filled);
+      const from = this.#offset;
+      const part = Math.min(chunk.byteLength - from, n - filled);
+      out.set(chunk.subarray(from, from + part), filled);
       filled += part;
-      if (part === chunk.byteLength) this.#chunks.shift();
-      else this.#chunks[0] = chunk.subarray(part);
+      if (from + part === chunk.byteLength) {
+        this.#chunks.shift();
+        this.#offset = 0;
+      } else {
+        this.#offset = from + part;
+      }
     }
     return out;
   }
@@ -461,7 +480,8 @@ export class NetWebSocket {
   #parseFrame(): boolean {
     if (this.#inBytes < 2) return false;
     let head = this.#peek(2);
-    const b0 = head[0]!, b1 = head[1]!;
+    const at = this.#offset;
+    const b0 = head[at]!, b1 = head[at + 1]!;
     const fin = (b0 & 0x80) !== 0;
     const opcode = b0 & 0x0f;
     if ((b0 & 0x70) !== 0) return this.#fail("reserved bits set", 1002);
@@ -471,18 +491,18 @@ export class NetWebSocket {
     if (length === 126) {
       if (this.#inBytes < 4) return false;
       head = this.#peek(4);
-      length = head.readUInt16BE(2);
+      length = head.readUInt16BE(this.#offset + 2);
       offset = 4;
     } else if (length === 127) {
       if (this.#inBytes < 10) return false;
       head = this.#peek(10);
-      const high = head.readUInt32BE(2);
+      const high = head.readUInt32BE(this.#offset + 2);
       if (high > MAX_PAYLOAD_HIGH_WORD) return this.#fail("frame too large", 1009);
-      length = high * 0x100000000 + head.readUInt32BE(6);
+      length = high * 0x100000000 + head.readUInt32BE(this.#offset + 6);
       offset = 10;
     }
     if (this.#inBytes < offset + length) return false;
-    this.#take(offset);
+    this.#skip(offset);
     const payload = length === 0 ? Buffer.alloc(0) : this.#take(length);
     if (opcode >= 0x8) {
       if (!fin || length > 125) return this.#fail("invalid control frame", 1002);

@@ -1,6 +1,12 @@
 import { test } from "./_test.ts";
 import assert from "node:assert/strict";
-import { abortable, createScope, DeadlineClock, delay } from "../src/_deadline.ts";
+import {
+  abortable,
+  createScope,
+  DeadlineClock,
+  delay,
+  HookedController,
+} from "../src/_deadline.ts";
 import { MAX_TIMER_DELAY_MS } from "../src/_timer.ts";
 import { trackTimers } from "./_timers.ts";
 
@@ -206,4 +212,38 @@ test("a scope makes its AbortSignal only when asked, aborted with the reason if 
   } finally {
     globalThis.AbortController = real;
   }
+});
+
+test("a HookedController's signal is heard by scopes and waits without event listeners, and by others' listeners as usual", async () => {
+  const controller = new HookedController();
+  const signal = controller.signal;
+  let listeners = 0;
+  const add = signal.addEventListener.bind(signal);
+  signal.addEventListener = ((...args: Parameters<AbortSignal["addEventListener"]>) => {
+    listeners++;
+    add(...args);
+  }) as AbortSignal["addEventListener"];
+  const clock = new DeadlineClock();
+  const scope = createScope([signal], 60_000, clock);
+  const waiting = delay(60_000, signal);
+  const work = abortable(new Promise<never>(() => {}), signal);
+  const removed = createScope([signal], 60_000, clock);
+  removed.dispose();
+  assert.equal(listeners, 0, "no event listener for this module's scopes and waits");
+  const heard: unknown[] = [];
+  signal.addEventListener("abort", () => heard.push(signal.reason));
+  const reason = new Error("gone");
+  controller.abort(reason);
+  controller.abort(new Error("again"));
+  assert.deepEqual(heard, [reason], "another's listener hears it once");
+  assert.equal(scope.reason, reason);
+  assert.equal(removed.aborted, false, "a disposed scope hears nothing");
+  await assert.rejects(waiting, (error) => error === reason);
+  await assert.rejects(work, (error) => error === reason);
+  const bare = new HookedController();
+  const bareScope = createScope([bare.signal], 60_000);
+  bare.abort();
+  assert.equal((bareScope.reason as DOMException).name, "AbortError");
+  assert.equal(bareScope.reason, bare.signal.reason);
+  clock.close(new Error("done"));
 });

@@ -243,6 +243,64 @@ test("NetWebSocket joins a fragmented message, answers a ping with its payload, 
   }
 });
 
+test("NetWebSocket reads frames whose headers and payloads arrive split at every boundary, in pieces of 1 byte and up", async () => {
+  // Unmasked server frames with 7-, 16- and 64-bit lengths, a fragmented message, a ping.
+  const header = (first: number, length: number) => {
+    if (length < 126) return Buffer.from([first, length]);
+    if (length < 0x10000) {
+      const head = Buffer.from([first, 126, 0, 0]);
+      head.writeUInt16BE(length, 2);
+      return head;
+    }
+    const head = Buffer.alloc(10);
+    head[0] = first;
+    head[1] = 127;
+    head.writeBigUInt64BE(BigInt(length), 2);
+    return head;
+  };
+  const texts = ["a", "é".repeat(150), "c".repeat(70_000)];
+  const stream = Buffer.concat([
+    ...texts.flatMap((text) => {
+      const payload = Buffer.from(text);
+      return [header(0x81, payload.length), payload];
+    }),
+    header(0x01, 3),
+    Buffer.from("hel"),
+    header(0x89, 5),
+    Buffer.from("ping!"),
+    header(0x80, 300),
+    Buffer.from("l".repeat(300)),
+  ]);
+  let client: Buffer = Buffer.alloc(0);
+  const server = await rawServer(accepted, (socket, received) => {
+    socket.setNoDelay(true);
+    socket.on("data", () => (client = received()));
+    const sizes = [1, 2, 3, 5, 7, 11, 4096];
+    void (async () => {
+      for (let at = 0, i = 0; at < stream.length; i++) {
+        const size = sizes[i % sizes.length]!;
+        socket.write(stream.subarray(at, at + size));
+        at += size;
+        // Each piece its own read, as far as the kernel lets it.
+        await new Promise((resolve) => setTimeout(resolve, 1));
+      }
+    })();
+  });
+  const ws = new NetWebSocket(server.url);
+  const record = watch(ws);
+  try {
+    await waitFor("the messages", () => record.messages.length === 4, 10_000);
+    assert.deepEqual(record.messages, [...texts, `hel${"l".repeat(300)}`]);
+    await waitFor("the pong", () => readClientFrames(client).length === 1);
+    assert.equal(readClientFrames(client)[0]!.payload.toString(), "ping!");
+    assert.equal(record.error, undefined);
+  } finally {
+    ws.close();
+    await server.close();
+    await within(record.closed, 5_000, "the close");
+  }
+});
+
 test("NetWebSocket reports the server's close code and reason as a clean close, with no error", async () => {
   const server = await wsServer((connection) => connection.close(4001, "bye now"));
   const ws = new NetWebSocket(`ws://127.0.0.1:${server.port}/`, { authorization: "Bearer t0ken" });
