@@ -21,6 +21,10 @@
  *   runtime's own WebSocket to codex, as the minimal client uses), on Deno with
  *   `--deno-server native`, and last with its defaults.
  *
+ * The baselines and the broker's first configuration run in `BENCH_P4_ROUNDS` (3) rounds,
+ * one after the other in each round: the machine's speed drifts over minutes, so each round's
+ * ratio compares figures taken together, and the row shows their median.
+ *
  * The load generator is Debian's `wrk` (`apt-get install wrk`): `wrk -t1 -c64` on keep-alive
  * connections, a warm-up run, then the measured run. It prints req/s (turns/s) per server,
  * the server's CPU per request, and broker / min(hello, minimal) against the goal
@@ -39,7 +43,7 @@
  * least 1 s), `BENCH_P4_CONCURRENCY` (64), `BENCH_P4_RUNTIMES` (`deno,bun,node`),
  * `BENCH_P4_PROFILE`, `BENCH_P4_BROKER_ONLY=1` (the broker alone: for comparing two
  * versions of `src/` under the same load, by CPU per request), and `BENCH_P4_FIRST_ONLY=1`
- * (the broker in its first configuration only).
+ * (the broker in its first configuration only), `BENCH_P4_ROUNDS` (3).
  *
  * @module
  */
@@ -80,6 +84,8 @@ export interface P4Config {
   brokerOnly: boolean;
   /** Run the broker in its first configuration only, not the others. */
   firstOnly: boolean;
+  /** Rounds of the baselines and the broker's first configuration. */
+  rounds: number;
 }
 
 /** One server's or client's figures. */
@@ -104,6 +110,8 @@ export interface P4Run {
   broker: P4Figure | string;
   /** The instant codex's CPU per broker turn, µs. */
   codexCpuUsPerTurn: number;
+  /** Each round's broker / min(hello, minimal), for the configuration run in rounds. */
+  ratios?: number[];
   load: string;
 }
 
@@ -133,6 +141,7 @@ export function p4Config(): P4Config {
     profileDir: Deno.env.get("BENCH_P4_PROFILE") || undefined,
     brokerOnly: Deno.env.get("BENCH_P4_BROKER_ONLY") === "1",
     firstOnly: Deno.env.get("BENCH_P4_FIRST_ONLY") === "1",
+    rounds: envInt("BENCH_P4_ROUNDS", 3, 1),
   };
 }
 
@@ -382,14 +391,16 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
     ].join("\n"),
   );
   const runs: P4Run[] = [];
+  const broker = async (runtime: BenchRuntime, extraFlags: string[]) => {
+    try {
+      const result = await runBroker(runtime, dir, script, config, extraFlags);
+      return { figure: result.figure as P4Figure | string, codex: result.codexCpuUsPerTurn };
+    } catch (error) {
+      return { figure: message(error), codex: NaN };
+    }
+  };
   try {
     for (const runtime of config.runtimes) {
-      const hello = config.brokerOnly
-        ? "skipped"
-        : await runHello(runtime, script, config).catch(message);
-      const minimal = config.brokerOnly
-        ? "skipped"
-        : await runMinimal(runtime, dir, config).catch(message);
       // Like the minimal client, the broker keeps every request in flight to codex: its
       // per-workspace limit (16 by default) is raised to the concurrency, or it would queue
       // the rest itself and send codex smaller batches. The defaults are shown too. On Deno
@@ -407,23 +418,45 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
         [`${runtime}, --ws-client web`, [...inFlight, "--ws-client", "web"]],
         [`${runtime}, defaults (16 turns per workspace)`, []],
       ];
-      for (const [label, extraFlags] of config.firstOnly ? variants.slice(0, 1) : variants) {
-        let broker: P4Figure | string;
-        let codexCpuUsPerTurn = NaN;
-        try {
-          const result = await runBroker(runtime, dir, script, config, extraFlags);
-          broker = result.figure;
-          codexCpuUsPerTurn = result.codexCpuUsPerTurn;
-        } catch (error) {
-          broker = message(error);
-        }
+      // The baselines and the first configuration take turns, round after round: this
+      // machine's speed drifts over minutes, and each round's ratio compares figures taken
+      // within a minute of each other.
+      const rounds: {
+        hello: P4Figure | string;
+        minimal: P4Figure | string;
+        broker: P4Figure | string;
+        codex: number;
+      }[] = [];
+      for (let round = 0; round < config.rounds; round++) {
+        const hello = config.brokerOnly
+          ? "skipped"
+          : await runHello(runtime, script, config).catch(message);
+        const minimal = config.brokerOnly
+          ? "skipped"
+          : await runMinimal(runtime, dir, config).catch(message);
+        const first = await broker(runtime, variants[0]![1]);
+        rounds.push({ hello, minimal, broker: first.figure, codex: first.codex });
+      }
+      const hello = medianFigure(rounds.map((r) => r.hello));
+      const minimal = medianFigure(rounds.map((r) => r.minimal));
+      runs.push({
+        runtime,
+        hello,
+        minimal,
+        broker: medianFigure(rounds.map((r) => r.broker)),
+        codexCpuUsPerTurn: median(rounds.map((r) => r.codex)),
+        ratios: rounds.map((r) => ratio(r.broker, r.hello, r.minimal)),
+        load: loadText(),
+      });
+      for (const [label, extraFlags] of config.firstOnly ? [] : variants.slice(1)) {
+        const other = await broker(runtime, extraFlags);
         runs.push({
           runtime,
           ...(label === undefined ? {} : { label }),
           hello,
           minimal,
-          broker,
-          codexCpuUsPerTurn,
+          broker: other.figure,
+          codexCpuUsPerTurn: other.codex,
           load: loadText(),
         });
       }
@@ -432,6 +465,32 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
     await rm(dir, { recursive: true, force: true }).catch(() => {});
   }
   return runs;
+}
+
+function median(values: readonly number[]): number {
+  const sorted = values.filter((v) => !Number.isNaN(v)).sort((a, b) => a - b);
+  return sorted.length === 0 ? NaN : sorted[Math.floor((sorted.length - 1) / 2)]!;
+}
+
+/** The round with the median rate, or the first failure if every round failed. */
+function medianFigure(figures: readonly (P4Figure | string)[]): P4Figure | string {
+  const ok = figures.filter((f): f is P4Figure => typeof f !== "string");
+  if (ok.length === 0) return figures[0]!;
+  const sorted = [...ok].sort((a, b) => a.perSec - b.perSec);
+  const picked = sorted[Math.floor((sorted.length - 1) / 2)]!;
+  // Problems of any round stay visible.
+  const problems = [...new Set(figures.flatMap((f) => typeof f === "string" ? [f] : f.problems))];
+  return { ...picked, problems };
+}
+
+/** broker / min(hello, minimal) of one round. */
+function ratio(
+  broker: P4Figure | string,
+  hello: P4Figure | string,
+  minimal: P4Figure | string,
+): number {
+  const rate = (f: P4Figure | string) => typeof f === "string" ? NaN : f.perSec;
+  return rate(broker) / Math.min(rate(hello), rate(minimal));
 }
 
 function num(value: number, digits = 0): string {
@@ -457,7 +516,8 @@ export function formatP4(runs: P4Run[], config: P4Config): string {
     const minimal = figure(run.minimal);
     const broker = figure(run.broker);
     const baseline = Math.min(hello, minimal);
-    const ratio = broker / baseline;
+    // Rounds: the median of the rounds' own ratios, each from figures taken together.
+    const ratio = run.ratios ? median(run.ratios) : broker / baseline;
     const cpu = (f: P4Figure | string) => typeof f === "string" ? "-" : num(f.cpuUsPerRequest);
     return [
       run.label ?? run.runtime,
@@ -465,7 +525,9 @@ export function formatP4(runs: P4Run[], config: P4Config): string {
       num(hello),
       num(minimal),
       `${hello <= minimal ? "hello" : "minimal"} ${num(baseline)}`,
-      num(ratio, 2),
+      run.ratios && run.ratios.length > 1
+        ? `${num(ratio, 2)} (${run.ratios.map((r) => num(r, 2)).join(", ")})`
+        : num(ratio, 2),
       ratio >= P4_GOAL ? "met" : "not met",
       `${cpu(run.broker)} + codex ${num(run.codexCpuUsPerTurn)} / ${cpu(run.hello)} / ${
         cpu(run.minimal)
@@ -474,7 +536,9 @@ export function formatP4(runs: P4Run[], config: P4Config): string {
   });
   const lines = [
     `P4: REST turns/s with an instant fake codex, wrk -t1 -c${config.concurrency} -d${config.seconds}s ` +
-    `after ${config.warmupSeconds} s warm-up, a new thread per request`,
+    `after ${config.warmupSeconds} s warm-up, a new thread per request; the baselines and the ` +
+    `first row ran in ${config.rounds} alternating rounds: their medians, and broker/baseline ` +
+    `the median of the rounds' ratios (each round's in brackets)`,
     "",
     table(
       [
