@@ -45,6 +45,27 @@ interface ClockEntry {
   abort(reason: unknown): void;
 }
 
+/** Callbacks run once, with the abort reason: a scope's and a hooked signal's listeners. */
+class Hooks {
+  #fns: ((reason: unknown) => void)[] = [];
+
+  /** Adds `fn`; returns the function that removes it. */
+  add(fn: (reason: unknown) => void): () => void {
+    this.#fns.push(fn);
+    return () => {
+      const index = this.#fns.lastIndexOf(fn);
+      if (index !== -1) this.#fns.splice(index, 1);
+    };
+  }
+
+  /** Runs and forgets every callback; one added or removed meanwhile is not run. */
+  run(reason: unknown): void {
+    const fns = this.#fns;
+    this.#fns = [];
+    for (const fn of fns) fn(reason);
+  }
+}
+
 // The HookedController of a signal one made, on the signal itself: a WeakMap entry per turn
 // made the garbage collector's work grow on Node.
 const HOOKED = Symbol("hookedController");
@@ -62,7 +83,7 @@ interface HookedSignal extends AbortSignal {
  */
 export class HookedController {
   readonly #controller = new AbortController();
-  #hooks: ((reason: unknown) => void)[] = [];
+  readonly #hooks = new Hooks();
 
   /** Makes a controller whose signal has not aborted. */
   constructor() {
@@ -83,9 +104,7 @@ export class HookedController {
     const signal = this.#controller.signal;
     if (signal.aborted) return;
     this.#controller.abort(reason);
-    const hooks = this.#hooks;
-    this.#hooks = [];
-    for (const fn of hooks) fn(signal.reason);
+    this.#hooks.run(signal.reason);
   }
 
   /**
@@ -95,11 +114,7 @@ export class HookedController {
    * @returns The function that removes it.
    */
   hook(fn: (reason: unknown) => void): () => void {
-    this.#hooks.push(fn);
-    return () => {
-      const index = this.#hooks.lastIndexOf(fn);
-      if (index !== -1) this.#hooks.splice(index, 1);
-    };
+    return this.#hooks.add(fn);
   }
 }
 
@@ -114,7 +129,7 @@ class ScopeImpl implements Scope, ClockEntry {
   timedOut = false;
   /** Position in its clock's heap; -1 while not in one. */
   heapIndex = -1;
-  #hooks: ((reason: unknown) => void)[] = [];
+  readonly #hooks = new Hooks();
   #detach: (() => void)[] = [];
   #timer: ReturnType<typeof setTimeout> | undefined;
   #clock: DeadlineClock | undefined;
@@ -181,18 +196,12 @@ class ScopeImpl implements Scope, ClockEntry {
     this.#aborted = true;
     this.#reason = reason;
     this.#controller?.abort(reason);
-    const hooks = this.#hooks;
-    this.#hooks = [];
     this.dispose();
-    for (const fn of hooks) fn(reason);
+    this.#hooks.run(reason);
   }
 
   onAbort(fn: (reason: unknown) => void): () => void {
-    this.#hooks.push(fn);
-    return () => {
-      const index = this.#hooks.lastIndexOf(fn);
-      if (index !== -1) this.#hooks.splice(index, 1);
-    };
+    return this.#hooks.add(fn);
   }
 
   dispose(): void {

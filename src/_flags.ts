@@ -98,6 +98,22 @@ function count(
   };
 }
 
+function choice<K extends "denoServer" | "wsClient">(
+  flag: string,
+  key: K,
+  values: readonly NonNullable<BrokerOptions[K]>[],
+): Flag["apply"] {
+  return (text, options) => {
+    const value = values.find((v) => v === text);
+    if (value === undefined) {
+      throw new UsageError(
+        `Invalid --${flag} ${JSON.stringify(text)}: expected ${values.join(" or ")}`,
+      );
+    }
+    options[key] = value;
+  };
+}
+
 function nonEmpty(flag: string, key: "jwtAudience" | "jwtIssuer"): Flag["apply"] {
   return (text, options) => {
     if (text === "") throw new UsageError(`Invalid --${flag}: expected a non-empty value`);
@@ -238,17 +254,10 @@ const FLAGS: readonly Flag[] = [
     value: "<server>",
     help: [
       "On Deno: node (node:http, default), which closes idle and slow",
-      "clients' connections, or native (Deno.serve): about the same CPU",
-      "per turn, but no bound on slow clients: behind nginx",
+      "clients' connections, or native (Deno.serve), which does not:",
+      "behind nginx only",
     ],
-    apply(server, options) {
-      if (server !== "node" && server !== "native") {
-        throw new UsageError(
-          `Invalid --deno-server ${JSON.stringify(server)}: expected node or native`,
-        );
-      }
-      options.denoServer = server;
-    },
+    apply: choice("deno-server", "denoServer", ["node", "native"]),
   },
   {
     name: "ws-client",
@@ -258,12 +267,7 @@ const FLAGS: readonly Flag[] = [
       "node:net, which writes the frames of one event-loop turn together,",
       "or web, the runtime's WebSocket",
     ],
-    apply(client, options) {
-      if (client !== "net" && client !== "web") {
-        throw new UsageError(`Invalid --ws-client ${JSON.stringify(client)}: expected net or web`);
-      }
-      options.wsClient = client;
-    },
+    apply: choice("ws-client", "wsClient", ["net", "web"]),
   },
   {
     name: "grace",

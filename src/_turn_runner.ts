@@ -20,7 +20,7 @@ import type { CodexError, ErrorAnswer, TransportFailure, TurnAnswer } from "./ha
 import type { Metrics } from "./metrics.ts";
 import type { Turn } from "./protocol.ts";
 import type { Pool, PoolTurnOptions } from "./pool.ts";
-import { HookedController } from "./_deadline.ts";
+import { HookedController, onAbort } from "./_deadline.ts";
 import { OVERLOADED_CODE } from "./protocol.ts";
 import type { ValidTurnRequest } from "./_validate.ts";
 import type { Admission } from "./_workspace_limits.ts";
@@ -200,9 +200,7 @@ function linkSignals(parents: readonly TurnAbortSource[]): {
     } else if (parent.aborted) {
       controller.abort(parent.reason);
     } else {
-      const onAbort = () => controller.abort(parent.reason);
-      parent.addEventListener("abort", onAbort, { once: true });
-      detach.push(() => parent.removeEventListener("abort", onAbort));
+      detach.push(onAbort(parent, abort));
     }
   }
   return {

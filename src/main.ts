@@ -163,9 +163,9 @@ export interface BrokerOptions {
   /**
    * Which HTTP server the broker uses on Deno (other runtimes ignore it): `"node"`, Deno's
    * `node:http`, which closes idle keep-alive connections and half-sent requests and honours
-   * `Connection: close`; or `"native"`, `Deno.serve`, which serves turns with about the same
-   * CPU but never closes a slow or idle client's connection, so it belongs behind a proxy
-   * that does (nginx). Defaults to `"node"`.
+   * `Connection: close`; or `"native"`, `Deno.serve`, which never closes a slow or idle
+   * client's connection, so it belongs behind a proxy that does (nginx), and takes no less
+   * CPU per turn (`npm run bench -- p4`). Defaults to `"node"`.
    */
   denoServer?: DenoServer;
   /**
@@ -1014,11 +1014,6 @@ function listenFailure(error: unknown): string {
   }
 }
 
-/**
- * Deno serves with `node:http` too: `Deno.serve` has no deadlines, so it keeps idle
- * keep-alive connections and half-sent headers open forever and ignores `Connection: close`
- * (denoland/deno#9411); Deno's `node:http` closes them as Node does. Bun keeps `Bun.serve`.
- */
 /** Bun's own default idle timeout, in seconds (its largest is 255). */
 const BUN_IDLE_TIMEOUT_S = 10;
 
@@ -1065,6 +1060,12 @@ function isEventStream(response: Response): boolean {
   return response.headers.get("content-type")?.startsWith("text/event-stream") ?? false;
 }
 
+/**
+ * Deno serves with `node:http` too, unless told `native`: `Deno.serve` has no deadlines, so
+ * it keeps idle keep-alive connections and half-sent headers open forever and ignores
+ * `Connection: close` (denoland/deno#9411); Deno's `node:http` closes them as Node does.
+ * Bun keeps `Bun.serve`.
+ */
 function serve(denoServer: DenoServer, options: ServerOptions): Server {
   if (!("Deno" in globalThis) || denoServer === "native") return serveNative(options);
   const server = serveNode(options);

@@ -279,6 +279,25 @@ const CHECKED_TURN_FIELDS = new Set([
   "approvalsReviewer",
   "threadId",
 ]);
+
+/** The fields of thread/start or turn/start params: passed as they are, or checked. */
+interface FieldSets {
+  /** How a field is named in a refusal: `threadParams` or `params`. */
+  readonly prefix: string;
+  readonly plain: ReadonlySet<string>;
+  readonly checked: ReadonlySet<string>;
+}
+
+const THREAD_FIELDS: FieldSets = {
+  prefix: "threadParams",
+  plain: PLAIN_THREAD_FIELDS,
+  checked: CHECKED_THREAD_FIELDS,
+};
+const TURN_FIELDS: FieldSets = {
+  prefix: "params",
+  plain: PLAIN_TURN_FIELDS,
+  checked: CHECKED_TURN_FIELDS,
+};
 // turn/start's sandboxPolicy, by type: the policy's name for it and the keys it may carry.
 const SANDBOX_POLICY_TYPES: Readonly<Record<string, { mode: SandboxMode; keys: string[] }>> = {
   readOnly: { mode: "read-only", keys: ["type", "networkAccess"] },
@@ -700,6 +719,25 @@ export function createParamsCheck(policy: Policy, options: ParamsCheckOptions = 
   }
 
   /**
+   * The fields of `params` that need a check, as `[key, value, field]`: plain fields (and
+   * the extra ones the rules allow) pass as they are, an unknown field is refused, and a
+   * null or absent value is codex's "unset".
+   */
+  function* checkedFields(
+    params: object,
+    fields: FieldSets,
+    extra: readonly string[],
+  ): Generator<[string, unknown, string]> {
+    for (const [key, value] of Object.entries(params)) {
+      const field = `${fields.prefix}.${key}`;
+      if (fields.plain.has(key) || extra.includes(key)) continue;
+      if (!fields.checked.has(key)) unknownField(field);
+      if (value === null || value === undefined) continue;
+      yield [key, value, field];
+    }
+  }
+
+  /**
    * Checks a field that `thread/start` and `turn/start` share; `cwd` is rewritten in `out`
    * to the path that passed (codex gets exactly what was checked).
    *
@@ -737,22 +775,10 @@ export function createParamsCheck(policy: Policy, options: ParamsCheckOptions = 
     workspaceId: string,
   ): Promise<ThreadStartParams> {
     const out: ThreadStartParams = { ...threadParams };
-    for (const [key, value] of Object.entries(threadParams)) {
-      const field = `threadParams.${key}`;
-      if (PLAIN_THREAD_FIELDS.has(key) || rules.extraFields.threadParams.includes(key)) continue;
-      if (!CHECKED_THREAD_FIELDS.has(key)) unknownField(field);
-      // null is codex's "unset".
-      if (value === null || value === undefined) continue;
-      if (
-        await checkSharedField(
-          key,
-          value,
-          field,
-          rules,
-          workspaceId,
-          out as Record<string, unknown>,
-        )
-      ) continue;
+    const shared = out as Record<string, unknown>;
+    const extra = rules.extraFields.threadParams;
+    for (const [key, value, field] of checkedFields(threadParams, THREAD_FIELDS, extra)) {
+      if (await checkSharedField(key, value, field, rules, workspaceId, shared)) continue;
       switch (key) {
         case "modelProvider":
           oneOf(value, rules.modelProviders, field);
@@ -870,21 +896,10 @@ export function createParamsCheck(policy: Policy, options: ParamsCheckOptions = 
     workspaceId: string,
   ): Promise<TurnParams> {
     const out: TurnParams = { ...params };
-    for (const [key, value] of Object.entries(params)) {
-      const field = `params.${key}`;
-      if (PLAIN_TURN_FIELDS.has(key) || rules.extraFields.params.includes(key)) continue;
-      if (!CHECKED_TURN_FIELDS.has(key)) unknownField(field);
-      if (value === null || value === undefined) continue;
-      if (
-        await checkSharedField(
-          key,
-          value,
-          field,
-          rules,
-          workspaceId,
-          out as Record<string, unknown>,
-        )
-      ) continue;
+    const shared = out as Record<string, unknown>;
+    const extra = rules.extraFields.params;
+    for (const [key, value, field] of checkedFields(params, TURN_FIELDS, extra)) {
+      if (await checkSharedField(key, value, field, rules, workspaceId, shared)) continue;
       switch (key) {
         case "sandboxPolicy":
           out.sandboxPolicy = await checkSandboxPolicy(value, rules, workspaceId);

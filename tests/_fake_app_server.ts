@@ -402,6 +402,31 @@ export function itemCompleted(threadId: string, turnId: string, item: unknown): 
   return { threadId, turnId, item, completedAtMs: 1 };
 }
 
+/**
+ * A codex that starts thread thr-1 and turn turn-1 (answering turn/start and sending
+ * turn/started at once), and runs `rest` for the turn once `gate()` resolves: so two runs of
+ * the same turn answer alike, and a test decides when the turn goes on.
+ */
+export function gatedCodex(
+  gate: () => Promise<void>,
+  rest: (peer: FakePeer, threadId: string) => void,
+): (peer: FakePeer) => void {
+  return (peer) => {
+    peer.handle((m) => {
+      if (m.method === "thread/start") {
+        peer.reply(m as Req, threadResult("thr-1"));
+        return true;
+      }
+      if (m.method !== "turn/start") return false;
+      const threadId = m.params.threadId as string;
+      peer.reply(m as Req, { turn: turnObject("turn-1", "inProgress") });
+      peer.notify("turn/started", { threadId, turn: turnObject("turn-1", "inProgress") });
+      void gate().then(() => rest(peer, threadId));
+      return true;
+    });
+  };
+}
+
 export interface CodexLikeOptions {
   /** Text of the agent message per turn. */
   text?: (input: unknown) => string;

@@ -521,20 +521,6 @@ test(
   },
 );
 
-test("parseFlags() reads --deno-server node or native and refuses anything else", () => {
-  for (const server of ["node", "native"] as const) {
-    const parsed = parseFlags(["--deno-server", server], {});
-    assert.ok(!parsed.help);
-    assert.equal(parsed.options.denoServer, server);
-  }
-  assert.throws(
-    () => parseFlags(["--deno-server", "deno"], {}),
-    (error) =>
-      error instanceof UsageError &&
-      error.message === 'Invalid --deno-server "deno": expected node or native',
-  );
-});
-
 test(
   "a request head of several hundred KiB gets a 431 or a closed socket at once, and the server serves the next client",
   TIMEOUT,

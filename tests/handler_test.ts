@@ -9,6 +9,7 @@ import {
   codexLike,
   type FakeAppServer,
   type FakePeer,
+  gatedCodex,
   type Message,
   type Req,
   serverRequestParams,
@@ -139,35 +140,28 @@ function trackIntervals(): { readonly live: number; restore(): void } {
  * runs of the same turn answer alike. Before completing it waits for `gate`.
  */
 function fixedTurn(peer: FakePeer, gate: () => Promise<void> = async () => {}): void {
-  peer.handle((m) => {
-    if (m.method === "thread/start") {
-      peer.reply(m as Req, threadResult("thr-1"));
-      return true;
-    }
-    if (m.method !== "turn/start") return false;
-    const threadId = m.params.threadId as string;
-    peer.reply(m as Req, { turn: turnObject("turn-1", "inProgress") });
-    peer.notify("turn/started", { threadId, turn: turnObject("turn-1", "inProgress") });
-    // Another thread's event on the same connection: must not show in this turn's stream.
+  // Another thread's event on the same connection: must not show in this turn's stream.
+  const otherThread = () =>
     peer.notify("item/completed", {
       completedAtMs: 1,
       threadId: "thr-other",
       turnId: "x",
       item: agentMessage("o", "no"),
     });
-    void gate().then(() => {
-      const item = agentMessage("msg-1", "hello");
-      peer.notify("item/agentMessage/delta", {
-        threadId,
-        turnId: "turn-1",
-        itemId: "m1",
-        delta: "hello",
-      });
-      peer.notify("item/completed", { completedAtMs: 1, threadId, turnId: "turn-1", item });
-      peer.notify("turn/completed", { threadId, turn: turnObject("turn-1", "completed", [item]) });
+  gatedCodex(async () => {
+    otherThread();
+    await gate();
+  }, (peer, threadId) => {
+    const item = agentMessage("msg-1", "hello");
+    peer.notify("item/agentMessage/delta", {
+      threadId,
+      turnId: "turn-1",
+      itemId: "m1",
+      delta: "hello",
     });
-    return true;
-  });
+    peer.notify("item/completed", { completedAtMs: 1, threadId, turnId: "turn-1", item });
+    peer.notify("turn/completed", { threadId, turn: turnObject("turn-1", "completed", [item]) });
+  })(peer);
 }
 
 /** A codex whose turns hang until interrupted, telling when a turn starts and is interrupted. */

@@ -451,18 +451,24 @@ test("parseFlags() refuses an --idle-ttl or --grace past 24 days, which timers c
   assert.equal(parseDuration("0", "--grace"), 0);
 });
 
-test("parseFlags() reads --ws-client net or web and refuses anything else", () => {
-  for (const client of ["net", "web"] as const) {
-    const parsed = parseFlags(["--ws-client", client], {});
-    assert.ok(!parsed.help);
-    assert.equal(parsed.options.wsClient, client);
+test("parseFlags() reads --ws-client net or web and --deno-server node or native, and refuses anything else", () => {
+  const cases = [
+    ["ws-client", "wsClient", ["net", "web"], "ws", "net or web"],
+    ["deno-server", "denoServer", ["node", "native"], "deno", "node or native"],
+  ] as const;
+  for (const [flag, key, values, wrong, expected] of cases) {
+    for (const value of values) {
+      const parsed = parseFlags([`--${flag}`, value], {});
+      assert.ok(!parsed.help);
+      assert.equal(parsed.options[key], value);
+    }
+    assert.throws(
+      () => parseFlags([`--${flag}`, wrong], {}),
+      (error) =>
+        error instanceof UsageError &&
+        error.message === `Invalid --${flag} "${wrong}": expected ${expected}`,
+    );
   }
-  assert.throws(
-    () => parseFlags(["--ws-client", "ws"], {}),
-    (error) =>
-      error instanceof UsageError &&
-      error.message === 'Invalid --ws-client "ws": expected net or web',
-  );
 });
 
 test("parseFlags() reads --turn-silence as a positive duration", () => {

@@ -23,10 +23,9 @@ import {
   codexLike,
   type FakeAppServer,
   type FakePeer,
+  gatedCodex,
   type Message,
-  type Req,
   startFakeAppServer,
-  threadResult,
   turnObject,
 } from "./_fake_app_server.ts";
 import { waitFor, within } from "./_wait.ts";
@@ -215,30 +214,6 @@ async function runTurn(
   return { brokerId: response.headers.get("x-broker-id"), threadId: answer.threadId };
 }
 
-/**
- * A codex that starts thread thr-1 and turn turn-1 (answering turn/start and sending
- * turn/started at once), and runs `rest` for the turn once `gate` resolves.
- */
-function gatedCodex(
-  gate: Promise<void>,
-  rest: (peer: FakePeer, threadId: string) => void,
-): (peer: FakePeer) => void {
-  return (peer) => {
-    peer.handle((m) => {
-      if (m.method === "thread/start") {
-        peer.reply(m as Req, threadResult("thr-1"));
-        return true;
-      }
-      if (m.method !== "turn/start") return false;
-      const threadId = m.params.threadId as string;
-      peer.reply(m as Req, { turn: turnObject("turn-1", "inProgress") });
-      peer.notify("turn/started", { threadId, turn: turnObject("turn-1", "inProgress") });
-      void gate.then(() => rest(peer, threadId));
-      return true;
-    });
-  };
-}
-
 /** A codex whose turns hang until interrupted, telling when a turn starts and is interrupted. */
 function hangingCodex() {
   const started = Promise.withResolvers<void>();
@@ -301,7 +276,7 @@ test(
   async () => {
     const gate = Promise.withResolvers<void>();
     // The rest only once the client has seen turn/started through both brokers.
-    const codex = gatedCodex(gate.promise, (peer, threadId) => {
+    const codex = gatedCodex(() => gate.promise, (peer, threadId) => {
       const item = agentMessage("msg-1", "hello");
       peer.notify("item/completed", { completedAtMs: 1, threadId, turnId: "turn-1", item });
       peer.notify("turn/completed", {
@@ -393,7 +368,7 @@ test(
   TIMEOUT,
   async () => {
     const gate = Promise.withResolvers<void>();
-    const codex = gatedCodex(gate.promise, (peer, threadId) => {
+    const codex = gatedCodex(() => gate.promise, (peer, threadId) => {
       peer.notify("turn/completed", { threadId, turn: turnObject("turn-1", "completed") });
     });
     await withCluster(5_000, async (cluster) => {
