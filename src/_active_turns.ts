@@ -8,6 +8,7 @@
  */
 
 import { TurnRpcError } from "./errors.ts";
+import { KeyTable } from "./_key_table.ts";
 import { ITEM_COMPLETED, type ThreadItem, type Turn, TURN_COMPLETED } from "./protocol.ts";
 import { type DroppedFrames, isObject } from "./_rpc_session.ts";
 
@@ -59,7 +60,7 @@ function hasTurnId(params: unknown): boolean {
 
 /** The running turns of one connection, by thread. */
 export class ActiveTurns {
-  #turns = new Map<string, ActiveTurn>();
+  #turns = new KeyTable<string, ActiveTurn>();
   readonly #dropped: DroppedFrames;
   readonly #frameTime: () => number;
 
@@ -219,7 +220,7 @@ export class ActiveTurns {
    * @param error The close error.
    */
   closeAll(error: unknown): void {
-    const turns = [...this.#turns.values()];
+    const turns = this.#turns.values();
     this.#turns.clear();
     for (const active of turns) {
       active.completed.reject(error);

@@ -11,6 +11,7 @@ import { answerServerRequest, type Approvals } from "./approvals.ts";
 import { backoffDelay, type BackoffOptions } from "./_backoff.ts";
 import { abortable, createScope, DeadlineClock, delay, type Scope } from "./_deadline.ts";
 import { ConnectionClosedError, RpcError } from "./errors.ts";
+import { KeyTable } from "./_key_table.ts";
 import type { ServerRequestOutcome } from "./events.ts";
 import {
   type JsonRpcErrorObject,
@@ -141,7 +142,7 @@ export class RpcSession {
   readonly #retry: BackoffOptions;
   readonly #maxSendBufferBytes: number;
   #nextId = 0;
-  #pending = new Map<RequestId, Pending>();
+  #pending = new KeyTable<number, Pending>();
   #clock = new DeadlineClock();
   #socketClosed = Promise.withResolvers<void>();
   #closeError: ConnectionClosedError | undefined;
@@ -362,7 +363,7 @@ export class RpcSession {
    * @param id The request id.
    */
   forget(id: RequestId): void {
-    this.#pending.delete(id);
+    if (typeof id === "number") this.#pending.delete(id);
   }
 
   /**
@@ -421,7 +422,7 @@ export class RpcSession {
     ws.onerror = null;
     if (ws.readyState === CLOSED) this.#socketClosed.resolve();
     else ws.onclose = () => this.#socketClosed.resolve();
-    const pending = [...this.#pending.values()];
+    const pending = this.#pending.values();
     this.#pending.clear();
     for (const entry of pending) entry.reject(error);
     this.#clock.close(error);
@@ -468,12 +469,14 @@ export class RpcSession {
       }
       return;
     }
-    if (typeof id !== "number" && typeof id !== "string") {
-      dropped.invalidMessage++;
+    if (typeof id !== "number") {
+      // Our ids are numbers: an answer that names a string answers none of our calls.
+      if (typeof id === "string") dropped.unknownId++;
+      else dropped.invalidMessage++;
       return;
     }
     const pending = this.#pending.get(id);
-    if (!pending) {
+    if (pending === undefined) {
       dropped.unknownId++;
       return;
     }

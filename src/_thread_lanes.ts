@@ -1,4 +1,5 @@
 import { onAbort, type Scope } from "./_deadline.ts";
+import { KeyTable } from "./_key_table.ts";
 
 interface Waiter {
   readonly grant: () => void;
@@ -14,7 +15,7 @@ interface Lane {
  * A lane exists only while held, so idle threads cost nothing.
  */
 export class ThreadLanes {
-  #lanes = new Map<string, Lane>();
+  #lanes = new KeyTable<string, Lane>();
 
   /** Threads whose lane is held. */
   get size(): number {

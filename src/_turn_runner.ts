@@ -21,6 +21,7 @@ import type { Metrics } from "./metrics.ts";
 import type { Turn } from "./protocol.ts";
 import type { Pool, PoolTurnOptions } from "./pool.ts";
 import { HookedController, onAbort } from "./_deadline.ts";
+import { KeyTable } from "./_key_table.ts";
 import { OVERLOADED_CODE } from "./protocol.ts";
 import type { ValidTurnRequest } from "./_validate.ts";
 import type { Admission } from "./_workspace_limits.ts";
@@ -214,23 +215,24 @@ function linkSignals(parents: readonly TurnAbortSource[]): {
 /**
  * The turns running now, aborted together when the server's shutdown signal aborts: one
  * listener on that signal for all of them, not one added and removed per turn (Node's
- * `EventTarget` made that 2% of the CPU per turn with an instant codex).
+ * `EventTarget` made that 2% of the CPU per turn with an instant codex). Kept in a
+ * {@linkcode KeyTable} under a number per turn, not in a `Set`, for the reason given there.
  */
 function shutdownLink(signal: AbortSignal | undefined): {
-  add(controller: HookedController): void;
-  delete(controller: HookedController): void;
+  add(controller: HookedController): () => void;
 } {
-  const live = new Set<HookedController>();
+  const live = new KeyTable<number, HookedController>();
+  let next = 0;
   signal?.addEventListener("abort", () => {
-    for (const controller of [...live]) controller.abort(signal.reason);
+    for (const controller of live.values()) controller.abort(signal.reason);
   }, { once: true });
   return {
     add(controller) {
       if (signal?.aborted) controller.abort(signal.reason);
-      else if (signal !== undefined && !controller.signal.aborted) live.add(controller);
-    },
-    delete(controller) {
-      live.delete(controller);
+      if (signal === undefined || controller.signal.aborted) return () => {};
+      const key = next++;
+      live.set(key, controller);
+      return () => live.delete(key);
     },
   };
 }
@@ -258,7 +260,7 @@ export function createTurnRunner(
     let turnId: string | null = null;
     let failure: string | undefined;
     const { controller, dispose } = linkSignals(run.signals);
-    shutdown.add(controller);
+    const unlink = shutdown.add(controller);
     const signal = controller.signal;
     const turnOptions: PoolTurnOptions = {
       signal,
@@ -372,7 +374,7 @@ export function createTurnRunner(
       }
     } finally {
       run.admission?.release();
-      shutdown.delete(controller);
+      unlink();
       dispose();
     }
     const durationMs = Math.round(performance.now() - started);

@@ -7,6 +7,7 @@
  */
 
 import { onAbort } from "./_deadline.ts";
+import { KeyTable } from "./_key_table.ts";
 
 /** A turn's place: running, or in line for a slot. */
 export interface Admission {
@@ -33,7 +34,7 @@ interface Lane {
 export class WorkspaceLimits {
   readonly maxRunning: number;
   readonly maxWaiting: number;
-  #lanes = new Map<string, Lane>();
+  #lanes = new KeyTable<string, Lane>();
 
   /**
    * Creates the limits.

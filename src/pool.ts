@@ -163,6 +163,8 @@ export class Pool extends EventTarget {
   #release: ((workspaceId: string) => void | Promise<void>) | undefined;
   #crashed: ((workspaceId: string, withinMs: number) => Promise<boolean>) | undefined;
   #entries = new Map<string, Entry>();
+  /** The entry last moved to the end of {@linkcode #entries}, if it is still there. */
+  #newest: Entry | undefined;
   #idleTtlMs: number;
   #sweepIntervalMs: number;
   #dial: DialOptions;
@@ -275,6 +277,7 @@ export class Pool extends EventTarget {
     // In the map before the dial starts: a resolver that throws at once must find it there
     // to remove it, or the failure would be cached.
     this.#entries.set(workspaceId, created);
+    this.#newest = created;
     this.#startSweeping();
     const dialing = this.#connect(workspaceId, created);
     // Waiters get the rejection through their own promise; this one only must not be unhandled.
@@ -426,6 +429,7 @@ export class Pool extends EventTarget {
       this.#closing.abort(new PoolClosedError("Cannot connect: pool is closed"));
       const entries = [...this.#entries];
       this.#entries.clear();
+      this.#newest = undefined;
       // Released below, once their sockets have closed and their dials have settled: a dial
       // under way may still turn out to have resolved.
       for (const [, entry] of entries) entry.retired = true;
@@ -498,8 +502,12 @@ export class Pool extends EventTarget {
    */
   #use(workspaceId: string, entry: Entry): void {
     entry.lastUsed = Date.now();
+    // Already last: each delete and set leaves V8 a table to rehash (see KeyTable), twice
+    // per turn on a busy workspace.
+    if (this.#newest === entry) return;
     this.#entries.delete(workspaceId);
     this.#entries.set(workspaceId, entry);
+    this.#newest = entry;
   }
 
   #idleSince(entry: Entry): number | undefined {
@@ -570,6 +578,7 @@ export class Pool extends EventTarget {
     if (entry.retired) return;
     entry.retired = true;
     if (this.#entries.get(workspaceId) === entry) this.#entries.delete(workspaceId);
+    if (this.#newest === entry) this.#newest = undefined;
     this.#stopSweepingIfEmpty();
     entry.conn?.close();
     if (!entry.resolved) return;

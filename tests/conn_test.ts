@@ -831,6 +831,8 @@ test("Conn drops and counts bad frames and stays usable", async () => {
     peer.sendRaw("this is not json");
     peer.sendRaw(new Uint8Array([1, 2, 3]));
     peer.sendRaw(JSON.stringify({ id: 999, result: {} }));
+    // Our ids are numbers: the same id as a string answers nothing.
+    peer.sendRaw(JSON.stringify({ id: String(start.id), result: threadResult("thr-wrong") }));
     peer.sendRaw(
       JSON.stringify({ method: "item/completed", params: { threadId: "nope", turnId: "x" } }),
     );
@@ -855,7 +857,7 @@ test("Conn drops and counts bad frames and stays usable", async () => {
       oversized: 1,
       invalidJson: 1,
       invalidMessage: 2,
-      unknownId: 1,
+      unknownId: 2,
       unknownTurn: 2,
     });
   } finally {
