@@ -98,7 +98,7 @@ function count(
   };
 }
 
-function choice<K extends "denoServer" | "wsClient">(
+function choice<K extends "denoServer" | "wsClient" | "v8Pretenuring">(
   flag: string,
   key: K,
   values: readonly NonNullable<BrokerOptions[K]>[],
@@ -268,6 +268,16 @@ const FLAGS: readonly Flag[] = [
       "or web, the runtime's WebSocket",
     ],
     apply: choice("ws-client", "wsClient", ["net", "web"]),
+  },
+  {
+    name: "v8-pretenuring",
+    value: "<mode>",
+    help: [
+      "On Node and Deno: V8's allocation-site pretenuring, on or off",
+      "(default off: under load it sent most of every turn's objects",
+      "to the old generation)",
+    ],
+    apply: choice("v8-pretenuring", "v8Pretenuring", ["off", "on"]),
   },
   {
     name: "grace",

@@ -72,6 +72,7 @@ import {
 import { timerDelay } from "./_timer.ts";
 import { scrubInitialEnvironment } from "./_environ_scrub.ts";
 import { stderrSink } from "./_stderr_sink.ts";
+import { IS_V8, setV8Pretenuring } from "./_v8_tuning.ts";
 
 // Re-exported so this entry point documents every type its API mentions.
 export type { ApprovalDecision } from "./approvals.ts";
@@ -96,6 +97,9 @@ export type WsClient = "net" | "web";
 
 /** The HTTP server of a broker on Deno: see {@linkcode BrokerOptions.denoServer}. */
 export type DenoServer = "node" | "native";
+
+/** V8's allocation-site pretenuring: see {@linkcode BrokerOptions.v8Pretenuring}. */
+export type V8Pretenuring = "on" | "off";
 
 /** Severity of a {@linkcode LogEntry}. */
 export type LogLevel = "info" | "warn" | "error";
@@ -176,6 +180,15 @@ export interface BrokerOptions {
    * 10–18% less CPU per turn on each runtime (`npm run bench -- p4`). Defaults to `"net"`.
    */
   wsClient?: WsClient;
+  /**
+   * V8's allocation-site pretenuring, for the whole process, set when the broker starts:
+   * `"off"` or `"on"`; unset, the runtime's own setting stays. Node and Deno only (Bun runs
+   * JavaScriptCore). The command (`main`) turns it off: under load V8 sent a few of a
+   * turn's sites, and through them most of every turn's objects, to the old generation, and
+   * with it off the broker took 8–14% less CPU per turn with an instant codex
+   * (`npm run bench -- p4`).
+   */
+  v8Pretenuring?: V8Pretenuring;
   /** Receives the log records: start, dial, reap, evict, close, turns, shutdown. */
   log?: (entry: LogEntry) => void;
   /**
@@ -346,6 +359,9 @@ export async function startBroker(options: BrokerOptions): Promise<Broker> {
       "Cannot start broker: codexUser needs a broker running as root, to switch user",
     );
   }
+  // Before anything is allocated for requests: V8 makes its pretenuring decisions as it
+  // collects garbage.
+  if (options.v8Pretenuring !== undefined) setV8Pretenuring(options.v8Pretenuring);
   const graceMs = options.graceMs ?? DEFAULT_GRACE_MS;
   if (!(graceMs >= 0)) {
     throw new RangeError(`Invalid graceMs: expected a non-negative number, got ${graceMs}`);
@@ -647,7 +663,7 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
     stdout(USAGE);
     return 0;
   }
-  const brokerOptions = { ...parsed.options, log };
+  const brokerOptions: BrokerOptions = { v8Pretenuring: "off", ...parsed.options, log };
 
   // Signals are taken from the start, so one that arrives while starting still shuts down
   // cleanly instead of killing the process with codex children around.
@@ -701,6 +717,7 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       requestTimeoutMs: brokerOptions.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
       ...("Deno" in globalThis ? { denoServer: brokerOptions.denoServer ?? "node" } : {}),
       wsClient: brokerOptions.wsClient ?? "net",
+      ...(IS_V8 ? { v8Pretenuring: brokerOptions.v8Pretenuring } : {}),
       secretFrom: parsed.secretSource,
       codexUser: brokerOptions.codexUser?.name ?? null,
       bearerTokens: [

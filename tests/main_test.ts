@@ -109,6 +109,8 @@ for (const wsClient of ["net", "web"] as const) {
       try {
         const start = records(fx.broker.lines).find((r) => r.msg === "start");
         assert.equal(start?.wsClient, wsClient);
+        // The command turns V8's allocation-site pretenuring off, where there is V8.
+        assert.equal(start?.v8Pretenuring, process.versions.bun === undefined ? "off" : undefined);
         const response = await turnRequest(fx.url, HELLO);
         assert.equal(response.status, 200);
         const body = await response.json();
@@ -451,10 +453,11 @@ test("parseFlags() refuses an --idle-ttl or --grace past 24 days, which timers c
   assert.equal(parseDuration("0", "--grace"), 0);
 });
 
-test("parseFlags() reads --ws-client net or web and --deno-server node or native, and refuses anything else", () => {
+test("parseFlags() reads --ws-client net or web, --deno-server node or native and --v8-pretenuring off or on, and refuses anything else", () => {
   const cases = [
     ["ws-client", "wsClient", ["net", "web"], "ws", "net or web"],
     ["deno-server", "denoServer", ["node", "native"], "deno", "node or native"],
+    ["v8-pretenuring", "v8Pretenuring", ["off", "on"], "auto", "off or on"],
   ] as const;
   for (const [flag, key, values, wrong, expected] of cases) {
     for (const value of values) {
@@ -483,7 +486,7 @@ test("parseFlags() reads --turn-silence as a positive duration", () => {
 });
 
 test("USAGE lists every flag parseFlags() takes, and the duration limit", () => {
-  for (const flag of USAGE.matchAll(/^ {2}(--[a-z-]+)/gm)) {
+  for (const flag of USAGE.matchAll(/^ {2}(--[a-z0-9-]+)/gm)) {
     if (flag[1] === "--help") continue;
     // A flag parseFlags() did not know would be a UsageError "Unknown flag".
     assert.throws(() => parseFlags([flag[1]!]), /Missing value/, flag[1]);
