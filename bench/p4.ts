@@ -19,8 +19,8 @@
  *   every request in flight to codex (with its default of 16 it holds the other 48 in its
  *   own line, and codex gets smaller batches); then also with `--ws-client web` (the
  *   runtime's own WebSocket to codex, as the minimal client uses), on Deno with
- *   `--deno-server native`, on Node and Deno with `--v8-pretenuring on` (V8's default,
- *   which the command turns off), and last with its defaults.
+ *   `--deno-server native`, on Node with `--v8-pretenuring on` (V8's default, which the
+ *   command turns off), and last with its defaults.
  *
  * The baselines and the broker's first configuration run in `BENCH_P4_ROUNDS` (3) rounds,
  * one after the other in each round: the machine's speed drifts over minutes, so each round's
@@ -406,8 +406,8 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
       // per-workspace limit (16 by default) is raised to the concurrency, or it would queue
       // the rest itself and send codex smaller batches. The defaults are shown too. On Deno
       // the broker serves through node:http unless told otherwise: both are shown. Each
-      // runtime also runs with its own WebSocket to codex, for the client's share, and on
-      // V8 with V8's own pretenuring, which the command turns off.
+      // runtime also runs with its own WebSocket to codex, for the client's share, and Node
+      // with V8's own pretenuring, which the command turns off.
       const inFlight = ["--max-workspace-turns", String(config.concurrency)];
       const variants: [string | undefined, string[]][] = [
         [undefined, inFlight],
@@ -418,7 +418,7 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
           ] as [string, string[]]]
           : []),
         [`${runtime}, --ws-client web`, [...inFlight, "--ws-client", "web"]],
-        ...(runtime === "bun" ? [] : [[
+        ...(runtime !== "node" ? [] : [[
           `${runtime}, --v8-pretenuring on`,
           [...inFlight, "--v8-pretenuring", "on"],
         ] as [string, string[]]]),

@@ -273,9 +273,9 @@ const FLAGS: readonly Flag[] = [
     name: "v8-pretenuring",
     value: "<mode>",
     help: [
-      "On Node and Deno: V8's allocation-site pretenuring, on or off",
-      "(default off: under load it sent most of every turn's objects",
-      "to the old generation)",
+      "On Node: V8's allocation-site pretenuring, on or off (default",
+      "off: under load it sent most of every turn's objects to the old",
+      "generation)",
     ],
     apply: choice("v8-pretenuring", "v8Pretenuring", ["off", "on"]),
   },

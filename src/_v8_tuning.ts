@@ -1,5 +1,5 @@
 /**
- * The service's V8 tuning, on Node and Deno. Runtime-specific (`node:` modules).
+ * The service's V8 tuning, on Node. Runtime-specific (`node:` modules).
  *
  * @module
  */
@@ -7,8 +7,11 @@
 import process from "node:process";
 import { setFlagsFromString } from "node:v8";
 
-/** Whether this runtime runs V8 (Node, Deno), not JavaScriptCore (Bun). */
-export const IS_V8: boolean = process.versions.bun === undefined;
+/**
+ * Whether this runtime is Node, whose V8 takes flags set after it started. Deno's does not
+ * (its `setFlagsFromString` changes nothing that runs), and Bun runs JavaScriptCore.
+ */
+export const IS_NODE: boolean = process.versions.bun === undefined && !("Deno" in globalThis);
 
 /**
  * The V8 flag that turns allocation-site pretenuring on or off.
@@ -21,7 +24,8 @@ export function pretenuringFlag(mode: "on" | "off"): string {
 }
 
 /**
- * Turns V8's allocation-site pretenuring on or off for the whole process; nothing on Bun.
+ * Turns V8's allocation-site pretenuring on or off for the whole process, on Node; elsewhere
+ * it does nothing.
  *
  * Why off for the broker: V8 decides per allocation site (an object literal in the code)
  * to allocate straight in the old generation once most of a site's objects outlive a
@@ -35,5 +39,5 @@ export function pretenuringFlag(mode: "on" | "off"): string {
  * @param mode `"on"` or `"off"`.
  */
 export function setV8Pretenuring(mode: "on" | "off"): void {
-  if (IS_V8) setFlagsFromString(pretenuringFlag(mode));
+  if (IS_NODE) setFlagsFromString(pretenuringFlag(mode));
 }

@@ -72,7 +72,7 @@ import {
 import { timerDelay } from "./_timer.ts";
 import { scrubInitialEnvironment } from "./_environ_scrub.ts";
 import { stderrSink } from "./_stderr_sink.ts";
-import { IS_V8, setV8Pretenuring } from "./_v8_tuning.ts";
+import { IS_NODE, setV8Pretenuring } from "./_v8_tuning.ts";
 
 // Re-exported so this entry point documents every type its API mentions.
 export type { ApprovalDecision } from "./approvals.ts";
@@ -182,11 +182,11 @@ export interface BrokerOptions {
   wsClient?: WsClient;
   /**
    * V8's allocation-site pretenuring, for the whole process, set when the broker starts:
-   * `"off"` or `"on"`; unset, the runtime's own setting stays. Node and Deno only (Bun runs
-   * JavaScriptCore). The command (`main`) turns it off: under load V8 sent a few of a
-   * turn's sites, and through them most of every turn's objects, to the old generation, and
-   * with it off the broker took 8–14% less CPU per turn with an instant codex
-   * (`npm run bench -- p4`).
+   * `"off"` or `"on"`; unset, the runtime's own setting stays. Node only: Deno's V8 takes no
+   * flags once started (`deno run --v8-flags=…` does), and Bun runs JavaScriptCore. The
+   * command (`main`) turns it off: under load V8 sent a few of a turn's sites, and through
+   * them most of every turn's objects, to the old generation; with it off the broker took
+   * about 14% less CPU per turn on Node with an instant codex (`npm run bench -- p4`).
    */
   v8Pretenuring?: V8Pretenuring;
   /** Receives the log records: start, dial, reap, evict, close, turns, shutdown. */
@@ -717,7 +717,7 @@ export async function main(args: readonly string[], options: MainOptions = {}): 
       requestTimeoutMs: brokerOptions.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
       ...("Deno" in globalThis ? { denoServer: brokerOptions.denoServer ?? "node" } : {}),
       wsClient: brokerOptions.wsClient ?? "net",
-      ...(IS_V8 ? { v8Pretenuring: brokerOptions.v8Pretenuring } : {}),
+      ...(IS_NODE ? { v8Pretenuring: brokerOptions.v8Pretenuring } : {}),
       secretFrom: parsed.secretSource,
       codexUser: brokerOptions.codexUser?.name ?? null,
       bearerTokens: [
