@@ -27,7 +27,10 @@
  * ratio compares figures taken together, and the row shows their median.
  *
  * The load generator is Debian's `wrk` (`apt-get install wrk`): `wrk -t1 -c64` on keep-alive
- * connections, a warm-up run, then the measured run. It prints req/s (turns/s) per server,
+ * connections, a warm-up run, then the measured run. The warm-up is as long as the
+ * measurement (5 s): the broker has far more code for the JIT to compile than hello srvx or
+ * the minimal client, and under this load its CPU per turn only settles after about 5 s
+ * (on Node: 201, 154, 128, 126 µs in its first four 2-second windows, then 101–144). It prints req/s (turns/s) per server,
  * the server's CPU per request, and broker / min(hello, minimal) against the goal
  * {@linkcode P4_GOAL}. The machine's load average goes beside it: wrk, the server and the
  * fake codex share the cores.
@@ -40,8 +43,8 @@
  * BENCH_P4_RUNTIMES=node BENCH_P4_SECONDS=10 npm run bench -- p4
  * ```
  *
- * Environment: `BENCH_P4_SECONDS` (5, the measured run; the warm-up is a fifth of it, at
- * least 1 s), `BENCH_P4_CONCURRENCY` (64), `BENCH_P4_RUNTIMES` (`deno,bun,node`),
+ * Environment: `BENCH_P4_SECONDS` (5, the measured run), `BENCH_P4_WARMUP_SECONDS` (5, the
+ * warm-up before it, for every server alike), `BENCH_P4_CONCURRENCY` (64), `BENCH_P4_RUNTIMES` (`deno,bun,node`),
  * `BENCH_P4_PROFILE`, `BENCH_P4_BROKER_ONLY=1` (the broker alone: for comparing two
  * versions of `src/` under the same load, by CPU per request), and `BENCH_P4_FIRST_ONLY=1`
  * (the broker in its first configuration only), `BENCH_P4_ROUNDS` (3).
@@ -136,7 +139,7 @@ export function p4Config(): P4Config {
   }
   return {
     seconds,
-    warmupSeconds: Math.max(1, Math.round(seconds / 5)),
+    warmupSeconds: envInt("BENCH_P4_WARMUP_SECONDS", 5, 1),
     concurrency: envInt("BENCH_P4_CONCURRENCY", 64, 1),
     runtimes,
     profileDir: Deno.env.get("BENCH_P4_PROFILE") || undefined,
