@@ -45,6 +45,10 @@ export interface ActiveTurn {
   lastFrameAt: number;
   /** Set once the caller gave up: runs when codex has stopped the turn (or gave up on it). */
   onFinished: (() => void) | undefined;
+  /** The size of the frames in {@linkcode early}; -1 once they overflowed. */
+  earlyBytes: number;
+  /** Told once the early notifications grow past their limit, which drops them. */
+  onOverflow: ((error: TurnRpcError) => void) | undefined;
 }
 
 /** The turn a notification names: `turnId`, or `turn.id` (turn/started, turn/completed). */
@@ -63,6 +67,7 @@ export class ActiveTurns {
   #turns = new KeyTable<string, ActiveTurn>();
   readonly #dropped: DroppedFrames;
   readonly #frameTime: () => number;
+  readonly #maxEarlyBytes: number;
 
   /**
    * Creates an empty registry.
@@ -70,10 +75,17 @@ export class ActiveTurns {
    * @param dropped Counters; `unknownTurn` counts turn notifications nobody waits for.
    * @param frameTime `Date.now()` of the frame being handled, which the read loop has taken
    * already, so the clock is not read again per notification. Defaults to `Date.now`.
+   * @param maxEarlyBytes The most bytes of frames a turn's notifications may take while
+   * its turn/start response has not come. Defaults to 16 MiB.
    */
-  constructor(dropped: DroppedFrames, frameTime: () => number = Date.now) {
+  constructor(
+    dropped: DroppedFrames,
+    frameTime: () => number = Date.now,
+    maxEarlyBytes = 16 * 1024 * 1024,
+  ) {
     this.#dropped = dropped;
     this.#frameTime = frameTime;
+    this.#maxEarlyBytes = maxEarlyBytes;
   }
 
   /** Running turns, including turns still being interrupted. */
@@ -107,6 +119,8 @@ export class ActiveTurns {
       done: false,
       lastFrameAt: this.#frameTime(),
       onFinished: undefined,
+      earlyBytes: 0,
+      onOverflow: undefined,
     };
     // Swallow here: the caller may have given up, and the rejection is read there if not.
     active.completed.promise.catch(() => {});
@@ -138,7 +152,7 @@ export class ActiveTurns {
         // live once the turn had left the thread.
         this.#dropIfTurnNotification(entry.method);
       } else {
-        this.#routeTo(active, entry.method, entry.turnId, entry.params);
+        this.#routeTo(active, entry.method, entry.turnId, entry.params, 0);
       }
     }
     return turnId;
@@ -159,8 +173,9 @@ export class ActiveTurns {
    *
    * @param method The notification's method.
    * @param params Its params.
+   * @param size The size of its frame, counted against the turn's early notifications.
    */
-  route(method: string, params: unknown): void {
+  route(method: string, params: unknown, size = 0): void {
     if (method === TURN_COMPLETED && !hasTurnId(params)) {
       // No turn to complete: it cannot be told from a turn that ran before. Dropped rather
       // than guessed; a caller left waiting is found by the silence watchdog.
@@ -171,7 +186,7 @@ export class ActiveTurns {
     if (isObject(params) && typeof params.threadId === "string") {
       active = this.#turns.get(params.threadId);
       if (active) {
-        this.#routeTo(active, method, turnIdOf(method, params), params);
+        this.#routeTo(active, method, turnIdOf(method, params), params, size);
         return;
       }
     }
@@ -233,9 +248,25 @@ export class ActiveTurns {
     method: string,
     turnId: unknown,
     params: Record<string, unknown>,
+    size: number,
   ): void {
     if (active.turnId === null) {
       // turn/completed (and the rest) can be processed before the turn/start response.
+      if (active.earlyBytes === -1) return; // overflowed: the turn is being given up
+      active.earlyBytes += size;
+      if (active.earlyBytes > this.#maxEarlyBytes) {
+        active.early = [];
+        active.earlyBytes = -1;
+        active.onOverflow?.(
+          new TurnRpcError(
+            "turn/start",
+            -32603,
+            `Cannot run turn: codex sent more than ${this.#maxEarlyBytes} bytes of ` +
+              "notifications for it before answering turn/start",
+          ),
+        );
+        return;
+      }
       active.early.push({ method, turnId, params });
     } else if (turnId === active.turnId) {
       active.lastFrameAt = this.#frameTime();

@@ -30,6 +30,8 @@ export interface Scope {
   readonly timedOut: boolean;
   /** Runs `fn(reason)` when the scope aborts; returns the function that unsubscribes. */
   onAbort(fn: (reason: unknown) => void): () => void;
+  /** Aborts the scope now with `reason`, unless it has aborted already. */
+  abort(reason: unknown): void;
   /** Clears the deadline and detaches from the parent signals. Idempotent. */
   dispose(): void;
 }

@@ -61,7 +61,7 @@ export interface SessionOptions {
 /** What a session reports to its owner. Each runs synchronously and must not throw. */
 export interface SessionHooks {
   /** A notification arrived; called from the read loop. */
-  notification(method: string, params: unknown): void;
+  notification(method: string, params: unknown, size: number): void;
   /** A server request was answered. */
   answered(request: ServerRequest, outcome: ServerRequestOutcome): void;
   /** The session closed; every pending call is rejected and every scope aborted by now. */
@@ -463,7 +463,7 @@ export class RpcSession {
         // Server request ids start at 0 like ours: only `method` tells them apart.
         this.#onServerRequest({ id, method, params: message.params });
       } else if (id === undefined || id === null) {
-        this.#hooks.notification(method, message.params);
+        this.#hooks.notification(method, message.params, data.length);
       } else {
         dropped.invalidMessage++;
       }

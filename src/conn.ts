@@ -71,6 +71,13 @@ export interface DialOptions {
    */
   maxSendBufferBytes?: number;
   /**
+   * codex does not order a turn's notifications after its `turn/start` response, so those
+   * that come first are held until it does. Past this many bytes of them (as frames), the
+   * turn fails with {@linkcode TurnRpcError} and codex is asked to interrupt it, as for a
+   * turn given up on. Defaults to 16 MiB.
+   */
+  maxEarlyNotificationBytes?: number;
+  /**
    * Makes the WebSocket, given the URL and the upgrade headers. Defaults to the platform's
    * `WebSocket`. The broker's service (`./main`) passes its own client on `node:net`,
    * which writes the frames of one event-loop turn in one system call.
@@ -114,6 +121,7 @@ const DEFAULT_TURN_TIMEOUT_MS = 5 * 60_000;
 const DEFAULT_MAX_ATTACHED_THREADS = 10_000;
 const DEFAULT_TURN_SILENCE_MS = 60_000;
 const DEFAULT_MAX_SEND_BUFFER_BYTES = 64 * 1024 * 1024;
+const DEFAULT_MAX_EARLY_NOTIFICATION_BYTES = 16 * 1024 * 1024;
 const ENDED_STATUSES: ReadonlySet<unknown> = new Set(["completed", "failed", "interrupted"]);
 
 function assertTimeout(name: string, value: number | undefined): void {
@@ -178,8 +186,8 @@ export class Conn extends EventTarget {
       retry: options.retry ?? {},
       maxSendBufferBytes: options.maxSendBufferBytes ?? DEFAULT_MAX_SEND_BUFFER_BYTES,
     }, {
-      notification: (method, params) => {
-        this.#turns.route(method, params);
+      notification: (method, params, size) => {
+        this.#turns.route(method, params, size);
         if (this.#notificationListened) {
           this.dispatchEvent(new NotificationEvent(method, params));
         }
@@ -195,6 +203,7 @@ export class Conn extends EventTarget {
     this.#turns = new ActiveTurns(
       this.#session.stats.dropped,
       () => this.#session.lastActivity,
+      options.maxEarlyNotificationBytes ?? DEFAULT_MAX_EARLY_NOTIFICATION_BYTES,
     );
     registerSizes(this, () => ({
       ...this.#session.sizes(),
@@ -269,6 +278,12 @@ export class Conn extends EventTarget {
     if (maxAttached !== undefined && (!Number.isSafeInteger(maxAttached) || maxAttached <= 0)) {
       throw new RangeError(
         `Invalid maxAttachedThreads: expected a positive integer, got ${maxAttached}`,
+      );
+    }
+    const maxEarly = options.maxEarlyNotificationBytes;
+    if (maxEarly !== undefined && (!Number.isSafeInteger(maxEarly) || maxEarly <= 0)) {
+      throw new RangeError(
+        `Invalid maxEarlyNotificationBytes: expected a positive integer, got ${maxEarly}`,
       );
     }
     const href = target.href;
@@ -472,7 +487,9 @@ export class Conn extends EventTarget {
    * @returns codex's `Turn`, untouched but for the collected items.
    * @throws {TypeError} If `params` is not an object with an `input` array, or holds `threadId`.
    * @throws {TimeoutError} If the deadline passes.
-   * @throws {TurnRpcError} If `turn/start` (or `thread/resume`) is answered with an error.
+   * @throws {TurnRpcError} If `turn/start` (or `thread/resume`) is answered with an error, or
+   * codex sent more than `maxEarlyNotificationBytes` of the turn's notifications before it
+   * answered `turn/start` (codex is then asked to interrupt the turn).
    * @throws {TurnLostError} If codex went silent on the turn for `turnSilenceMs` and
    * `thread/read` shows it will not complete it.
    * @throws {ConnectionClosedError} If the connection is or becomes closed.
@@ -508,6 +525,9 @@ export class Conn extends EventTarget {
         this.#attached.add(threadId);
       }
       const active = this.#turns.open(threadId, options.onNotification);
+      // Given up on as if by the caller, from the caller's turn rather than the read loop's:
+      // codex is asked to interrupt the turn, and the thread waits until it has stopped.
+      active.onOverflow = (error) => queueMicrotask(() => scope.abort(error));
       let wire: WireCall | undefined;
       try {
         // The request outlives an abort on purpose: a late response still names the turn

@@ -8,7 +8,15 @@ import { trackTimers } from "./_timers.ts";
 import { watchUnhandledRejections } from "./_unhandled.ts";
 import { type FakeWebSocket, installFakeWebSocket } from "./_fake_socket.ts";
 import assert from "node:assert/strict";
-import { Conn, ConnectionClosedError, Pool, RpcError, TurnLostError } from "../mod.ts";
+import {
+  Conn,
+  ConnectionClosedError,
+  Pool,
+  RpcError,
+  TurnLostError,
+  TurnRpcError,
+} from "../mod.ts";
+import { internalSizes } from "../src/_internals.ts";
 import { createTurnsHandler } from "../src/handler.ts";
 import { openNetWebSocket } from "../src/net_websocket.ts";
 import { sendUntilStalled } from "./_stall.ts";
@@ -461,6 +469,68 @@ test("Conn rejects a call answered with both result and error, and stays usable"
   } finally {
     conn.close();
     await server.close();
+  }
+});
+
+test("Conn.turn() fails a turn whose notifications before its turn/start answer pass maxEarlyNotificationBytes, interrupts it, and frees the thread once it stopped", async () => {
+  const interrupted: unknown[] = [];
+  const server = await startFakeAppServer(async (peer) => {
+    peer.reply(await peer.expect("thread/start"), threadResult("thr-1"));
+    const start = await peer.expect("turn/start");
+    // 1 KiB deltas while the turn/start answer waits: past the 10,000 bytes allowed.
+    for (let i = 0; i < 30; i++) {
+      peer.notify("item/agentMessage/delta", {
+        threadId: "thr-1",
+        turnId: "turn-1",
+        itemId: "msg-1",
+        delta: "x".repeat(1_000),
+      });
+    }
+    peer.reply(start, { turn: turnObject("turn-1", "inProgress") });
+    const interrupt = await peer.expect("turn/interrupt");
+    interrupted.push(interrupt.params);
+    peer.reply(interrupt, {});
+    peer.notify("turn/completed", { threadId: "thr-1", turn: turnObject("turn-1", "interrupted") });
+    await runNextTurn(peer, "turn-2");
+  });
+  const conn = await Conn.dial(server.url, { maxEarlyNotificationBytes: 10_000 });
+  try {
+    const threadId = await conn.startThread();
+    await assert.rejects(conn.turn(threadId, { input }, { timeoutMs: 10_000 }), (error) => {
+      assert.ok(error instanceof TurnRpcError);
+      assert.equal(error.code, -32603);
+      assert.equal(
+        error.message,
+        "Cannot run turn: codex sent more than 10000 bytes of notifications for it before " +
+          "answering turn/start",
+      );
+      return true;
+    });
+    // The next turn on the thread waits until codex has stopped the first.
+    const next = await conn.turn(threadId, { input }, { timeoutMs: 10_000 });
+    assert.equal(next.id, "turn-2");
+    assert.deepEqual(interrupted, [{ threadId: "thr-1", turnId: "turn-1" }]);
+    const sizes = internalSizes(conn)!;
+    assert.equal(sizes.activeTurns, 0);
+    assert.equal(sizes.threadLanes, 0);
+    assert.equal(sizes.calls, 0);
+    assert.equal(sizes.pendingRequests, 0);
+    assert.equal(conn.closed, false);
+  } finally {
+    conn.close();
+    await server.close();
+  }
+});
+
+test("Conn.dial() refuses a maxEarlyNotificationBytes that is not a positive integer", async () => {
+  for (const bad of [0, -1, 1.5, Number.NaN]) {
+    await assert.rejects(
+      Conn.dial("ws://127.0.0.1:1", { maxEarlyNotificationBytes: bad }),
+      (error) =>
+        error instanceof RangeError &&
+        error.message ===
+          `Invalid maxEarlyNotificationBytes: expected a positive integer, got ${bad}`,
+    );
   }
 });
 
