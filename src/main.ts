@@ -185,8 +185,9 @@ export interface BrokerOptions {
    * `"off"` or `"on"`; unset, the runtime's own setting stays. Node only: Deno's V8 takes no
    * flags once started (`deno run --v8-flags=…` does), and Bun runs JavaScriptCore. The
    * command (`main`) turns it off: under load V8 sent a few of a turn's sites, and through
-   * them most of every turn's objects, to the old generation; with it off the broker took
-   * about 14% less CPU per turn on Node with an instant codex (`npm run bench -- p4`).
+   * them most of every turn's objects, to the old generation (with an instant codex, 0.65 MB
+   * promoted per young-generation collection, 0.01 MB with it off; `npm run bench -- p4`
+   * shows both).
    */
   v8Pretenuring?: V8Pretenuring;
   /** Receives the log records: start, dial, reap, evict, close, turns, shutdown. */
