@@ -81,7 +81,7 @@ export class ActiveTurns {
   constructor(
     dropped: DroppedFrames,
     frameTime: () => number = Date.now,
-    maxEarlyBytes = 16 * 1024 * 1024,
+    maxEarlyBytes: number = 16 * 1024 * 1024,
   ) {
     this.#dropped = dropped;
     this.#frameTime = frameTime;

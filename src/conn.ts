@@ -121,7 +121,6 @@ const DEFAULT_TURN_TIMEOUT_MS = 5 * 60_000;
 const DEFAULT_MAX_ATTACHED_THREADS = 10_000;
 const DEFAULT_TURN_SILENCE_MS = 60_000;
 const DEFAULT_MAX_SEND_BUFFER_BYTES = 64 * 1024 * 1024;
-const DEFAULT_MAX_EARLY_NOTIFICATION_BYTES = 16 * 1024 * 1024;
 const ENDED_STATUSES: ReadonlySet<unknown> = new Set(["completed", "failed", "interrupted"]);
 
 function assertTimeout(name: string, value: number | undefined): void {
@@ -203,7 +202,8 @@ export class Conn extends EventTarget {
     this.#turns = new ActiveTurns(
       this.#session.stats.dropped,
       () => this.#session.lastActivity,
-      options.maxEarlyNotificationBytes ?? DEFAULT_MAX_EARLY_NOTIFICATION_BYTES,
+      // Undefined takes the registry's default (16 MiB), the one the option documents.
+      options.maxEarlyNotificationBytes,
     );
     registerSizes(this, () => ({
       ...this.#session.sizes(),
