@@ -16,3 +16,19 @@ export function timerDelay(ms: number): number {
   if (!(ms > 0)) return 0;
   return ms > MAX_TIMER_DELAY_MS ? MAX_TIMER_DELAY_MS : ms;
 }
+
+/**
+ * Lets a timer not keep the process alive, on every runtime: Node, Bun and Deno 2's
+ * timer objects have `unref()`; where a timer is a numeric id, Deno's `unrefTimer` does it,
+ * and elsewhere nothing can.
+ *
+ * @param timer What `setTimeout` or `setInterval` returned.
+ */
+export function unrefTimer(timer: unknown): void {
+  if (typeof timer === "object" && timer !== null && "unref" in timer) {
+    (timer as { unref(): void }).unref();
+    return;
+  }
+  const deno = (globalThis as { Deno?: { unrefTimer?(id: number): void } }).Deno;
+  if (typeof timer === "number") deno?.unrefTimer?.(timer);
+}

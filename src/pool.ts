@@ -6,7 +6,7 @@
 
 import { Conn, type DialOptions, type TurnOptions } from "./conn.ts";
 import { abortable, createScope } from "./_deadline.ts";
-import { timerDelay } from "./_timer.ts";
+import { timerDelay, unrefTimer } from "./_timer.ts";
 import { PoolClosedError, PoolFullError, WorkspaceUnavailableError } from "./errors.ts";
 import type { ThreadStartParams, Turn, TurnParams } from "./protocol.ts";
 import type { Endpoint, Resolver, WsUrlResolver } from "./resolver.ts";
@@ -127,14 +127,6 @@ async function settleWithin(promises: (Promise<unknown> | undefined)[], ms: numb
 function positive(name: string, value: number | undefined): void {
   if (value !== undefined && (!Number.isFinite(value) || value <= 0)) {
     throw new RangeError(`Invalid ${name}: expected a positive number, got ${value}`);
-  }
-}
-
-function unref(timer: unknown): void {
-  // Node and Bun return timer objects that can stop holding the process open; elsewhere
-  // (a numeric id) the open sockets hold it anyway, and the sweep stops with the last one.
-  if (typeof timer === "object" && timer !== null && "unref" in timer) {
-    (timer as { unref(): void }).unref();
   }
 }
 
@@ -550,7 +542,7 @@ export class Pool extends EventTarget {
           this.#reapRest = undefined;
           this.#sweep();
         }, 0);
-        unref(this.#reapRest);
+        unrefTimer(this.#reapRest);
         return;
       }
       this.#drop(id, "reap");
@@ -609,7 +601,7 @@ export class Pool extends EventTarget {
     // Capped: a longer delay fires after 1 ms. Sweeping early is harmless, since a reap
     // compares real idle time with idleTtlMs.
     this.#sweeper = setInterval(() => this.#sweep(), timerDelay(this.#sweepIntervalMs));
-    unref(this.#sweeper);
+    unrefTimer(this.#sweeper);
   }
 
   #stopSweepingIfEmpty(): void {

@@ -37,7 +37,7 @@ import {
   RUN_DIR_PREFIX,
   writeProcessRecord,
 } from "./_process_record.ts";
-import { MAX_TIMER_DELAY_MS, timerDelay } from "./_timer.ts";
+import { MAX_TIMER_DELAY_MS, timerDelay, unrefTimer } from "./_timer.ts";
 import { canUseWatchdog, COMMAND_NOT_FOUND_PREFIX, watchdogSpawn } from "./_watchdog.ts";
 import { assertWorkspaceId } from "./_workspace_id.ts";
 import type { Endpoint, Resolver } from "./resolver.ts";
@@ -1226,17 +1226,6 @@ async function probeReadyz(
     clearTimeout(timer);
     signal?.removeEventListener("abort", onAbort);
   }
-}
-
-/** Lets a timer not keep the process alive, on every runtime. */
-function unrefTimer(timer: ReturnType<typeof setTimeout>): void {
-  if (typeof timer === "object" && timer !== null && "unref" in timer) {
-    timer.unref();
-    return;
-  }
-  // Deno's setTimeout returns a number and has its own API for this.
-  const deno = (globalThis as { Deno?: { unrefTimer?(id: number): void } }).Deno;
-  if (typeof timer === "number") deno?.unrefTimer?.(timer);
 }
 
 function positive(name: string, value: number | undefined): number | undefined {

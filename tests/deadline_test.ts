@@ -7,7 +7,7 @@ import {
   delay,
   HookedController,
 } from "../src/_deadline.ts";
-import { MAX_TIMER_DELAY_MS } from "../src/_timer.ts";
+import { MAX_TIMER_DELAY_MS, unrefTimer } from "../src/_timer.ts";
 import { trackTimers } from "./_timers.ts";
 
 const HOURS_3000 = 3_000 * 3_600_000;
@@ -96,6 +96,18 @@ test("DeadlineClock leaves no timer armed once its scopes have settled", () => {
   } finally {
     timers.restore();
     clock.close(new Error("done"));
+  }
+});
+
+test("unrefTimer() lets a timer stop holding the process open", () => {
+  const timer = setTimeout(() => {}, 60_000);
+  try {
+    unrefTimer(timer);
+    const refs = timer as unknown as { hasRef?(): boolean };
+    // Node, Bun and Deno 2 give timer objects; a numeric id has nothing to ask.
+    if (typeof refs.hasRef === "function") assert.equal(refs.hasRef(), false);
+  } finally {
+    clearTimeout(timer);
   }
 });
 
