@@ -22,18 +22,28 @@
  *   `--deno-server native`, on Node with `--v8-pretenuring on` (V8's default, which the
  *   command turns off), and last with its defaults.
  *
- * The baselines and the broker's first configuration run in `BENCH_P4_ROUNDS` (3) rounds,
- * one after the other in each round: the machine's speed drifts over minutes, so each round's
- * ratio compares figures taken together, and the row shows their median.
+ * Hello srvx and the minimal client stay up for the runtime, each warmed up alone for
+ * `BENCH_P4_WARMUP_SECONDS` (5); one broker at a time runs beside them, as one broker runs
+ * on a machine (two or more brokers taking turns ran slower than one alone: Deno's at
+ * 164–193 µs per turn against 122). Each broker is warmed up alone as long: it has far more
+ * code for the JIT to compile than hello srvx or the minimal client, and under this load its
+ * CPU per turn only settles after about 5 s (on Node: 201, 154, 128, 126 µs in its first four
+ * 2-second windows). Then the three take turns in `BENCH_P4_ROUNDS` (3) rounds of one
+ * `BENCH_P4_SECONDS` (2) window each, the order rotating each round. Each is idle between
+ * its windows, but loaded for `BENCH_P4_REWARM_SECONDS` (1), unmeasured, right before each:
+ * a server idle for seconds met the load cold. The first configuration runs so with
+ * `BENCH_P4_GENERATIONS` (2) brokers one after the other, the others with one.
+ *
+ * Why so: this machine's speed drifts within seconds (the minimal client alone gave 8,615 to
+ * 16,456 turns/s in 3-s windows back to back), so each round's ratio compares windows taken
+ * together; and processes differ (two brokers of the same code, taking turns, differed by up
+ * to 6% in CPU per turn), so the first row does not rest on one process. A row's ratio is
+ * the median of its rounds' ratios, its figures those of the windows with the median rate.
  *
  * The load generator is Debian's `wrk` (`apt-get install wrk`): `wrk -t1 -c64` on keep-alive
- * connections, a warm-up run, then the measured run. The warm-up is as long as the
- * measurement (5 s): the broker has far more code for the JIT to compile than hello srvx or
- * the minimal client, and under this load its CPU per turn only settles after about 5 s
- * (on Node: 201, 154, 128, 126 µs in its first four 2-second windows, then 101–144). It prints req/s (turns/s) per server,
- * the server's CPU per request, and broker / min(hello, minimal) against the goal
- * {@linkcode P4_GOAL}. The machine's load average goes beside it: wrk, the server and the
- * fake codex share the cores.
+ * connections, one run per window. It prints req/s (turns/s) per server, the server's CPU
+ * per request, and broker / min(hello, minimal) against the goal {@linkcode P4_GOAL}. The
+ * machine's load average goes beside it: wrk, the server and the fake codex share the cores.
  *
  * `BENCH_P4_PROFILE=DIR` runs the broker under the runtime's CPU profiler (`--cpu-prof`
  * for Node and Deno; Bun's is `--cpu-prof` too where it has one), writing into DIR.
@@ -43,11 +53,12 @@
  * BENCH_P4_RUNTIMES=node BENCH_P4_SECONDS=10 npm run bench -- p4
  * ```
  *
- * Environment: `BENCH_P4_SECONDS` (5, the measured run), `BENCH_P4_WARMUP_SECONDS` (5, the
- * warm-up before it, for every server alike), `BENCH_P4_CONCURRENCY` (64), `BENCH_P4_RUNTIMES` (`deno,bun,node`),
- * `BENCH_P4_PROFILE`, `BENCH_P4_BROKER_ONLY=1` (the broker alone: for comparing two
- * versions of `src/` under the same load, by CPU per request), and `BENCH_P4_FIRST_ONLY=1`
- * (the broker in its first configuration only), `BENCH_P4_ROUNDS` (3).
+ * Environment: `BENCH_P4_SECONDS` (2, one window), `BENCH_P4_ROUNDS` (3, per broker),
+ * `BENCH_P4_GENERATIONS` (2), `BENCH_P4_REWARM_SECONDS` (1, 0 for none),
+ * `BENCH_P4_WARMUP_SECONDS` (5, for every server alike), `BENCH_P4_CONCURRENCY` (64),
+ * `BENCH_P4_RUNTIMES` (`deno,bun,node`), `BENCH_P4_PROFILE`, `BENCH_P4_BROKER_ONLY=1` (the
+ * brokers alone: for comparing two versions of `src/` under the same load, by CPU per
+ * request), and `BENCH_P4_FIRST_ONLY=1` (the broker in its first configuration only).
  *
  * @module
  */
@@ -78,8 +89,12 @@ const WORKSPACE = "p4";
 
 /** What to run. */
 export interface P4Config {
+  /** One measured window. */
   seconds: number;
+  /** The warm-up of each server, alone, before the rounds. */
   warmupSeconds: number;
+  /** Unmeasured load right before each measured window. */
+  rewarmSeconds: number;
   concurrency: number;
   runtimes: BenchRuntime[];
   /** Directory for the broker's CPU profiles, or undefined. */
@@ -88,8 +103,10 @@ export interface P4Config {
   brokerOnly: boolean;
   /** Run the broker in its first configuration only, not the others. */
   firstOnly: boolean;
-  /** Rounds of the baselines and the broker's first configuration. */
+  /** Rounds per broker process: a window of each server per round. */
   rounds: number;
+  /** Broker processes for the first configuration, one after the other. */
+  generations: number;
 }
 
 /** One server's or client's figures. */
@@ -114,8 +131,8 @@ export interface P4Run {
   broker: P4Figure | string;
   /** The instant codex's CPU per broker turn, µs. */
   codexCpuUsPerTurn: number;
-  /** Each round's broker / min(hello, minimal), for the configuration run in rounds. */
-  ratios?: number[];
+  /** Each round's broker / min(hello, minimal). */
+  ratios: number[];
   load: string;
 }
 
@@ -126,7 +143,7 @@ export interface P4Run {
  * @throws {TypeError} If a variable is not valid.
  */
 export function p4Config(): P4Config {
-  const seconds = envInt("BENCH_P4_SECONDS", 5, 1);
+  const seconds = envInt("BENCH_P4_SECONDS", 2, 1);
   const raw = Deno.env.get("BENCH_P4_RUNTIMES") || BENCH_RUNTIMES.join(",");
   const names = raw.split(",").map((r) => r.trim()).filter((r) => r !== "");
   const runtimes = names.filter((r): r is BenchRuntime =>
@@ -140,12 +157,14 @@ export function p4Config(): P4Config {
   return {
     seconds,
     warmupSeconds: envInt("BENCH_P4_WARMUP_SECONDS", 5, 1),
+    rewarmSeconds: envInt("BENCH_P4_REWARM_SECONDS", 1, 0),
     concurrency: envInt("BENCH_P4_CONCURRENCY", 64, 1),
     runtimes,
     profileDir: Deno.env.get("BENCH_P4_PROFILE") || undefined,
     brokerOnly: Deno.env.get("BENCH_P4_BROKER_ONLY") === "1",
     firstOnly: Deno.env.get("BENCH_P4_FIRST_ONLY") === "1",
     rounds: envInt("BENCH_P4_ROUNDS", 3, 1),
+    generations: envInt("BENCH_P4_GENERATIONS", 2, 1),
   };
 }
 
@@ -179,45 +198,59 @@ async function wrk(
   return { requests, perSec, non2xx, socketErrors };
 }
 
-/** Runs wrk against a server: a warm-up, then the measured run, with the server's CPU. */
-async function load(
-  server: RunningServer,
-  path: string,
-  script: string,
-  config: P4Config,
-): Promise<{ result: WrkResult; cpuUsPerRequest: number }> {
-  await wrk(`${server.url}${path}`, script, config.concurrency, config.warmupSeconds);
-  const before = cpuUs(server.pid);
-  const result = await wrk(`${server.url}${path}`, script, config.concurrency, config.seconds);
-  return { result, cpuUsPerRequest: (cpuUs(server.pid) - before) / result.requests };
-}
-
 function message(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
-async function runHello(runtime: BenchRuntime, script: string, config: P4Config) {
-  const [binary, args] = runtimeCommand(runtime, "bench/hello_server.ts");
-  const server = await startServer(binary, args);
-  try {
-    const { result, cpuUsPerRequest } = await load(server, "/api/turns", script, config);
-    const problems: string[] = [];
-    // Every answer is the 401 it is meant to give: non-2xx is all of them.
-    if (result.non2xx !== result.requests) {
-      problems.push(`${result.requests - result.non2xx} answers other than 401`);
-    }
-    if (result.socketErrors) problems.push(result.socketErrors);
-    return { perSec: result.perSec, count: result.requests, cpuUsPerRequest, problems };
-  } finally {
-    await server.stop();
-  }
+/**
+ * One of the three measured at once: it stays up, warm and idle between its windows, so
+ * that the three can take turns within seconds of each other.
+ */
+interface Contender {
+  /** Loads it for `seconds` and returns its figures for that window. */
+  window(seconds: number): Promise<P4Figure>;
+  stop(): Promise<void>;
 }
 
-async function runMinimal(
+/** A wrk window against a server, with the server's CPU per request over it. */
+async function wrkWindow(
+  server: RunningServer,
+  script: string,
+  config: P4Config,
+  seconds: number,
+): Promise<{ result: WrkResult; cpuUsPerRequest: number }> {
+  const before = cpuUs(server.pid);
+  const result = await wrk(`${server.url}/api/turns`, script, config.concurrency, seconds);
+  return { result, cpuUsPerRequest: (cpuUs(server.pid) - before) / result.requests };
+}
+
+async function startHello(
+  runtime: BenchRuntime,
+  script: string,
+  config: P4Config,
+): Promise<Contender> {
+  const [binary, args] = runtimeCommand(runtime, "bench/hello_server.ts");
+  const server = await startServer(binary, args);
+  return {
+    async window(seconds) {
+      const { result, cpuUsPerRequest } = await wrkWindow(server, script, config, seconds);
+      const problems: string[] = [];
+      // Every answer is the 401 it is meant to give: non-2xx is all of them.
+      if (result.non2xx !== result.requests) {
+        problems.push(`${result.requests - result.non2xx} answers other than 401`);
+      }
+      if (result.socketErrors) problems.push(result.socketErrors);
+      return { perSec: result.perSec, count: result.requests, cpuUsPerRequest, problems };
+    },
+    stop: async () => void await server.stop(),
+  };
+}
+
+async function startMinimal(
   runtime: BenchRuntime,
   dir: string,
   config: P4Config,
-): Promise<P4Figure> {
+): Promise<Contender> {
   const token = "p4-minimal-token";
   const tokenFile = join(dir, "minimal-token");
   await writeFile(tokenFile, token);
@@ -229,41 +262,69 @@ async function runMinimal(
     "--ws-token-file",
     tokenFile,
   ]);
-  try {
-    const [binary, args] = runtimeCommand(runtime, "bench/p4_minimal_client.ts", [
-      "--url",
-      codex.url,
-      "--token",
-      token,
-      "--concurrency",
-      String(config.concurrency),
-      "--duration-ms",
-      String(config.seconds * 1000),
-      "--warmup-ms",
-      String(config.warmupSeconds * 1000),
-    ]);
-    const output = await new Deno.Command(binary, {
-      args,
-      cwd: ROOT,
-      stdout: "piped",
-      stderr: "inherit",
-      signal: AbortSignal.timeout((config.seconds + config.warmupSeconds + 60) * 1000),
-    }).output();
-    const stdout = new TextDecoder().decode(output.stdout);
-    const line = stdout.split("\n").find((l) => l.startsWith(RESULT_MARKER));
-    if (!output.success || line === undefined) {
-      throw new Error(`minimal client failed (exit ${output.code}): ${stdout.trim()}`);
+  const [binary, args] = runtimeCommand(runtime, "bench/p4_minimal_client.ts", [
+    "--url",
+    codex.url,
+    "--token",
+    token,
+    "--concurrency",
+    String(config.concurrency),
+  ]);
+  const child = new Deno.Command(binary, {
+    args,
+    cwd: ROOT,
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const input = child.stdin.getWriter();
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  async function nextResult(): Promise<P4MinimalResult> {
+    for (;;) {
+      const end = buffered.indexOf("\n");
+      if (end !== -1) {
+        const line = buffered.slice(0, end);
+        buffered = buffered.slice(end + 1);
+        if (line.startsWith(RESULT_MARKER)) {
+          return JSON.parse(line.slice(RESULT_MARKER.length)) as P4MinimalResult;
+        }
+        continue;
+      }
+      const { value, done } = await lines.read();
+      if (done) throw new Error(`minimal client exited (${(await child.status).code})`);
+      buffered += value;
     }
-    const result = JSON.parse(line.slice(RESULT_MARKER.length)) as P4MinimalResult;
-    return {
-      perSec: result.turns / (result.ms / 1000),
-      count: result.turns,
-      cpuUsPerRequest: result.cpuUs / result.turns,
-      problems: [],
-    };
-  } finally {
-    await codex.stop();
   }
+  return {
+    async window(seconds) {
+      await input.write(new TextEncoder().encode(`run ${seconds * 1000}\n`));
+      const timeout = AbortSignal.timeout((seconds + 60) * 1000);
+      const result = await Promise.race([
+        nextResult(),
+        new Promise<never>((_, reject) =>
+          timeout.addEventListener("abort", () => reject(timeout.reason), { once: true })
+        ),
+      ]);
+      return {
+        perSec: result.turns / (result.ms / 1000),
+        count: result.turns,
+        cpuUsPerRequest: result.cpuUs / result.turns,
+        problems: [],
+      };
+    },
+    async stop() {
+      await input.close().catch(() => {});
+      const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
+      try {
+        await child.status;
+      } finally {
+        clearTimeout(timer);
+        await lines.cancel().catch(() => {});
+        await codex.stop();
+      }
+    },
+  };
 }
 
 /** A sample of the broker's `/metrics`, by its series (name and labels), or `missing`. */
@@ -289,13 +350,18 @@ function profileFlags(runtime: BenchRuntime, dir: string): string[] {
   }
 }
 
-async function runBroker(
+/** The broker, with the instant codex's CPU per turn beside each window's figures. */
+interface BrokerContender extends Contender {
+  window(seconds: number): Promise<P4Figure & { codexCpuUsPerTurn: number }>;
+}
+
+async function startBrokerContender(
   runtime: BenchRuntime,
   dir: string,
   script: string,
   config: P4Config,
   extraFlags: string[] = [],
-): Promise<{ figure: P4Figure; codexCpuUsPerTurn: number }> {
+): Promise<BrokerContender> {
   // The broker spawns `--codex` itself: a wrapper that execs the stand-in on Node 22.
   const wrapper = join(dir, "codex");
   await writeFile(
@@ -322,6 +388,7 @@ async function runBroker(
     // An empty codex home to copy from: the operator's own is none of the bench's business.
     env: { CODEX_HOME: await mkdtemp(join(dir, "codex-home-")) },
   });
+  let codexPid: number | undefined;
   try {
     // The first turn spawns the workspace's codex; it is not part of the throughput.
     const first = await fetch(`${server.url}/api/turns`, {
@@ -333,39 +400,52 @@ async function runBroker(
     if (answer.turn?.status !== "completed") {
       throw new Error(`the first turn did not complete: ${JSON.stringify(answer)}`);
     }
-    const codexPid = codexPidOf(server.pid);
-    await wrk(`${server.url}/api/turns`, script, config.concurrency, config.warmupSeconds);
-    const completedWarm = await completedTurns(server.url);
-    const before = cpuUs(server.pid);
-    const codexWarm = codexPid === undefined ? NaN : cpuUs(codexPid);
-    const result = await wrk(`${server.url}/api/turns`, script, config.concurrency, config.seconds);
-    const cpuUsPerRequest = (cpuUs(server.pid) - before) / result.requests;
-    const codexCpuUsPerTurn = codexPid === undefined
-      ? NaN
-      : (cpuUs(codexPid) - codexWarm) / result.requests;
-    const completed = await completedTurns(server.url) - completedWarm;
-    const problems: string[] = [];
-    if (result.non2xx > 0) problems.push(`${result.non2xx} non-2xx answers`);
-    if (result.socketErrors) problems.push(result.socketErrors);
-    // wrk counts answers; requests cut off at its end are turns without an answer.
-    if (completed < result.requests) {
-      problems.push(`${result.requests - completed} answers without a completed turn`);
-    }
-    // One workspace, one connection: a redial would be a fault, and its cost in the figures.
-    const dials = await metric(server.url, "codex_broker_dials_total");
-    if (dials !== 1) problems.push(`${dials} dials to codex, not 1`);
-    return {
-      figure: { perSec: result.perSec, count: result.requests, cpuUsPerRequest, problems },
-      codexCpuUsPerTurn,
-    };
-  } finally {
+    codexPid = codexPidOf(server.pid);
+  } catch (error) {
     await server.stop(15_000);
+    throw error;
   }
+  return {
+    async window(seconds) {
+      const completedBefore = await completedTurns(server.url);
+      const codexBefore = codexPid === undefined ? NaN : cpuUs(codexPid);
+      const { result, cpuUsPerRequest } = await wrkWindow(server, script, config, seconds);
+      const codexCpuUsPerTurn = codexPid === undefined
+        ? NaN
+        : (cpuUs(codexPid) - codexBefore) / result.requests;
+      const completed = await completedTurns(server.url) - completedBefore;
+      const problems: string[] = [];
+      if (result.non2xx > 0) problems.push(`${result.non2xx} non-2xx answers`);
+      if (result.socketErrors) problems.push(result.socketErrors);
+      // wrk counts answers; requests cut off at its end are turns without an answer.
+      if (completed < result.requests) {
+        problems.push(`${result.requests - completed} answers without a completed turn`);
+      }
+      // One workspace, one connection: a redial would be a fault, and its cost in the figures.
+      const dials = await metric(server.url, "codex_broker_dials_total");
+      if (dials !== 1) problems.push(`${dials} dials to codex, not 1`);
+      return {
+        perSec: result.perSec,
+        count: result.requests,
+        cpuUsPerRequest,
+        problems,
+        codexCpuUsPerTurn,
+      };
+    },
+    stop: async () => void await server.stop(15_000),
+  };
 }
 
-/** The instant codex the broker spawned, at whatever depth (a watchdog puts it lower). */
+/**
+ * The instant codex serving the broker's connection, at whatever depth (a watchdog puts it
+ * lower). Only the one that listens: the broker also runs codex briefly to check its
+ * credentials, and such a process would be gone by the time its CPU is read.
+ */
 function codexPidOf(pid: number): number | undefined {
-  return descendants(pid).find((child) => commandLine(child).includes("_instant_codex"));
+  return descendants(pid).find((child) => {
+    const command = commandLine(child);
+    return command.includes("_instant_codex") && command.includes("--listen");
+  });
 }
 
 function turnBody(): string {
@@ -395,14 +475,6 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
     ].join("\n"),
   );
   const runs: P4Run[] = [];
-  const broker = async (runtime: BenchRuntime, extraFlags: string[]) => {
-    try {
-      const result = await runBroker(runtime, dir, script, config, extraFlags);
-      return { figure: result.figure as P4Figure | string, codex: result.codexCpuUsPerTurn };
-    } catch (error) {
-      return { figure: message(error), codex: NaN };
-    }
-  };
   try {
     for (const runtime of config.runtimes) {
       // Like the minimal client, the broker keeps every request in flight to codex: its
@@ -427,48 +499,8 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
         ] as [string, string[]]]),
         [`${runtime}, defaults (16 turns per workspace)`, []],
       ];
-      // The baselines and the first configuration take turns, round after round: this
-      // machine's speed drifts over minutes, and each round's ratio compares figures taken
-      // within a minute of each other.
-      const rounds: {
-        hello: P4Figure | string;
-        minimal: P4Figure | string;
-        broker: P4Figure | string;
-        codex: number;
-      }[] = [];
-      for (let round = 0; round < config.rounds; round++) {
-        const hello = config.brokerOnly
-          ? "skipped"
-          : await runHello(runtime, script, config).catch(message);
-        const minimal = config.brokerOnly
-          ? "skipped"
-          : await runMinimal(runtime, dir, config).catch(message);
-        const first = await broker(runtime, variants[0]![1]);
-        rounds.push({ hello, minimal, broker: first.figure, codex: first.codex });
-      }
-      const hello = medianFigure(rounds.map((r) => r.hello));
-      const minimal = medianFigure(rounds.map((r) => r.minimal));
-      runs.push({
-        runtime,
-        hello,
-        minimal,
-        broker: medianFigure(rounds.map((r) => r.broker)),
-        codexCpuUsPerTurn: median(rounds.map((r) => r.codex)),
-        ratios: rounds.map((r) => ratio(r.broker, r.hello, r.minimal)),
-        load: loadText(),
-      });
-      for (const [label, extraFlags] of config.firstOnly ? [] : variants.slice(1)) {
-        const other = await broker(runtime, extraFlags);
-        runs.push({
-          runtime,
-          ...(label === undefined ? {} : { label }),
-          hello,
-          minimal,
-          broker: other.figure,
-          codexCpuUsPerTurn: other.codex,
-          load: loadText(),
-        });
-      }
+      const configurations = config.firstOnly ? variants.slice(0, 1) : variants;
+      runs.push(...await measureRounds(runtime, dir, script, config, configurations));
     }
   } finally {
     await rm(dir, { recursive: true, force: true }).catch(() => {});
@@ -476,9 +508,137 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
   return runs;
 }
 
+type BrokerFigure = P4Figure & { codexCpuUsPerTurn: number };
+
+/** Windows taken round by round: one of each per round, in the same order. */
+interface Rounds {
+  hellos: (P4Figure | string)[];
+  minimals: (P4Figure | string)[];
+  brokers: (BrokerFigure | string)[];
+}
+
+async function measuredWindow<F>(
+  contender: { window(seconds: number): Promise<F> } | string,
+  seconds: number,
+): Promise<F | string> {
+  if (typeof contender === "string") return contender;
+  return await contender.window(seconds).catch(message);
+}
+
+/**
+ * Every configuration's row. Hello srvx and the minimal client stay up for the runtime; one
+ * broker at a time runs beside them, as one broker runs on a machine: two or more brokers
+ * taking turns ran slower than one alone (Deno's: 164–193 µs per turn against 122). The
+ * first configuration runs in `config.generations` generations of a fresh broker, the
+ * others in one. Each generation: the broker warmed up alone, then `config.rounds` rounds of
+ * a window of each of the three, back to back: this machine's speed drifts within seconds,
+ * and each round's ratio compares windows taken together. A row's ratio is the median of
+ * its rounds' ratios, its baselines the median of the windows taken in its rounds.
+ */
+async function measureRounds(
+  runtime: BenchRuntime,
+  dir: string,
+  script: string,
+  config: P4Config,
+  configurations: readonly (readonly [string | undefined, string[]])[],
+): Promise<P4Run[]> {
+  const started: Contender[] = [];
+  async function start<T extends Contender>(make: () => Promise<T>): Promise<T | string> {
+    try {
+      const contender = await make();
+      started.push(contender);
+      return contender;
+    } catch (error) {
+      return message(error);
+    }
+  }
+  try {
+    const hello = config.brokerOnly
+      ? "skipped"
+      : await start(() => startHello(runtime, script, config));
+    const minimal = config.brokerOnly
+      ? "skipped"
+      : await start(() => startMinimal(runtime, dir, config));
+    for (const contender of [hello, minimal]) {
+      await measuredWindow(contender, config.warmupSeconds);
+    }
+    const runs: P4Run[] = [];
+    for (const [i, [label, flags]] of configurations.entries()) {
+      const rounds: Rounds = { hellos: [], minimals: [], brokers: [] };
+      for (let generation = 0; generation < (i === 0 ? config.generations : 1); generation++) {
+        await measureGeneration(
+          rounds,
+          hello,
+          minimal,
+          () => startBrokerContender(runtime, dir, script, config, flags),
+          config,
+        );
+      }
+      runs.push({
+        runtime,
+        ...(label === undefined ? {} : { label }),
+        hello: medianFigure(rounds.hellos),
+        minimal: medianFigure(rounds.minimals),
+        broker: medianFigure(rounds.brokers),
+        codexCpuUsPerTurn: median(
+          rounds.brokers.map((f) => typeof f === "string" ? NaN : f.codexCpuUsPerTurn),
+        ),
+        ratios: rounds.brokers.map((f, round) =>
+          ratio(f, rounds.hellos[round]!, rounds.minimals[round]!)
+        ),
+        load: loadText(),
+      });
+    }
+    return runs;
+  } finally {
+    for (const contender of started.reverse()) await contender.stop().catch(() => {});
+  }
+}
+
+/**
+ * One broker process: started, warmed up alone, then `config.rounds` rounds of a window of
+ * hello srvx, the minimal client and the broker, the order rotating each round so that none
+ * always follows the same other. Each is idle between its windows, but loaded right before
+ * each for `config.rewarmSeconds`, unmeasured: a server idle for seconds meets load cold.
+ */
+async function measureGeneration(
+  rounds: Rounds,
+  hello: Contender | string,
+  minimal: Contender | string,
+  startBroker: () => Promise<BrokerContender>,
+  config: P4Config,
+): Promise<void> {
+  let broker: BrokerContender | string;
+  try {
+    broker = await startBroker();
+  } catch (error) {
+    broker = message(error);
+  }
+  try {
+    await measuredWindow(broker, config.warmupSeconds);
+    const measured = async <F>(contender: { window(seconds: number): Promise<F> } | string) => {
+      if (config.rewarmSeconds > 0) await measuredWindow(contender, config.rewarmSeconds);
+      return await measuredWindow(contender, config.seconds);
+    };
+    for (let round = 0; round < config.rounds; round++) {
+      for (let i = 0; i < 3; i++) {
+        const index = (round + i) % 3;
+        if (index === 0) rounds.hellos.push(await measured(hello));
+        else if (index === 1) rounds.minimals.push(await measured(minimal));
+        else rounds.brokers.push(await measured(broker));
+      }
+    }
+  } finally {
+    if (typeof broker !== "string") await broker.stop();
+  }
+}
+
+/** The median; of an even count, the mean of the two middle values. */
 function median(values: readonly number[]): number {
   const sorted = values.filter((v) => !Number.isNaN(v)).sort((a, b) => a - b);
-  return sorted.length === 0 ? NaN : sorted[Math.floor((sorted.length - 1) / 2)]!;
+  if (sorted.length === 0) return NaN;
+  const middle = sorted.length >> 1;
+  return sorted.length % 2 === 1 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
 }
 
 /** The round with the median rate, or the first failure if every round failed. */
@@ -525,8 +685,8 @@ export function formatP4(runs: P4Run[], config: P4Config): string {
     const minimal = figure(run.minimal);
     const broker = figure(run.broker);
     const baseline = Math.min(hello, minimal);
-    // Rounds: the median of the rounds' own ratios, each from figures taken together.
-    const ratio = run.ratios ? median(run.ratios) : broker / baseline;
+    // The median of the rounds' own ratios, each from windows taken back to back.
+    const ratio = median(run.ratios);
     const cpu = (f: P4Figure | string) => typeof f === "string" ? "-" : num(f.cpuUsPerRequest);
     return [
       run.label ?? run.runtime,
@@ -534,7 +694,7 @@ export function formatP4(runs: P4Run[], config: P4Config): string {
       num(hello),
       num(minimal),
       `${hello <= minimal ? "hello" : "minimal"} ${num(baseline)}`,
-      run.ratios && run.ratios.length > 1
+      run.ratios.length > 1
         ? `${num(ratio, 2)} (${run.ratios.map((r) => num(r, 2)).join(", ")})`
         : num(ratio, 2),
       ratio >= P4_GOAL ? "met" : "not met",
@@ -544,10 +704,12 @@ export function formatP4(runs: P4Run[], config: P4Config): string {
     ];
   });
   const lines = [
-    `P4: REST turns/s with an instant fake codex, wrk -t1 -c${config.concurrency} -d${config.seconds}s ` +
-    `after ${config.warmupSeconds} s warm-up, a new thread per request; the baselines and the ` +
-    `first row ran in ${config.rounds} alternating rounds: their medians, and broker/baseline ` +
-    `the median of the rounds' ratios (each round's in brackets)`,
+    `P4: REST turns/s with an instant fake codex, a new thread per request, wrk -t1 ` +
+    `-c${config.concurrency}; hello srvx, the minimal client and one broker up at once, each ` +
+    `warmed up ${config.warmupSeconds} s, then ${config.rounds} rounds of one ${config.seconds}-s ` +
+    `window each (after ${config.rewarmSeconds} s of unmeasured load), taking turns; the first ` +
+    `row with ${config.generations} brokers one after the other. The figures of each one's ` +
+    `median window, and broker/baseline the median of the rounds' ratios (in brackets)`,
     "",
     table(
       [
@@ -563,19 +725,20 @@ export function formatP4(runs: P4Run[], config: P4Config): string {
       rows,
     ),
   ];
-  for (const run of runs) {
-    for (
-      const [name, f] of [["hello", run.hello], ["minimal", run.minimal], [
-        "broker",
-        run.broker,
-      ]] as const
-    ) {
-      if (typeof f === "string") lines.push(`${run.runtime} ${name}: failed: ${f}`);
-      else if (f.problems.length > 0) {
-        lines.push(`${run.runtime} ${name}: ${f.problems.join("; ")}`);
-      }
+  const problems = (name: string, f: P4Figure | string) => {
+    if (typeof f === "string") lines.push(`${name}: failed: ${f}`);
+    else if (f.problems.length > 0) lines.push(`${name}: ${f.problems.join("; ")}`);
+  };
+  for (const [i, run] of runs.entries()) {
+    // The rows of a runtime share its baselines and its time: they are told once.
+    const firstOfRuntime = runs[i - 1]?.runtime !== run.runtime;
+    if (firstOfRuntime) {
+      problems(`${run.runtime} hello`, run.hello);
+      problems(`${run.runtime} minimal`, run.minimal);
     }
-    lines.push(`${run.runtime}: ${run.load} at its end`);
+    problems(`${run.label ?? run.runtime} broker`, run.broker);
+    const lastOfRuntime = runs[i + 1]?.runtime !== run.runtime;
+    if (lastOfRuntime) lines.push(`${run.runtime}: ${run.load} at its end`);
   }
   return lines.join("\n");
 }
