@@ -80,6 +80,7 @@ import {
 } from "./_procs.ts";
 import { envInt, RESULT_MARKER, table } from "./_stats.ts";
 import { commandLine, descendants } from "../tests/_broker_process.ts";
+import { abortable } from "../src/_deadline.ts";
 
 /** The goal: the broker keeps at least this share of the lower baseline. */
 export const P4_GOAL = 0.5;
@@ -299,13 +300,7 @@ async function startMinimal(
   return {
     async window(seconds) {
       await input.write(new TextEncoder().encode(`run ${seconds * 1000}\n`));
-      const timeout = AbortSignal.timeout((seconds + 60) * 1000);
-      const result = await Promise.race([
-        nextResult(),
-        new Promise<never>((_, reject) =>
-          timeout.addEventListener("abort", () => reject(timeout.reason), { once: true })
-        ),
-      ]);
+      const result = await abortable(nextResult(), AbortSignal.timeout((seconds + 60) * 1000));
       return {
         perSec: result.turns / (result.ms / 1000),
         count: result.turns,
@@ -517,7 +512,8 @@ interface Rounds {
   brokers: (BrokerFigure | string)[];
 }
 
-async function measuredWindow<F>(
+/** A window of load, measured or not; a contender that failed to start gives its error. */
+async function runWindow<F>(
   contender: { window(seconds: number): Promise<F> } | string,
   seconds: number,
 ): Promise<F | string> {
@@ -560,7 +556,7 @@ async function measureRounds(
       ? "skipped"
       : await start(() => startMinimal(runtime, dir, config));
     for (const contender of [hello, minimal]) {
-      await measuredWindow(contender, config.warmupSeconds);
+      await runWindow(contender, config.warmupSeconds);
     }
     const runs: P4Run[] = [];
     for (const [i, [label, flags]] of configurations.entries()) {
@@ -615,10 +611,10 @@ async function measureGeneration(
     broker = message(error);
   }
   try {
-    await measuredWindow(broker, config.warmupSeconds);
+    await runWindow(broker, config.warmupSeconds);
     const measured = async <F>(contender: { window(seconds: number): Promise<F> } | string) => {
-      if (config.rewarmSeconds > 0) await measuredWindow(contender, config.rewarmSeconds);
-      return await measuredWindow(contender, config.seconds);
+      if (config.rewarmSeconds > 0) await runWindow(contender, config.rewarmSeconds);
+      return await runWindow(contender, config.seconds);
     };
     for (let round = 0; round < config.rounds; round++) {
       for (let i = 0; i < 3; i++) {

@@ -4,14 +4,8 @@
  * @module
  */
 
-import process from "node:process";
 import { setFlagsFromString } from "node:v8";
-
-/**
- * Whether this runtime is Node, whose V8 takes flags set after it started. Deno's does not
- * (its `setFlagsFromString` changes nothing that runs), and Bun runs JavaScriptCore.
- */
-export const IS_NODE: boolean = process.versions.bun === undefined && !("Deno" in globalThis);
+import { IS_NODE } from "./_runtime.ts";
 
 /**
  * The V8 flag that turns allocation-site pretenuring on or off.
@@ -25,7 +19,8 @@ export function pretenuringFlag(mode: "on" | "off"): string {
 
 /**
  * Turns V8's allocation-site pretenuring on or off for the whole process, on Node; elsewhere
- * it does nothing.
+ * it does nothing: Node's V8 takes flags set after it started, Deno's does not (its
+ * `setFlagsFromString` changes nothing that runs), and Bun runs JavaScriptCore.
  *
  * Why off for the broker: V8 decides per allocation site (an object literal in the code)
  * to allocate straight in the old generation once most of a site's objects outlive a

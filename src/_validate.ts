@@ -9,6 +9,7 @@ import type { ErrorCode, TurnRequest } from "./handler.ts";
 import type { ThreadStartParams, TurnParams } from "./protocol.ts";
 import { DeadlineClock } from "./_deadline.ts";
 import { isValidWorkspaceId } from "./_workspace_id.ts";
+import { IS_NODE } from "./_runtime.ts";
 
 /** A request the handler refuses: the status and error it is answered with. */
 export interface Refusal {
@@ -34,10 +35,6 @@ export interface TurnRequestLimits {
   /** A body not read to its end this long after the read began is refused with 408. */
   requestTimeoutMs: number;
 }
-
-// Node has no use for a cancel (see releaseBody), and is the one runtime where it does harm.
-const IS_NODE = (globalThis as { navigator?: { userAgent?: string } }).navigator?.userAgent
-  ?.startsWith("Node.js") ?? false;
 
 /** Headers of an answer given while the client may still be sending its body. */
 const CLOSE: Readonly<Record<string, string>> = Object.freeze({ connection: "close" });

@@ -72,7 +72,8 @@ import {
 import { timerDelay } from "./_timer.ts";
 import { scrubInitialEnvironment } from "./_environ_scrub.ts";
 import { stderrSink } from "./_stderr_sink.ts";
-import { IS_NODE, setV8Pretenuring } from "./_v8_tuning.ts";
+import { IS_NODE } from "./_runtime.ts";
+import { setV8Pretenuring } from "./_v8_tuning.ts";
 
 // Re-exported so this entry point documents every type its API mentions.
 export type { ApprovalDecision } from "./approvals.ts";

@@ -2,7 +2,8 @@ import { test } from "./_test.ts";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import process from "node:process";
-import { IS_NODE, pretenuringFlag } from "../src/_v8_tuning.ts";
+import { IS_NODE } from "../src/_runtime.ts";
+import { pretenuringFlag } from "../src/_v8_tuning.ts";
 
 const deno = (globalThis as { Deno?: unknown }).Deno;
 
