@@ -6,6 +6,8 @@
  * @module
  */
 
+import { readFileSync } from "node:fs";
+
 export const ROOT = decodeURIComponent(new URL("..", import.meta.url).pathname).replace(
   /\/$/,
   "",
@@ -41,6 +43,32 @@ export function runtimeCommand(
     case "bun":
       return [`${BIN}/bun`, [...flags, script, ...args]];
   }
+}
+
+/**
+ * The runtime flags the service runs with on `runtime`: on Deno those of `npm start`
+ * (`exec deno run -A <flags> src/main.ts` in `package.json`), so that a bench measures the
+ * broker as it is started, V8 flags included; none on Bun and Node, whose command sets its
+ * own tuning at start.
+ *
+ * @param runtime Which runtime.
+ * @returns The flags, for {@linkcode runtimeCommand}.
+ * @throws {Error} If the start script is not of that form.
+ */
+export function serviceFlags(runtime: BenchRuntime): string[] {
+  if (runtime !== "deno") return [];
+  const start: unknown = JSON.parse(readFileSync(`${ROOT}/package.json`, "utf8")).scripts?.start;
+  const match = typeof start === "string"
+    ? /^exec deno run -A((?: --?[\w-]+(?:=\S+)?)*) src\/main\.ts$/.exec(start)
+    : null;
+  if (match === null) {
+    throw new Error(
+      `Cannot read the service's Deno flags: package.json's start script is ${
+        JSON.stringify(start)
+      }, expected "exec deno run -A [flags] src/main.ts"`,
+    );
+  }
+  return match[1]!.trim().split(" ").filter((flag) => flag !== "");
 }
 
 /** A running server process. */

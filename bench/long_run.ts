@@ -57,6 +57,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { LongRunClientResult } from "./long_run_client.ts";
 import { envInt, percentile, RESULT_MARKER, table } from "./_stats.ts";
+import { serviceFlags } from "./_procs.ts";
 
 /** The broker's RSS growth may exceed the hello server's by at most this many MB. */
 export const RSS_MARGIN_MB = 60;
@@ -174,7 +175,14 @@ function command(runtime: LongRunRuntime, script: string, args: string[]): [stri
       // The global `node` is Node 20, which cannot run .ts files; this one is Node 22.
       return [`${BIN}/node`, [script, ...args]];
     case "deno":
-      return [`${BIN}/deno`, ["run", "-A", script, ...args]];
+      // The broker as npm start runs it, V8 flags included.
+      return [`${BIN}/deno`, [
+        "run",
+        "-A",
+        ...(script === "src/main.ts" ? serviceFlags("deno") : []),
+        script,
+        ...args,
+      ]];
     case "bun":
       return [`${BIN}/bun`, [script, ...args]];
   }

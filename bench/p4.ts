@@ -19,8 +19,10 @@
  *   every request in flight to codex (with its default of 16 it holds the other 48 in its
  *   own line, and codex gets smaller batches); then also with `--ws-client web` (the
  *   runtime's own WebSocket to codex, as the minimal client uses), on Deno with
- *   `--deno-server native`, on Node with `--v8-pretenuring on` (V8's default, which the
- *   command turns off), and last with its defaults.
+ *   `--deno-server native` and with V8's pretenuring on (`deno run` without the
+ *   `--v8-flags=--no-allocation-site-pretenuring` of `npm start`), on Node with
+ *   `--v8-pretenuring on` (V8's default, which the command turns off), and last with its
+ *   defaults. On Deno every other row runs with the runtime flags of `npm start`.
  *
  * Hello srvx and the minimal client stay up for the runtime, each warmed up alone for
  * `BENCH_P4_WARMUP_SECONDS` (5); one broker at a time runs beside them, as one broker runs
@@ -76,6 +78,7 @@ import {
   ROOT,
   type RunningServer,
   runtimeCommand,
+  serviceFlags,
   startServer,
 } from "./_procs.ts";
 import { envInt, RESULT_MARKER, table } from "./_stats.ts";
@@ -345,6 +348,13 @@ function profileFlags(runtime: BenchRuntime, dir: string): string[] {
   }
 }
 
+/** One row's broker: its label (none for the first row), its arguments, the runtime's flags. */
+interface BrokerVariant {
+  label: string | undefined;
+  args: string[];
+  runtimeFlags: string[];
+}
+
 /** The broker, with the instant codex's CPU per turn beside each window's figures. */
 interface BrokerContender extends Contender {
   window(seconds: number): Promise<P4Figure & { codexCpuUsPerTurn: number }>;
@@ -355,7 +365,7 @@ async function startBrokerContender(
   dir: string,
   script: string,
   config: P4Config,
-  extraFlags: string[] = [],
+  variant: BrokerVariant,
 ): Promise<BrokerContender> {
   // The broker spawns `--codex` itself: a wrapper that execs the stand-in on Node 22.
   const wrapper = join(dir, "codex");
@@ -367,7 +377,10 @@ async function startBrokerContender(
   );
   await chmod(wrapper, 0o755);
   const workspaces = await mkdtemp(join(dir, "workspaces-"));
-  const flags = config.profileDir ? profileFlags(runtime, config.profileDir) : [];
+  const flags = [
+    ...variant.runtimeFlags,
+    ...(config.profileDir ? profileFlags(runtime, config.profileDir) : []),
+  ];
   const [binary, args] = runtimeCommand(runtime, "src/main.ts", [
     "--port",
     "0",
@@ -377,7 +390,7 @@ async function startBrokerContender(
     workspaces,
     "--codex",
     wrapper,
-    ...extraFlags,
+    ...variant.args,
   ], flags);
   const server = await startServer(binary, args, {
     // An empty codex home to copy from: the operator's own is none of the bench's business.
@@ -477,22 +490,28 @@ export async function runP4(config: P4Config): Promise<P4Run[]> {
       // the rest itself and send codex smaller batches. The defaults are shown too. On Deno
       // the broker serves through node:http unless told otherwise: both are shown. Each
       // runtime also runs with its own WebSocket to codex, for the client's share, and Node
-      // with V8's own pretenuring, which the command turns off.
+      // with V8's own pretenuring, which the command turns off; Deno takes V8 flags only on
+      // its command line, so there the broker runs as `npm start` runs it, and once without.
       const inFlight = ["--max-workspace-turns", String(config.concurrency)];
-      const variants: [string | undefined, string[]][] = [
-        [undefined, inFlight],
+      const runtimeFlags = serviceFlags(runtime);
+      const variant = (label: string | undefined, args: string[]): BrokerVariant => ({
+        label,
+        args,
+        runtimeFlags,
+      });
+      const variants: BrokerVariant[] = [
+        variant(undefined, inFlight),
         ...(runtime === "deno"
-          ? [[
-            "deno, --deno-server native",
-            [...inFlight, "--deno-server", "native"],
-          ] as [string, string[]]]
+          ? [
+            variant("deno, --deno-server native", [...inFlight, "--deno-server", "native"]),
+            { label: "deno, V8's pretenuring on", args: inFlight, runtimeFlags: [] },
+          ]
           : []),
-        [`${runtime}, --ws-client web`, [...inFlight, "--ws-client", "web"]],
-        ...(runtime !== "node" ? [] : [[
-          `${runtime}, --v8-pretenuring on`,
-          [...inFlight, "--v8-pretenuring", "on"],
-        ] as [string, string[]]]),
-        [`${runtime}, defaults (16 turns per workspace)`, []],
+        variant(`${runtime}, --ws-client web`, [...inFlight, "--ws-client", "web"]),
+        ...(runtime !== "node"
+          ? []
+          : [variant(`${runtime}, --v8-pretenuring on`, [...inFlight, "--v8-pretenuring", "on"])]),
+        variant(`${runtime}, defaults (16 turns per workspace)`, []),
       ];
       const configurations = config.firstOnly ? variants.slice(0, 1) : variants;
       runs.push(...await measureRounds(runtime, dir, script, config, configurations));
@@ -536,7 +555,7 @@ async function measureRounds(
   dir: string,
   script: string,
   config: P4Config,
-  configurations: readonly (readonly [string | undefined, string[]])[],
+  configurations: readonly BrokerVariant[],
 ): Promise<P4Run[]> {
   const started: Contender[] = [];
   async function start<T extends Contender>(make: () => Promise<T>): Promise<T | string> {
@@ -559,20 +578,20 @@ async function measureRounds(
       await runWindow(contender, config.warmupSeconds);
     }
     const runs: P4Run[] = [];
-    for (const [i, [label, flags]] of configurations.entries()) {
+    for (const [i, variant] of configurations.entries()) {
       const rounds: Rounds = { hellos: [], minimals: [], brokers: [] };
       for (let generation = 0; generation < (i === 0 ? config.generations : 1); generation++) {
         await measureGeneration(
           rounds,
           hello,
           minimal,
-          () => startBrokerContender(runtime, dir, script, config, flags),
+          () => startBrokerContender(runtime, dir, script, config, variant),
           config,
         );
       }
       runs.push({
         runtime,
-        ...(label === undefined ? {} : { label }),
+        ...(variant.label === undefined ? {} : { label: variant.label }),
         hello: medianFigure(rounds.hellos),
         minimal: medianFigure(rounds.minimals),
         broker: medianFigure(rounds.brokers),

@@ -59,6 +59,7 @@ import { parseDuration } from "../src/_flags.ts";
 import { createFileLeaseStore } from "../src/file_lease.ts";
 import type { LeaseRecord } from "../src/lease.ts";
 import { type BrokerProcess, childEnv, isRunning, spawnBroker } from "../tests/_broker_process.ts";
+import { ROOT, serviceFlags } from "./_procs.ts";
 import { makeCodexHome } from "../tests/_codex_home.ts";
 import { type MockModelRequest, reply, startMockModel } from "../tests/_mock_model.ts";
 import { type Nginx, startNginx } from "../tests/_nginx.ts";
@@ -391,20 +392,27 @@ export async function runScaleOut(
   const runId = crypto.randomUUID().slice(0, 6);
 
   const start = async (id: string, port = "0"): Promise<RunningBroker> => {
-    const process = spawnBroker([
-      "--port",
-      port,
-      "--workspaces-dir",
-      dir,
-      "--codex-home",
-      home.path,
-      "--broker-id",
-      id,
-      "--lease-ttl",
-      config.leaseTtl,
-      "--secret",
-      SECRET,
-    ], childEnv());
+    const process = spawnBroker(
+      [
+        "--port",
+        port,
+        "--workspaces-dir",
+        dir,
+        "--codex-home",
+        home.path,
+        "--broker-id",
+        id,
+        "--lease-ttl",
+        config.leaseTtl,
+        "--secret",
+        SECRET,
+      ],
+      childEnv(),
+      {
+        // As npm start runs it, V8 flags included.
+        command: [Deno.execPath(), "run", "-A", ...serviceFlags("deno"), `${ROOT}/src/main.ts`],
+      },
+    );
     processes.push(process);
     const line = await within(
       process.waitForLine((l) => l.includes('"msg":"listening"'), "listening"),

@@ -275,7 +275,8 @@ const FLAGS: readonly Flag[] = [
     help: [
       "On Node: V8's allocation-site pretenuring, on or off (default",
       "off: under load it sent most of every turn's objects to the old",
-      "generation)",
+      "generation). Deno takes it only as its own flag:",
+      "deno run --v8-flags=--no-allocation-site-pretenuring (npm start does)",
     ],
     apply: choice("v8-pretenuring", "v8Pretenuring", ["off", "on"]),
   },

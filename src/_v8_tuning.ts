@@ -20,7 +20,8 @@ export function pretenuringFlag(mode: "on" | "off"): string {
 /**
  * Turns V8's allocation-site pretenuring on or off for the whole process, on Node; elsewhere
  * it does nothing: Node's V8 takes flags set after it started, Deno's does not (its
- * `setFlagsFromString` changes nothing that runs), and Bun runs JavaScriptCore.
+ * `setFlagsFromString` changes nothing that runs: `npm start` gives deno
+ * `--v8-flags=--no-allocation-site-pretenuring` instead), and Bun runs JavaScriptCore.
  *
  * Why off for the broker: V8 decides per allocation site (an object literal in the code)
  * to allocate straight in the old generation once most of a site's objects outlive a
