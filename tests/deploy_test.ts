@@ -29,6 +29,7 @@ import {
 import { makeCodexHome } from "./_codex_home.ts";
 import { type MockModel, reply, startMockModel } from "./_mock_model.ts";
 import { codexBinary, ROOT } from "./_processes.ts";
+import { pretenuringFlag } from "../src/_v8_tuning.ts";
 
 const SECRET = "deploy-test-secret-5d1e";
 // Bun's own default is 5 s per test; these start a broker and codex, one also builds.
@@ -151,7 +152,7 @@ test(
       // Deno's V8 takes flags only on its command line (the broker's --v8-pretenuring is
       // Node's); under load pretenuring cost the broker about a tenth of its CPU per turn.
       assert.ok(
-        commandLine(brokers[0]!).includes(" --v8-flags=--no-allocation-site-pretenuring "),
+        commandLine(brokers[0]!).includes(` --v8-flags=${pretenuringFlag("off")} `),
         commandLine(brokers[0]!),
       );
       const codexes = codexBelow(deployment.broker.pid);
