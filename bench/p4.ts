@@ -357,7 +357,7 @@ interface BrokerVariant {
 
 /** The broker, with the instant codex's CPU per turn beside each window's figures. */
 interface BrokerContender extends Contender {
-  window(seconds: number): Promise<P4Figure & { codexCpuUsPerTurn: number }>;
+  window(seconds: number): Promise<BrokerFigure>;
 }
 
 async function startBrokerContender(

@@ -185,12 +185,11 @@ export interface BrokerOptions {
    * V8's allocation-site pretenuring, for the whole process, set when the broker starts:
    * `"off"` or `"on"`; unset, the runtime's own setting stays. Node only: Deno's V8 takes no
    * flags once started, so `npm start` runs
-   * `deno run --v8-flags=--no-allocation-site-pretenuring` (about 10% less CPU per turn
-   * there), and Bun runs JavaScriptCore. The
-   * command (`main`) turns it off: under load V8 sent a few of a turn's sites, and through
-   * them most of every turn's objects, to the old generation (with an instant codex, 0.65 MB
-   * promoted per young-generation collection, 0.01 MB with it off; `npm run bench -- p4`
-   * shows both).
+   * `deno run --v8-flags=--no-allocation-site-pretenuring` (about 8% less CPU per turn there),
+   * and Bun runs JavaScriptCore. The command (`main`) turns it off: under load V8 sent a few
+   * of a turn's sites, and through them most of every turn's objects, to the old generation
+   * (with an instant codex, 0.65 MB promoted per young-generation collection, 0.01 MB with it
+   * off; `npm run bench -- p4` shows both).
    */
   v8Pretenuring?: V8Pretenuring;
   /** Receives the log records: start, dial, reap, evict, close, turns, shutdown. */

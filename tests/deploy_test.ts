@@ -150,7 +150,7 @@ test(
       );
       assert.equal(brokers.length, 1, below.map((pid) => commandLine(pid)).join("\n"));
       // Deno's V8 takes flags only on its command line (the broker's --v8-pretenuring is
-      // Node's); under load pretenuring cost the broker about a tenth of its CPU per turn.
+      // Node's); under load pretenuring cost the broker about 8% of its CPU per turn.
       assert.ok(
         commandLine(brokers[0]!).includes(` --v8-flags=${pretenuringFlag("off")} `),
         commandLine(brokers[0]!),
